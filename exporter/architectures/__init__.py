@@ -1,0 +1,24 @@
+"""Registry of supported transformer families; importing this package registers every entry."""
+
+from exporter.architectures import bert, distilbert, roberta  # noqa: F401  (registration side effect)
+from exporter.architectures.base import (
+    TASK_OUTPUTS,
+    TASKS,
+    Architecture,
+    LayerView,
+    architecture_for,
+    infer_task,
+    register,
+    supported,
+)
+
+__all__ = [
+    "TASKS",
+    "TASK_OUTPUTS",
+    "Architecture",
+    "LayerView",
+    "architecture_for",
+    "infer_task",
+    "register",
+    "supported",
+]

@@ -1,0 +1,167 @@
+"""What the pipeline needs to know about one transformer family, behind one small registry entry.
+
+Adding a family (ELECTRA, XLM-R, ...) is one file in this package that subclasses `Architecture` and
+decorates it with `@register`. Everything else (compaction, export, parity) works through this interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from exporter.errors import CheckpointError
+
+TASKS: tuple[str, ...] = (
+    "feature-extraction",
+    "text-classification",
+    "question-answering",
+    "token-classification",
+)
+
+# Output names as optimum's exporters use them, per task.
+TASK_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "feature-extraction": ("last_hidden_state",),
+    "text-classification": ("logits",),
+    "question-answering": ("start_logits", "end_logits"),
+    "token-classification": ("logits",),
+}
+
+# Suffix of a transformers class name in `config.architectures` -> task.
+_HEAD_SUFFIX_TASKS: dict[str, str] = {
+    "ForSequenceClassification": "text-classification",
+    "ForQuestionAnswering": "question-answering",
+    "ForTokenClassification": "token-classification",
+    "ForMaskedLM": "feature-extraction",
+    "ForPreTraining": "feature-extraction",
+    "Model": "feature-extraction",
+}
+
+
+@dataclass
+class LayerView:
+    """Live handles on one encoder layer's prunable parts (modules are replaced through `replace`)."""
+
+    index: int
+    layer: nn.Module
+    attention: nn.Module  # the module that owns the head count
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    output: nn.Linear
+    ffn_in: nn.Linear
+    ffn_out: nn.Linear
+    activation: Callable[[Any], Any]
+    paths: dict[str, str]  # part name ("query", "ffn_in", ...) -> dotted path relative to `layer`
+
+    def replace(self, part: str, module: nn.Linear) -> None:
+        """Swap the Linear named `part` for `module` on the live layer and in this view."""
+        parent_path, _, attr = self.paths[part].rpartition(".")
+        parent = self.layer.get_submodule(parent_path) if parent_path else self.layer
+        setattr(parent, attr, module)
+        setattr(self, part, module)
+
+
+class Architecture:
+    """Base of a registry entry. Subclasses fill the class attributes and the few methods below."""
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]  # config.model_type values this entry accepts
+    class_prefix: ClassVar[str]  # e.g. "Bert" -> BertModel, BertForQuestionAnswering
+    input_names: ClassVar[tuple[str, ...]]
+    layer_paths: ClassVar[dict[str, str]]  # part -> dotted path inside one encoder layer
+    layers_path: ClassVar[str]  # dotted path from `model.base_model` to the layer list
+
+    # --- config access -------------------------------------------------------------------------------
+    def num_layers(self, config: Any) -> int:
+        return int(config.num_hidden_layers)
+
+    def num_heads(self, config: Any) -> int:
+        return int(config.num_attention_heads)
+
+    def hidden_size(self, config: Any) -> int:
+        return int(config.hidden_size)
+
+    def activation_name(self, config: Any) -> str:
+        return str(config.hidden_act)
+
+    def max_positions(self, config: Any) -> int:
+        return int(config.max_position_embeddings)
+
+    # --- live model access ---------------------------------------------------------------------------
+    def activation(self, layer: nn.Module) -> Callable[[Any], Any]:
+        raise NotImplementedError
+
+    def heads(self, attention: nn.Module) -> int:
+        raise NotImplementedError
+
+    def head_size(self, attention: nn.Module) -> int:
+        raise NotImplementedError
+
+    def set_heads(self, attention: nn.Module, heads: int) -> None:
+        """Record a new head count on the attention module; its forward reshapes with this constant."""
+        raise NotImplementedError
+
+    def model_kwargs(self, task: str) -> dict[str, Any]:
+        """Extra `from_pretrained` keyword arguments for `task` (e.g. no pooler for feature extraction)."""
+        return {}
+
+    def layers(self, model: nn.Module) -> list[LayerView]:
+        layer_list = model.base_model.get_submodule(self.layers_path)
+        views = []
+        for index, layer in enumerate(layer_list):
+            parts = {part: layer.get_submodule(path) for part, path in self.layer_paths.items()}
+            views.append(
+                LayerView(
+                    index=index,
+                    layer=layer,
+                    activation=self.activation(layer),
+                    paths=dict(self.layer_paths),
+                    **parts,
+                )
+            )
+        return views
+
+    def class_name(self, task: str) -> str:
+        suffix = {
+            "feature-extraction": "Model",
+            "text-classification": "ForSequenceClassification",
+            "question-answering": "ForQuestionAnswering",
+            "token-classification": "ForTokenClassification",
+        }[task]
+        return f"{self.class_prefix}{suffix}"
+
+
+_REGISTRY: dict[str, Architecture] = {}
+
+
+def register(cls: type[Architecture]) -> type[Architecture]:
+    """Class decorator: make an `Architecture` subclass available to the pipeline."""
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def supported() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def architecture_for(model_type: str) -> Architecture:
+    """The registry entry accepting `config.model_type`, or a CheckpointError listing what is supported."""
+    for arch in _REGISTRY.values():
+        if model_type in arch.model_types:
+            return arch
+    raise CheckpointError(
+        f"unsupported architecture: config.json has model_type {model_type!r}; "
+        f"supported: {', '.join(supported())}. Export a checkpoint of one of these."
+    )
+
+
+def infer_task(architectures: list[str] | None) -> str:
+    """Task implied by `config.architectures` (feature-extraction when absent or a pretraining head)."""
+    for class_name in architectures or []:
+        for suffix, task in _HEAD_SUFFIX_TASKS.items():
+            if class_name.endswith(suffix):
+                return task
+    return "feature-extraction"

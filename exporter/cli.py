@@ -1,0 +1,130 @@
+"""`export-model`: the command line. Flags come from `config.OPTIONS`; errors map to exit codes.
+
+Exit codes: 0 success; 2 bad input or usage; 3 parity failed (artifact kept, marked not deployable);
+4 a pipeline stage failed; 1 an unexpected internal error; 130 interrupted (SIGINT/SIGTERM).
+Only this module configures logging; a traceback is printed only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from exporter.architectures import TASKS
+from exporter.config import OPTIONS, ExportConfig, Option, field_default, load_config_file
+from exporter.errors import ExportError
+
+log = logging.getLogger("exporter")
+
+
+def _choices(option: Option) -> Sequence[str] | None:
+    if option.field == "task":
+        return TASKS
+    if option.field == "quantization.preset":
+        from calibration.quantize import PRESETS
+
+        return sorted(PRESETS)
+    if option.field == "quantization.method":
+        from calibration.quantize import METHODS
+
+        return sorted(METHODS)
+    return None
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="export-model",
+        description="Compact, export, fuse, quantize and verify a BERT-family checkpoint as a deployable ONNX artifact.",
+    )
+    for option in OPTIONS:
+        default = field_default(option.field)
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": option.field,
+                                  "help": f"{option.help} (default: {default!r})"}
+        if isinstance(default, bool):
+            kwargs["action"] = "store_true"
+        else:
+            if isinstance(default, tuple):
+                kwargs["type"] = _comma_list
+            elif isinstance(default, (int, float)):
+                kwargs["type"] = type(default)
+            kwargs["choices"] = _choices(option)
+            kwargs["metavar"] = option.flag.lstrip("-").upper().replace("-", "_")
+        parser.add_argument(option.flag, **kwargs)
+    parser.add_argument("--config", metavar="FILE", help="replay the options stored in a manifest.json (flags override)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--verbose", action="store_true", help="log every stage's details")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ExportConfig:
+    config = ExportConfig.from_dict(load_config_file(args.config)) if args.config else ExportConfig()
+    for option in OPTIONS:
+        if hasattr(args, option.field):
+            config = config.replace(option.field, getattr(args, option.field))
+    return config
+
+
+def _configure_logging(debug: bool, verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("exporter.pipeline").setLevel(logging.INFO)
+    if verbose or debug:
+        for name in ("exporter", "graphs", "calibration"):
+            logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.INFO)
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()  # "weights not used" chatter about the pooler, etc.
+    except ImportError:
+        pass
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.debug, args.verbose)
+    signal.signal(signal.SIGTERM, _interrupt)
+    start = time.perf_counter()
+    try:
+        from exporter.pipeline import export_model
+
+        result = export_model(config_from_args(args))
+    except ExportError as error:
+        print(f"export-model: error: {error}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("export-model: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except Exception as error:  # the CLI's last line of defence: one line, traceback on request
+        print(f"export-model: internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        return 1
+    passed = [f"{e['file']} {e['status']}" for e in result.manifest["parity"] if e["status"] != "skip"]
+    print(f"artifact: {result.output}")
+    print(f"parity: {', '.join(passed)}")
+    print(f"total wall time: {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

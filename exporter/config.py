@@ -1,0 +1,124 @@
+"""The run's options, declared once: frozen dataclasses, and the one table that maps CLI flags onto them.
+
+The manifest stores `ExportConfig.to_dict()`; `--config FILE` (a manifest or such a dict) replays it, with
+flags given on the command line taking precedence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from calibration.quantize import QuantizationConfig
+from exporter.errors import UsageError
+from exporter.parity import ParityConfig
+from graphs.fusion import FusionConfig
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything a run depends on.
+
+    model: checkpoint folder or hub id; None exports the bundled all-MiniLM-L6-v2.
+    output: artifact folder; None means `artifacts/<model folder name>`.
+    task: one of the four tasks; None infers it from `config.architectures`.
+    force: replace a non-empty output folder.
+    drop_heads: heads to remove on request, "LAYER:HEAD,HEAD;LAYER:HEAD" (original indices).
+    calibration_data: text file (one per line), JSONL, or `datasets` folder; None uses the built-in corpus.
+    calibration_field: JSONL / dataset field holding the text (default "text").
+    """
+
+    model: str | None = None
+    output: str | None = None
+    task: str | None = None
+    force: bool = False
+    drop_heads: str = ""
+    calibration_data: str | None = None
+    calibration_field: str = "text"
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    parity: ParityConfig = field(default_factory=ParityConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ExportConfig:
+        return _build(cls, values, "")
+
+    def replace(self, dotted: str, value: Any) -> ExportConfig:
+        """A copy with the (possibly nested, `a.b`) field set to `value`."""
+        head, _, rest = dotted.partition(".")
+        if rest:
+            return dataclasses.replace(self, **{head: dataclasses.replace(getattr(self, head), **{rest: value})})
+        return dataclasses.replace(self, **{head: value})
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise UsageError(f"config option {prefix.rstrip('.') or 'root'} must be a mapping, found {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UsageError(f"unknown config options {[prefix + u for u in unknown]}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{prefix}{name}.")
+        elif isinstance(default, tuple) and isinstance(value, list):
+            kwargs[name] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Options from a manifest.json (its "options") or a plain options JSON file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"--config {path} is not valid JSON ({error}); pass a manifest.json or options file") from None
+    if isinstance(data, dict) and "options" in data and "schema_version" in data:
+        data = data["options"]
+    return data
+
+
+@dataclass(frozen=True)
+class Option:
+    """One CLI flag and the config field it sets (dotted for nested configs)."""
+
+    flag: str
+    field: str
+    help: str
+    choices: tuple[str, ...] | None = None
+
+
+# The one place flags meet config fields. Types and defaults come from the dataclasses themselves.
+OPTIONS: tuple[Option, ...] = (
+    Option("--model", "model", "checkpoint folder or hub id (default: the bundled all-MiniLM-L6-v2)"),
+    Option("--output", "output", "artifact folder (default: artifacts/<model name>)"),
+    Option("--task", "task", "task (default: inferred from config.architectures)"),
+    Option("--force", "force", "replace a non-empty output folder"),
+    Option("--drop-heads", "drop_heads", "remove heads on request, e.g. '0:3,5;2:1' (layer:heads, original indices)"),
+    Option("--calibration-data", "calibration_data", "calibration texts: .txt (one per line), .jsonl, or a datasets folder"),
+    Option("--calibration-field", "calibration_field", "JSONL/dataset field holding the text"),
+    Option("--calibration-samples", "quantization.samples", "number of calibration texts"),
+    Option("--calibration-method", "quantization.method", "range calibration method"),
+    Option("--quantization-preset", "quantization.preset", "named INT8 preset"),
+    Option("--seed", "quantization.seed", "seed for calibration sampling"),
+    Option("--parity-atol", "parity.fp32_atol", "largest absolute error allowed for FP32 files"),
+    Option("--providers", "parity.providers", "execution providers for parity, comma-separated (cpu, cuda, ...)"),
+)
+
+
+def field_default(dotted: str) -> Any:
+    value: Any = ExportConfig()
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value

@@ -1,0 +1,137 @@
+"""The artifact's manifest.json (data) and report.md (for people), and the hashes they rest on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+TOOL = "export-model"
+# Fields whose values legitimately differ between machines or runs; everything else is reproducible.
+VARYING_FIELDS = ("created", "host", "timings", "latency", "source.path", "options.output", "options.model")
+_DEPENDENCIES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxscript", "numpy")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_hash(folder: Path) -> dict[str, Any]:
+    """sha256 over the checkpoint's config and weight files (names and bytes, sorted), plus per-file hashes."""
+    names = sorted(
+        p.name for p in folder.iterdir()
+        if p.is_file() and (p.name == "config.json" or p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))
+    )
+    files = {name: sha256_file(folder / name) for name in names}
+    combined = hashlib.sha256("".join(f"{n}:{h}\n" for n, h in files.items()).encode()).hexdigest()
+    return {"sha256": combined, "files": files}
+
+
+def file_table(folder: Path, exclude: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    return {
+        str(p.relative_to(folder)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in exclude
+    }
+
+
+def versions() -> dict[str, str]:
+    result = {"python": platform.python_version()}
+    for name in _DEPENDENCIES:
+        try:
+            result[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            result[name] = "not installed"
+    return result
+
+
+def tool_version() -> str:
+    try:
+        return metadata.version(TOOL)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def write_manifest(folder: Path, body: dict[str, Any]) -> dict[str, Any]:
+    """Complete `body` with schema, versions and file hashes; write folder/report.md, then manifest.json
+    (which hashes every file, the report included)."""
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": TOOL, "version": tool_version()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "varying_fields": list(VARYING_FIELDS),
+        "host": {"platform": platform.platform(), "machine": platform.machine(), "python": sys.version.split()[0]},
+        "versions": versions(),
+        **body,
+    }
+    manifest["files"] = file_table(folder, exclude=("manifest.json", "report.md"))
+    report = folder / "report.md"
+    report.write_text(render_report(manifest), encoding="utf-8")
+    manifest["files"]["report.md"] = {"sha256": sha256_file(report), "bytes": report.stat().st_size}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return manifest
+
+
+def render_report(manifest: dict[str, Any]) -> str:
+    """A Markdown summary of the manifest, for people."""
+    comp = manifest["compaction"]
+    lines = [
+        f"# export-model report: {manifest['source']['name']}",
+        "",
+        f"- task: **{manifest['task']}**, architecture: **{manifest['architecture']}**, "
+        f"layer norm: {manifest['layer_norm']}, activation: {manifest['activation']}",
+        f"- deployable: **{'yes' if manifest['deployable'] else 'NO (parity failed)'}**",
+        f"- source sha256: `{manifest['source']['sha256'][:16]}...`",
+        "",
+        "## Compaction",
+        "",
+        comp["summary"],
+        "",
+        "| layer | heads (config -> checkpoint -> after) | removed heads | FFN before -> after | folded consts (attn / ffn) | params before -> after |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for layer in comp["layers"]:
+        removed = ", ".join(f"{h} ({why})" for h, why in layer["removed"].items()) or "-"
+        lines.append(
+            f"| {layer['layer']} | {layer['heads_config']} -> {len(layer['heads_before'])} -> {len(layer['heads_after'])} "
+            f"| {removed} | {layer['ffn_before']} -> {layer['ffn_after']} "
+            f"| {layer['folded_attention_constant']:.3g} / {layer['folded_ffn_constant']:.3g} "
+            f"| {layer['params_before']:,} -> {layer['params_after']:,} |"
+        )
+    notes = [f"layer {layer['layer']} head {h}: {note}" for layer in comp["layers"] for h, note in layer["kept_notes"].items()]
+    if notes:
+        lines += ["", "Kept although partly zero:", *[f"- {n}" for n in notes]]
+    fusion = manifest["fusion"]
+    lines += ["", "## Fusion", "", fusion.get("summary", ""), ""]
+    if fusion.get("skip_reason"):
+        lines += [f"Attention not fused: {fusion['skip_reason']}", ""]
+    quant = manifest["quantization"]
+    lines += ["## INT8", "", "| setting | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in quant.items() if not isinstance(v, (list, dict))]
+    lines += ["", "## Parity (PyTorch reference vs each file)", "",
+              "| file | provider | status | max abs err | mean cosine | task metric | tolerance | reason |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for e in manifest["parity"]:
+        metric = ", ".join(f"{k} {v:.4f}" for k, v in e["metric"].items())
+        err = f"{e['max_abs_error']:.2e}" if e["max_abs_error"] is not None else "-"
+        cos = f"{e['mean_cosine']:.6f}" if e["mean_cosine"] is not None else "-"
+        lines.append(f"| {e['file']} | {e['provider']} | {e['status']} | {err} | {cos} | {metric} | {e['tolerance']} | {e['reason'] or ''} |")
+    if manifest.get("latency"):
+        shapes = sorted({s for per in manifest["latency"].values() for s in per})
+        lines += ["", "## Latency (CPU, median ms, this machine, one run)", "",
+                  "| file | " + " | ".join(shapes) + " | size MB |", "| --- | " + " | ".join("---" for _ in shapes) + " | --- |"]
+        for name, per in manifest["latency"].items():
+            size = manifest["files"].get(name, {}).get("bytes", 0) / 1e6
+            lines.append(f"| {name} | " + " | ".join(f"{per[s]['median_ms']:.1f}" for s in shapes) + f" | {size:.1f} |")
+    lines += ["", "## Stage timings (s)", "", "| stage | seconds |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in manifest["timings"].items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,228 @@
+"""Numerical parity: every ONNX file against the PyTorch reference, on real text, with padding.
+
+Inputs are real passages at several (batch, sequence) shapes, cut to different lengths so every batch holds
+padded rows. Token-level outputs are compared where the attention mask is 1 (what a padded position holds is
+unspecified and differs between kernels). FP32 files must match within an absolute tolerance; INT8 files are
+judged by the cosine of each sample's output to the reference, and a task metric is recorded beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from exporter.errors import ProviderUnavailableError
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+Batch = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ParityConfig:
+    """How parity is judged.
+
+    shapes: (batch, sequence) grid; default 1x16, 4x64, 8x128 (capped at the model's maximum length).
+    fp32_atol: largest absolute error allowed for FP32 files (default 1e-4).
+    int8_min_cosine: smallest mean per-sample cosine to the reference allowed for INT8 files (default 0.99).
+    providers: execution providers to check, short names (default cpu).
+    """
+
+    shapes: tuple[tuple[int, int], ...] = ((1, 16), (4, 64), (8, 128))
+    fp32_atol: float = 1e-4
+    int8_min_cosine: float = 0.99
+    providers: tuple[str, ...] = ("cpu",)
+
+
+@dataclass
+class ParityEntry:
+    file: str
+    provider: str
+    precision: str  # "fp32" | "int8"
+    status: str  # "pass" | "fail" | "skip"
+    max_abs_error: float | None = None
+    mean_abs_error: float | None = None
+    min_cosine: float | None = None
+    mean_cosine: float | None = None
+    metric: dict[str, float] = field(default_factory=dict)
+    tolerance: str = ""
+    reason: str | None = None
+    per_output: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_batches(
+    texts: Sequence[str], tokenize: Callable[..., Batch], shapes: Sequence[tuple[int, int]], max_length: int
+) -> list[Batch]:
+    """One batch per shape from real `texts`, rows cut to varied lengths so batches hold padding."""
+    batches, cursor = [], 0
+    for batch_size, length in shapes:
+        length = min(length, max_length)
+        rows = []
+        for row in range(batch_size):
+            words = texts[cursor % len(texts)].split()
+            cursor += 1
+            # First row fills the sequence; later rows get shorter, so right padding appears in each batch.
+            keep = max(3, int(len(words) * (1.0 - row / max(batch_size, 2) * 0.9))) if row else len(words)
+            rows.append(" ".join(words[:keep]))
+        batches.append(tokenize(rows, max_length=length))
+    return batches
+
+
+def reference_outputs(model: nn.Module, batches: Sequence[Batch], output_names: Sequence[str]) -> list[Batch]:
+    """The PyTorch model's outputs for each batch, as float32 numpy arrays."""
+    results = []
+    with torch.no_grad():
+        for feeds in batches:
+            outputs = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}, return_dict=True)
+            results.append({name: outputs[name].float().numpy() for name in output_names})
+    return results
+
+
+def open_session(path: Path, provider: str, threads: int = 0) -> Any:
+    """An onnxruntime session on exactly `provider` (full name); a missing provider is an error."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise ProviderUnavailableError(f"{provider} requested; available: {available}. Install its onnxruntime build")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if provider != "CPUExecutionProvider":
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    session = ort.InferenceSession(str(path), options, providers=[provider])
+    if session.get_providers()[0] != provider:
+        raise ProviderUnavailableError(f"{provider} requested but the session runs on {session.get_providers()}")
+    return session
+
+
+def run_session(session: Any, batches: Sequence[Batch], output_names: Sequence[str]) -> list[Batch]:
+    names = {i.name for i in session.get_inputs()}
+    return [dict(zip(output_names, session.run(list(output_names), {k: v for k, v in b.items() if k in names}),
+                     strict=True)) for b in batches]
+
+
+def compare(
+    file: str, provider: str, precision: str, task: str, batches: Sequence[Batch], expected: Sequence[Batch],
+    actual: Sequence[Batch], config: ParityConfig,
+) -> ParityEntry:
+    """Judge `actual` against `expected` under `precision`'s tolerance profile."""
+    entry = ParityEntry(file=file, provider=provider, precision=precision, status="pass")
+    max_errors, mean_errors, cosines = [], [], []
+    for name in expected[0]:
+        errors, sums, count = [], 0.0, 0
+        for feeds, ref, out in zip(batches, expected, actual, strict=True):
+            mask = feeds["attention_mask"].astype(bool)
+            diff = np.abs(_valid(ref[name], mask) - _valid(out[name], mask))
+            errors.append(float(diff.max()))
+            sums += float(diff.sum())
+            count += diff.size
+            cosines.extend(_row_cosines(ref[name], out[name], mask))
+        entry.per_output[name] = {"max_abs_error": max(errors), "mean_abs_error": sums / max(count, 1)}
+        max_errors.append(max(errors))
+        mean_errors.append(sums / max(count, 1))
+    entry.max_abs_error = max(max_errors)
+    entry.mean_abs_error = float(np.mean(mean_errors))
+    entry.min_cosine = float(min(cosines))
+    entry.mean_cosine = float(np.mean(cosines))
+    entry.metric = task_metric(task, batches, expected, actual)
+    if precision == "fp32":
+        entry.tolerance = f"max_abs_error <= {config.fp32_atol:g}"
+        if entry.max_abs_error > config.fp32_atol or not np.isfinite(entry.max_abs_error):
+            entry.status = "fail"
+            entry.reason = f"max abs error {entry.max_abs_error:.3g} > {config.fp32_atol:g}"
+    else:
+        entry.tolerance = f"mean_cosine >= {config.int8_min_cosine:g}"
+        if not entry.mean_cosine >= config.int8_min_cosine:
+            entry.status = "fail"
+            entry.reason = f"mean cosine {entry.mean_cosine:.4f} < {config.int8_min_cosine:g}"
+    return entry
+
+
+def _valid(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Token-level outputs at unmasked positions only; sequence-level outputs whole."""
+    if values.ndim >= 2 and values.shape[:2] == mask.shape:
+        return values[mask]
+    return values
+
+
+def _row_cosines(ref: np.ndarray, out: np.ndarray, mask: np.ndarray) -> list[float]:
+    result = []
+    for row in range(ref.shape[0]):
+        a, b = ref[row], out[row]
+        if ref.ndim >= 2 and ref.shape[:2] == mask.shape:
+            a, b = a[mask[row]], b[mask[row]]
+        a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+        denominator = np.linalg.norm(a) * np.linalg.norm(b)
+        result.append(float(a @ b / denominator) if denominator > 0 else float(np.array_equal(a, b)))
+    return result
+
+
+def task_metric(task: str, batches: Sequence[Batch], expected: Sequence[Batch], actual: Sequence[Batch]) -> dict[str, float]:
+    """The figure a user of `task` cares about, `actual` vs `expected`."""
+    if task == "feature-extraction":
+        cos = []
+        for feeds, ref, out in zip(batches, expected, actual, strict=True):
+            mask = feeds["attention_mask"][..., None].astype(np.float64)
+            a = (ref["last_hidden_state"] * mask).sum(1) / mask.sum(1)
+            b = (out["last_hidden_state"] * mask).sum(1) / mask.sum(1)
+            cos.extend((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+        return {"mean_pooled_cosine": float(np.mean(cos))}
+    agree, total = 0, 0
+    for feeds, ref, out in zip(batches, expected, actual, strict=True):
+        mask = feeds["attention_mask"].astype(bool)
+        for name in ref:
+            a, b = ref[name].argmax(-1), out[name].argmax(-1)
+            if task == "token-classification":
+                a, b = a[mask], b[mask]
+            elif task == "question-answering":
+                a, b = ref[name].copy(), out[name].copy()
+                a[~mask], b[~mask] = -np.inf, -np.inf
+                a, b = a.argmax(-1), b.argmax(-1)
+            agree += int((a == b).sum())
+            total += a.size
+    name = {"text-classification": "label_agreement", "token-classification": "token_label_agreement",
+            "question-answering": "start_end_agreement"}[task]
+    return {name: agree / max(total, 1)}
+
+
+def check_file(
+    path: Path, precision: str, task: str, batches: Sequence[Batch], expected: Sequence[Batch],
+    config: ParityConfig,
+) -> list[ParityEntry]:
+    """Parity entries for one file on every configured provider (a provider absent here is a recorded skip)."""
+    import onnxruntime as ort
+
+    entries = []
+    output_names = list(expected[0])
+    for short in config.providers:
+        provider = PROVIDERS.get(short, short)
+        if provider not in ort.get_available_providers():
+            entries.append(ParityEntry(path.name, provider, precision, "skip",
+                                       reason=f"{provider} not available here (available: {ort.get_available_providers()})"))
+            continue
+        start = time.perf_counter()
+        actual = run_session(open_session(path, provider), batches, output_names)
+        entry = compare(path.name, provider, precision, task, batches, expected, actual, config)
+        log.info("parity %s on %s: %s (max abs %.2e, mean cosine %.6f) in %.1fs", path.name, provider, entry.status,
+                 entry.max_abs_error, entry.mean_cosine, time.perf_counter() - start)
+        entries.append(entry)
+    return entries
+
+
+def failure_table(entries: Sequence[ParityEntry]) -> str:
+    rows = [f"  {e.file:<24} {e.provider:<24} {e.status:<5} {e.reason}" for e in entries if e.status == "fail"]
+    return "\n".join(["  file                     provider                 status reason", *rows])

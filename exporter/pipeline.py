@@ -1,0 +1,219 @@
+"""Orders the stages and owns the work folder; holds no stage logic.
+
+    resolve -> load -> compact -> export -> fuse -> quantize -> parity -> package -> move in place
+
+The artifact is built in a hidden sibling of the output folder and renamed into place only at the end, so an
+error or an interruption at any point leaves nothing half-written where the output goes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration.corpus import builtin_texts, split_texts
+from calibration.data import TextCalibrationReader, load_texts, sample_texts
+from calibration.quantize import quantize_model
+from exporter.architectures import TASK_OUTPUTS
+from exporter.compaction import compact_model, mask_heads, parse_drop_heads
+from exporter.config import ExportConfig
+from exporter.errors import CalibrationDataError, ParityError, UsageError
+from exporter.latency import latency_feeds, measure_latency
+from exporter.loading import load_checkpoint, resolve_checkpoint
+from exporter.manifest import checkpoint_hash, write_manifest
+from exporter.onnx_export import export_onnx
+from exporter.parity import build_batches, check_file, failure_table, reference_outputs
+from exporter.text import make_tokenize
+from graphs.fusion import GraphPlan, fuse_graph
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE, OPTIMIZED_FILE, QUANTIZED_FILE = "model.onnx", "model_optimized.onnx", "model_quantized.onnx"
+STAGES = 8
+
+
+@dataclass
+class ExportResult:
+    output: Path
+    manifest: dict[str, Any]
+    deployable: bool
+    seconds: float
+
+
+class _Stages:
+    """Prints "[i/N] stage: detail (s)" per stage and keeps the timings for the manifest."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._index = 0
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[dict[str, str]]:
+        self._index += 1
+        note: dict[str, str] = {"detail": ""}
+        start = time.perf_counter()
+        yield note
+        self.timings[name] = round(time.perf_counter() - start, 3)
+        log.info("[%d/%d] %-9s %s (%.1f s)", self._index, STAGES, name, note["detail"], self.timings[name])
+
+
+def resolve_output(config: ExportConfig, source: Path) -> Path:
+    output = Path(config.output) if config.output else Path("artifacts") / source.name
+    output = output.expanduser().absolute()
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} is a file; pass a folder path")
+    if output.is_dir() and any(output.iterdir()) and not config.force:
+        raise UsageError(f"--output {output} exists and is not empty; pass --force to replace it or choose another folder")
+    parent = output.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create {parent} ({error.strerror}); choose a writable --output") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{parent} is not writable; choose a writable --output")
+    return output
+
+
+@contextmanager
+def work_folder(output: Path) -> Iterator[Path]:
+    """A hidden sibling of `output` (same filesystem, so the final rename is atomic), always removed."""
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def move_in_place(built: Path, output: Path, work: Path) -> None:
+    if output.exists():
+        if any(output.iterdir()):
+            os.rename(output, work / "previous")  # --force was checked in resolve_output
+        else:
+            output.rmdir()
+    os.rename(built, output)
+
+
+def export_model(config: ExportConfig) -> ExportResult:
+    """Run the whole pipeline for `config`; returns the result, or raises an ExportError.
+
+    On a parity failure the artifact is still written (marked not deployable) and ParityError is raised
+    after it is in place.
+    """
+    start = time.perf_counter()
+    drops = parse_drop_heads(config.drop_heads)
+    source = resolve_checkpoint(config.model)
+    output = resolve_output(config, source)
+    stages = _Stages()
+    with work_folder(output) as work:
+        built = work / "artifact"
+        built.mkdir()
+        with stages.stage("load") as note:
+            checkpoint = load_checkpoint(source, config.task)
+            arch, task, hf_config = checkpoint.architecture, checkpoint.task, checkpoint.config
+            reference = checkpoint.model
+            if drops:
+                mask_heads(reference, arch, hf_config, drops)  # parity compares against the masked model
+            note["detail"] = f"{arch.name} {task} from {source.name}, layer norm {checkpoint.layer_norm}"
+        with stages.stage("compact") as note:
+            compacted = copy.deepcopy(reference)
+            compaction = compact_model(compacted, arch, hf_config, drops)
+            note["detail"] = compaction.summary()
+        with stages.stage("export") as note:
+            signature = export_onnx(compacted, arch, task, built / MODEL_FILE)
+            note["detail"] = f"{MODEL_FILE}, inputs {list(signature.inputs)}, outputs {list(signature.outputs)}"
+        with stages.stage("fuse") as note:
+            plan = GraphPlan(
+                heads_per_layer=compaction.heads_per_layer,
+                hidden_size=arch.hidden_size(hf_config),
+                architecture=arch.name,
+                layer_norm=checkpoint.layer_norm,
+                activation=arch.activation_name(hf_config),
+            )
+            fusion = fuse_graph(built / MODEL_FILE, built / OPTIMIZED_FILE, plan, config.fusion)
+            note["detail"] = fusion.summary()
+        max_length = min(arch.max_positions(hf_config), 512, int(getattr(checkpoint.tokenizer, "model_max_length", 512)))
+        pairs = task == "question-answering"
+        tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, max_length, pairs=pairs)
+        calibration_pool, heldout = split_texts(builtin_texts())
+        with stages.stage("quantize") as note:
+            texts = calibration_pool if config.calibration_data is None else load_texts(
+                Path(config.calibration_data), config.calibration_field)
+            samples, sample_hash = sample_texts(texts, config.quantization.samples, config.quantization.seed)
+            if config.calibration_data is not None and len(samples) < config.quantization.samples:
+                raise CalibrationDataError(
+                    f"{config.calibration_data} holds {len(samples)} texts; {config.quantization.samples} were asked "
+                    "for: pass --calibration-samples at most that, or add texts"
+                )
+            calibration_tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, min(128, max_length), pairs=pairs)
+            reader = TextCalibrationReader(samples, calibration_tokenize, config.quantization.batch_size)
+            quantization = quantize_model(built / MODEL_FILE, built / QUANTIZED_FILE, reader, config.quantization,
+                                          sample_sha256=sample_hash, optimized_path=built / OPTIMIZED_FILE)
+            note["detail"] = f"{QUANTIZED_FILE}, {quantization.quantized_nodes} nodes INT8, {len(samples)} texts"
+        with stages.stage("parity") as note:
+            batches = build_batches(heldout, tokenize, config.parity.shapes, max_length)
+            expected = reference_outputs(reference, batches, TASK_OUTPUTS[task])
+            entries = []
+            for name, precision in ((MODEL_FILE, "fp32"), (OPTIMIZED_FILE, "fp32"), (QUANTIZED_FILE, "int8")):
+                entries += check_file(built / name, precision, task, batches, expected, config.parity)
+            failed = [e for e in entries if e.status == "fail"]
+            note["detail"] = ", ".join(f"{e.file} {e.status}" for e in entries if e.status != "skip")
+        with stages.stage("latency") as note:
+            feeds = latency_feeds(tokenize, heldout[:40], [(1, min(128, max_length)), (8, min(128, max_length))])
+            latency = {name: measure_latency(built / name, "CPUExecutionProvider", feeds)
+                       for name in (MODEL_FILE, OPTIMIZED_FILE, QUANTIZED_FILE)}
+            note["detail"] = ", ".join(f"{n} {v['b8xs' + str(min(128, max_length))]['median_ms']:.0f} ms@b8"
+                                       for n, v in latency.items())
+        with stages.stage("package") as note:
+            checkpoint.tokenizer.save_pretrained(built)
+            deploy_config = copy.deepcopy(hf_config)
+            deploy_config.pruned_heads = compaction.pruned_heads
+            deploy_config.architectures = [arch.class_name(task)]
+            deploy_config.save_pretrained(built)
+            _save_parity_data(built / "parity", batches, expected)
+            resolved = config.to_dict() | {"model": str(source), "output": str(output), "task": task}
+            manifest = write_manifest(built, {
+                "source": {"name": source.name, "path": str(source), **checkpoint_hash(source)},
+                "task": task,
+                "architecture": arch.name,
+                "layer_norm": checkpoint.layer_norm,
+                "activation": arch.activation_name(hf_config),
+                "options": resolved,
+                "signature": signature.to_dict(),
+                "compaction": compaction.to_dict(),
+                "fusion": fusion.to_dict() | {"summary": fusion.summary()},
+                "quantization": quantization.to_dict(),
+                "parity": [e.to_dict() for e in entries],
+                "parity_data": {"inputs": "parity/inputs.npz", "reference": "parity/reference.npz",
+                                "shapes": [list(s) for s in config.parity.shapes]},
+                "latency": latency,
+                "deployable": not failed,
+                "timings": stages.timings,
+            })
+            note["detail"] = f"{len(manifest['files'])} files"
+        move_in_place(built, output, work)
+    seconds = time.perf_counter() - start
+    result = ExportResult(output, manifest, not failed, seconds)
+    if failed:
+        raise ParityError(
+            f"parity failed for {len(failed)} of {len(entries)} checks; artifact kept at {output} but marked not "
+            f"deployable:\n{failure_table(failed)}"
+        )
+    return result
+
+
+def _save_parity_data(folder: Path, batches: list[dict[str, np.ndarray]], expected: list[dict[str, np.ndarray]]) -> None:
+    """Reference inputs and PyTorch outputs, so a deployment machine can re-check parity (`np.load`)."""
+    folder.mkdir()
+    np.savez_compressed(folder / "inputs.npz", **{f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b.items()})
+    np.savez_compressed(folder / "reference.npz", **{f"{i}/{k}": v for i, b in enumerate(expected) for k, v in b.items()})

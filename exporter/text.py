@@ -1,0 +1,53 @@
+"""Turning real text into the model's inputs: one place, used by calibration and parity alike."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+Text = str | tuple[str, str]
+
+
+def as_pair(text: str) -> tuple[str, str]:
+    """A (question, context) pair from one passage: its first sentence asks, the passage answers."""
+    head, dot, _ = text.partition(". ")
+    return ((head + dot).strip() or text[:60], text)
+
+
+def make_tokenize(
+    tokenizer: Any, input_names: Sequence[str], max_length: int, pairs: bool = False, pad_to_max: bool = True
+) -> Callable[..., dict[str, np.ndarray]]:
+    """A function mapping texts to int64 feeds holding exactly the graph's `input_names`.
+
+    `pairs`: encode (question, context) pairs, truncating the context (question answering).
+    `pad_to_max`: pad every batch to `max_length` (fixed shapes) rather than to its longest text.
+    The returned function takes the texts and optionally a shorter `max_length` for that call.
+    """
+
+    def tokenize(texts: Sequence[Text], max_length: int = max_length) -> dict[str, np.ndarray]:
+        items = [t if isinstance(t, tuple) else as_pair(t) for t in texts] if pairs else [
+            t if isinstance(t, str) else t[0] + " " + t[1] for t in texts
+        ]
+        kwargs: dict[str, Any] = {
+            "padding": "max_length" if pad_to_max else "longest",
+            "truncation": "only_second" if pairs else True,
+            "max_length": max_length,
+            "return_tensors": "np",
+        }
+        if pairs:
+            encoded = tokenizer([q for q, _ in items], [c for _, c in items], **kwargs)
+        else:
+            encoded = tokenizer(list(items), **kwargs)
+        feeds = {}
+        for name in input_names:
+            if name in encoded:
+                feeds[name] = np.asarray(encoded[name], dtype=np.int64)
+            elif name == "token_type_ids":
+                feeds[name] = np.zeros_like(np.asarray(encoded["input_ids"]), dtype=np.int64)
+            else:
+                raise KeyError(f"the tokenizer does not produce {name!r}")
+        return feeds
+
+    return tokenize
