@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from exporter.architectures import TASKS, Architecture, architecture_for, infer_task
@@ -144,7 +146,7 @@ def load_checkpoint(path: Path, task: str | None = None) -> Checkpoint:
             output_loading_info=True,
             **architecture.model_kwargs(task),
         )
-    except (RuntimeError, ValueError, OSError) as error:
+    except (RuntimeError, ValueError, OSError, SafetensorError, pickle.UnpicklingError) as error:
         message = " ".join(str(error).split())[:400]
         raise CheckpointError(f"cannot load the weights in {path}: {message}") from error
     _check_loading_info(path, task, info)
