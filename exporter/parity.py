@@ -34,13 +34,14 @@ class ParityConfig:
     shapes: (batch, sequence) grid; default 1x16, 4x64, 8x128 (capped at the model's maximum length).
     fp32_atol: largest absolute error allowed for FP32 files (default 1e-4).
     int8_min_cosine: smallest mean per-sample cosine to the reference allowed for INT8 files (default 0.99).
-    providers: execution providers to check, short names (default cpu).
+    providers: execution providers to check, short or full names; "auto" (default) checks every provider
+        onnxruntime offers here and records CUDA as a skip, with its reason, where it is absent.
     """
 
     shapes: tuple[tuple[int, int], ...] = ((1, 16), (4, 64), (8, 128))
     fp32_atol: float = 1e-4
     int8_min_cosine: float = 0.99
-    providers: tuple[str, ...] = ("cpu",)
+    providers: tuple[str, ...] = ("auto",)
 
 
 @dataclass
@@ -199,21 +200,38 @@ def task_metric(task: str, batches: Sequence[Batch], expected: Sequence[Batch], 
     return {name: agree / max(total, 1)}
 
 
+def resolve_providers(names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """(providers to run, {provider: skip reason}). An explicitly named provider that is absent is an error."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if tuple(names) == ("auto",):
+        run = [p for p in available if p in (PROVIDERS["cpu"], PROVIDERS["cuda"])]
+        skipped = {} if PROVIDERS["cuda"] in available else {
+            PROVIDERS["cuda"]: f"not available in this onnxruntime build (available: {available}); install onnxruntime-gpu"}
+        return run, skipped
+    run = []
+    for name in names:
+        provider = PROVIDERS.get(name.lower(), name)
+        if provider not in available:
+            short = {v: k for k, v in PROVIDERS.items() if v in available}
+            raise ProviderUnavailableError(
+                f"{provider} requested; available: {available}. Install its onnxruntime build or pass "
+                f"--providers {','.join(short.values()) or 'auto'}"
+            )
+        run.append(provider)
+    return run, {}
+
+
 def check_file(
     path: Path, precision: str, task: str, batches: Sequence[Batch], expected: Sequence[Batch],
     config: ParityConfig,
 ) -> list[ParityEntry]:
-    """Parity entries for one file on every configured provider (a provider absent here is a recorded skip)."""
-    import onnxruntime as ort
-
-    entries = []
+    """Parity entries for one file on every configured provider (an absent one under "auto" is a recorded skip)."""
+    run, skipped = resolve_providers(config.providers)
+    entries = [ParityEntry(path.name, provider, precision, "skip", reason=reason) for provider, reason in skipped.items()]
     output_names = list(expected[0])
-    for short in config.providers:
-        provider = PROVIDERS.get(short, short)
-        if provider not in ort.get_available_providers():
-            entries.append(ParityEntry(path.name, provider, precision, "skip",
-                                       reason=f"{provider} not available here (available: {ort.get_available_providers()})"))
-            continue
+    for provider in run:
         start = time.perf_counter()
         actual = run_session(open_session(path, provider), batches, output_names)
         entry = compare(path.name, provider, precision, task, batches, expected, actual, config)

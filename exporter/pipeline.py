@@ -33,7 +33,7 @@ from exporter.latency import latency_feeds, measure_latency
 from exporter.loading import load_checkpoint, resolve_checkpoint
 from exporter.manifest import checkpoint_hash, write_manifest
 from exporter.onnx_export import export_onnx
-from exporter.parity import build_batches, check_file, failure_table, reference_outputs
+from exporter.parity import build_batches, check_file, failure_table, reference_outputs, resolve_providers
 from exporter.text import make_tokenize
 from graphs.fusion import GraphPlan, fuse_graph
 
@@ -69,7 +69,8 @@ class _Stages:
 
 
 def resolve_output(config: ExportConfig, source: Path) -> Path:
-    output = Path(config.output) if config.output else Path("artifacts") / source.name
+    default_name = "all-MiniLM-L6-v2" if config.model is None else source.name
+    output = Path(config.output) if config.output else Path("artifacts") / default_name
     output = output.expanduser().absolute()
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} is a file; pass a folder path")
@@ -112,6 +113,7 @@ def export_model(config: ExportConfig) -> ExportResult:
     """
     start = time.perf_counter()
     drops = parse_drop_heads(config.drop_heads)
+    resolve_providers(config.parity.providers)  # a requested provider that is absent fails before any work
     source = resolve_checkpoint(config.model)
     output = resolve_output(config, source)
     stages = _Stages()
@@ -158,7 +160,7 @@ def export_model(config: ExportConfig) -> ExportResult:
             calibration_tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, min(128, max_length), pairs=pairs)
             reader = TextCalibrationReader(samples, calibration_tokenize, config.quantization.batch_size)
             quantization = quantize_model(built / MODEL_FILE, built / QUANTIZED_FILE, reader, config.quantization,
-                                          sample_sha256=sample_hash, optimized_path=built / OPTIMIZED_FILE)
+                                          sample_sha256=sample_hash)
             note["detail"] = f"{QUANTIZED_FILE}, {quantization.quantized_nodes} nodes INT8, {len(samples)} texts"
         with stages.stage("parity") as note:
             batches = build_batches(heldout, tokenize, config.parity.shapes, max_length)

@@ -1,0 +1,214 @@
+"""Side-by-side benchmark: every variant timed in one process, interleaved, on the same real-text inputs.
+
+    python benchmarks/benchmark.py                       # real MiniLM + block-pruned MiniLM, peers included
+    python benchmarks/benchmark.py --kinds nonorm,roberta,distilbert --no-peers
+
+For each model kind it builds the checkpoint, runs the export-model pipeline, and times, round-robin so that
+machine noise hits every variant alike: torch eager FP32, optimum's ONNX export on onnxruntime FP32 and
+optimum's avx512_vnni dynamic INT8 (peers, feature extraction only), and our model.onnx,
+model_optimized.onnx and model_quantized.onnx. Batch 1 and 8 at sequence 128, medians over rounds.
+Accuracy is measured on held-out real text that calibration never saw: mean cosine of mean-pooled
+embeddings and top-1 nearest-neighbour agreement, each against the FP32 PyTorch model.
+Writes bench-out/results.md, results.json and latency_vs_accuracy.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing tests/
+
+from calibration.corpus import builtin_texts, split_texts  # noqa: E402
+from exporter.config import ExportConfig  # noqa: E402
+from exporter.loading import load_checkpoint  # noqa: E402
+from exporter.pipeline import export_model  # noqa: E402
+from exporter.text import make_tokenize  # noqa: E402
+from tests import checkpoints  # noqa: E402
+
+SEQ = 128
+BATCHES = (1, 8)
+KINDS: dict[str, Callable[[Path], Path]] = {
+    "minilm": lambda folder: checkpoints.minilm_path(),
+    "pruned-minilm": lambda folder: checkpoints.block_pruned_minilm(folder).path,
+    "nonorm-relu": lambda folder: checkpoints.nonorm_relu_bert(folder).path,
+    "roberta": lambda folder: checkpoints.tiny_checkpoint(folder, "roberta", "feature-extraction").path,
+    "distilbert": lambda folder: checkpoints.tiny_checkpoint(folder, "distilbert", "feature-extraction").path,
+}
+
+
+def _ort_runner(path: Path, threads: int) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    return lambda feeds: session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+
+
+def _torch_runner(model: Any, threads: int) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    import torch
+
+    torch.set_num_threads(threads)
+
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.no_grad():
+            out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}, return_dict=True)
+        return out[0].float().numpy()
+
+    return run
+
+
+def _optimum_peers(source: Path, work: Path, threads: int) -> dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]]:
+    """optimum's export (FP32) and its documented avx512_vnni dynamic INT8, as a user would run them."""
+    from optimum.exporters.onnx import main_export
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    fp32 = work / "optimum"
+    main_export(str(source), fp32, task="feature-extraction", do_validation=False)
+    quantizer = ORTQuantizer.from_pretrained(fp32, file_name="model.onnx")
+    quantizer.quantize(save_dir=work / "optimum-int8",
+                       quantization_config=AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=False))
+    return {"optimum ORT fp32": _ort_runner(fp32 / "model.onnx", threads),
+            "optimum dynamic int8": _ort_runner(work / "optimum-int8" / "model_quantized.onnx", threads)}
+
+
+def _pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    m = mask[..., None].astype(np.float64)
+    return (hidden * m).sum(1) / m.sum(1)
+
+
+def _accuracy(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    a = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    b = candidate / np.linalg.norm(candidate, axis=1, keepdims=True)
+    cosine = float(np.mean((a * b).sum(1)))
+    sim_a, sim_b = a @ a.T, b @ b.T
+    np.fill_diagonal(sim_a, -np.inf)
+    np.fill_diagonal(sim_b, -np.inf)
+    agreement = float(np.mean(sim_a.argmax(1) == sim_b.argmax(1)))
+    return {"cosine": cosine, "top1_agreement": agreement}
+
+
+def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool) -> list[dict[str, Any]]:
+    source = KINDS[kind](work / "checkpoint")
+    artifact = work / "artifact"
+    t0 = time.perf_counter()
+    result = export_model(ExportConfig(model=str(source), output=str(artifact), task="feature-extraction"))
+    export_seconds = time.perf_counter() - t0
+    checkpoint = load_checkpoint(source, "feature-extraction")
+    arch = checkpoint.architecture
+    tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, SEQ)
+    heldout = split_texts(builtin_texts())[1]
+    long_text = " ".join(heldout[:50])
+    feeds = {b: tokenize([long_text] * b) for b in BATCHES}
+    eval_feeds = tokenize(heldout[:64])
+
+    runners: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]] = {"torch eager fp32": _torch_runner(checkpoint.model, threads)}
+    if peers and kind == "minilm":
+        runners |= _optimum_peers(source, work, threads)
+    for name in ("model.onnx", "model_optimized.onnx", "model_quantized.onnx"):
+        runners[name] = _ort_runner(artifact / name, threads)
+
+    reference = _pooled(runners["torch eager fp32"](eval_feeds), eval_feeds["attention_mask"])
+    times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in BATCHES} for n in runners}
+    for run in runners.values():  # warm-up
+        for b in BATCHES:
+            run(feeds[b])
+    for _ in range(rounds):
+        for name, run in runners.items():
+            for b in BATCHES:
+                start = time.perf_counter()
+                run(feeds[b])
+                times[name][b].append((time.perf_counter() - start) * 1e3)
+    rows = []
+    sizes = {"model.onnx": artifact / "model.onnx", "model_optimized.onnx": artifact / "model_optimized.onnx",
+             "model_quantized.onnx": artifact / "model_quantized.onnx"}
+    for name, run in runners.items():
+        row = {"kind": kind, "variant": name}
+        for b in BATCHES:
+            row[f"b{b}_ms"] = statistics.median(times[name][b])
+        row |= _accuracy(reference, _pooled(run(eval_feeds), eval_feeds["attention_mask"]))
+        row["size_mb"] = sizes[name].stat().st_size / 1e6 if name in sizes else None
+        rows.append(row)
+    base = next(r for r in rows if r["variant"] == "model.onnx")
+    for row in rows:
+        for b in BATCHES:
+            row[f"b{b}_vs_model_onnx"] = row[f"b{b}_ms"] / base[f"b{b}_ms"]
+    rows.append({"kind": kind, "variant": "(export wall time s)", "b1_ms": export_seconds,
+                 "compaction": result.manifest["compaction"]["summary"], "fusion": result.manifest["fusion"]["summary"]})
+    return rows
+
+
+def render(rows: list[dict[str, Any]], threads: int, rounds: int) -> str:
+    lines = [f"seq {SEQ}, {threads} threads, median of {rounds} interleaved rounds, held-out real text", "",
+             "| model | variant | b1 ms | b8 ms | b1 vs model.onnx | b8 vs model.onnx | cosine | top-1 agree | size MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "b8_ms" not in r:
+            lines.append(f"| {r['kind']} | export: {r['b1_ms']:.1f} s | {r['compaction']} | {r['fusion']} | | | | | |")
+            continue
+        size = f"{r['size_mb']:.1f}" if r["size_mb"] else "-"
+        lines.append(f"| {r['kind']} | {r['variant']} | {r['b1_ms']:.1f} | {r['b8_ms']:.1f} | {r['b1_vs_model_onnx']:.2f}x "
+                     f"| {r['b8_vs_model_onnx']:.2f}x | {r['cosine']:.4f} | {r['top1_agreement']:.3f} | {size} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for r in (r for r in rows if "b8_ms" in r):
+        size = r["size_mb"] or 90.0
+        ax.scatter(r["b8_ms"], r["cosine"], s=size * 8, alpha=0.5)
+        ax.annotate(f"{r['kind']}: {r['variant']}", (r["b8_ms"], r["cosine"]), fontsize=7)
+    ax.set_xlabel(f"latency, batch 8 x seq {SEQ} (median ms)")
+    ax.set_ylabel("cosine to FP32 PyTorch (mean-pooled)")
+    ax.set_title("latency vs accuracy (bubble area = model size)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kinds", default="minilm,pruned-minilm", help=f"comma list of {sorted(KINDS)}")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--no-peers", action="store_true", help="skip torch/optimum peers' optimum parts")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for kind in args.kinds.split(","):
+        with tempfile.TemporaryDirectory() as work:
+            rows += bench_kind(kind.strip(), Path(work), args.rounds, args.threads, not args.no_peers)
+        print(render(rows, args.threads, args.rounds), flush=True)
+    (args.out / "results.md").write_text(render(rows, args.threads, args.rounds))
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    try:
+        plot(rows, args.out / "latency_vs_accuracy.png")
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install -e '.[bench]')")
+
+
+if __name__ == "__main__":
+    main()

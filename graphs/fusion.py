@@ -1,0 +1,306 @@
+"""Graph fusion: onnxruntime's transformer optimizer, then a check of what it fused against the compaction plan.
+
+onnxruntime's ``optimize_model(model_type="bert", num_heads=0, hidden_size=0)`` reads each layer's head
+count from that layer's Q Reshape constant, which is what a model with uneven heads per layer needs. It
+trusts that constant, though, and only logs what it could not fuse. So every fused Attention node is
+mapped to its encoder layer (by data flow, see ``graphs.inspection``) and its ``num_heads`` compared with
+the heads compaction left in that layer; then the fused graph is run next to the unfused one on padded
+inputs. Anything short of "every layer fused with the right heads, same numbers" is a ``FusionError``
+with a per-layer table, except one case: a model kind whose attention onnxruntime 1.31 cannot fuse at all
+(DistilBERT, NoNorm) is a recorded skip, and the graph keeps the fusions that did apply.
+
+    exported.onnx --optimize_model--> fused graph --verify vs GraphPlan--> --compare vs exported--> output
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+
+from exporter.errors import FusionError
+from graphs import inspection
+from graphs.equivalence import compare_graphs
+
+logger = logging.getLogger(__name__)
+
+#: protobuf cannot serialize one message over 2 GiB; larger models keep their weights in external data.
+EXTERNAL_DATA_THRESHOLD_BYTES = 2**31
+
+#: Model kinds whose attention onnxruntime 1.31 does not fuse, and why. Zero fused Attention nodes on these
+#: is a recorded skip; on any other kind it means the export changed, which is an error.
+_UNFUSABLE_KINDS: dict[tuple[str, str], str] = {
+    ("distilbert", "layer_norm"): (
+        "onnxruntime.transformers 1.31 matches DistilBERT's masked_fill (Where <- Expand <- Reshape <- Equal) "
+        "but then looks for the mask fill value as a constant input of the Expand, finds none and gives up"
+    ),
+}
+_NO_NORM_REASON = (
+    "a NoNorm model (x * weight + bias instead of LayerNorm) leaves no LayerNormalization for "
+    "onnxruntime's Attention fusion to anchor on"
+)
+
+_GELU_OPS = ("BiasGelu", "Gelu", "FastGelu", "GemmFastGelu")
+_SKIP_LN_OPS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    """What compaction left, per layer; built by the exporter from its compaction report."""
+
+    heads_per_layer: tuple[int, ...]
+    """Surviving attention heads of each encoder layer, in order (each at least 1)."""
+    hidden_size: int
+    architecture: str
+    """``"bert"``, ``"roberta"`` or ``"distilbert"``."""
+    layer_norm: str = "layer_norm"
+    """``"layer_norm"`` (default) or ``"no_norm"``."""
+    activation: str = "gelu"
+    """The config's ``hidden_act`` (default ``"gelu"``), e.g. ``"relu"``."""
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """How to fuse. Defaults keep the graph exact for any padding and any later stage."""
+
+    use_raw_attention_mask: bool = True
+    """Keep the raw 2-D mask (default True). False uses onnxruntime's MaskIndexEnd (a 1-D length), which
+    is only correct for right padding."""
+    enable_embed_layer_norm: bool = True
+    """Fuse embeddings + LayerNorm into EmbedLayerNormalization (default True). Turn off before static
+    quantization, whose recipes commonly expect the unfused embedding ops."""
+    enable_gelu_approximation: bool = False
+    """Replace exact GELU by the tanh FastGelu (default False: it changes outputs by about 1e-3)."""
+    check_numerics: bool = True
+    """Run the unfused and fused graphs on right/left/hole-padded inputs and require them to agree
+    (default True)."""
+    atol: float = 1e-4
+    """Absolute tolerance of the numeric check (default 1e-4)."""
+    rtol: float = 1e-4
+    """Tolerance relative to the largest reference output (default 1e-4): NoNorm models are not
+    normalized, so their outputs can be large."""
+
+
+@dataclass
+class LayerFusion:
+    """One encoder layer: the heads the plan expects, the heads its Attention node has (None: not fused),
+    and its fused op counts (empty when no attention fused, since then layers cannot be told apart)."""
+
+    layer: int
+    expected_heads: int
+    attention_heads: int | None
+    ops: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class FusionReport:
+    """What fusion produced: fused-op counts, per-layer detail, and a skip reason when attention did not fuse."""
+
+    op_counts: dict[str, int]
+    layers: list[LayerFusion]
+    attention_fused: bool
+    skip_reason: str | None
+    seconds: float
+    expected: dict[str, int] = field(default_factory=dict)
+    """What a fully fused graph of this plan holds per op family (``Attention``, ``SkipLayerNorm``, ``Gelu``)."""
+    max_abs_diff: float | None = None
+    """Numeric check: largest output difference to the unfused graph (None when not checked)."""
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict of every field."""
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line like ``fused: Attention 6/6, SkipLayerNorm 12/12, BiasGelu 6/6``."""
+        found = {
+            "Attention": sum(self.op_counts.get(op, 0) for op in inspection.ATTENTION_OPS),
+            "SkipLayerNorm": sum(self.op_counts.get(op, 0) for op in _SKIP_LN_OPS),
+        }
+        gelu_op = next((op for op in _GELU_OPS if self.op_counts.get(op)), "BiasGelu")
+        found[gelu_op] = self.op_counts.get(gelu_op, 0)
+        parts = []
+        for name, count in found.items():
+            family = "Gelu" if name in _GELU_OPS else name
+            want = self.expected.get(family)
+            if want or count:
+                parts.append(f"{name} {count}/{want}" if want is not None else f"{name} {count}")
+        if self.op_counts.get("EmbedLayerNormalization"):
+            parts.append(f"EmbedLayerNorm {self.op_counts['EmbedLayerNormalization']}")
+        line = "fused: " + (", ".join(parts) if parts else "nothing")
+        return f"{line} (attention skipped: {self.skip_reason})" if self.skip_reason else line
+
+
+def fuse_graph(
+    model_path: Path, output_path: Path, plan: GraphPlan, config: FusionConfig = FusionConfig()
+) -> FusionReport:
+    """Fuse ``model_path`` with onnxruntime's BERT optimizer, verify it against ``plan``, write ``output_path``.
+
+    Raises ``FusionError`` (nothing written) when some but not all layers fused, when any Attention node's
+    head count differs from ``plan.heads_per_layer``, when a kind that should fuse fused no attention, or
+    when the fused graph computes different numbers. Returns the report; ``attention_fused`` is False with
+    a ``skip_reason`` for kinds onnxruntime cannot fuse, whose graph is still written and still checked.
+    """
+    # Imported here: onnxruntime.transformers pulls in its whole fusion library (about a second).
+    from onnxruntime.transformers.fusion_options import AttentionMaskFormat, FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    start = time.perf_counter()
+    model_path, output_path = Path(model_path), Path(output_path)
+    logger.info(
+        "fusing %s: %s, %d layers, heads %s, %s, %s",
+        model_path,
+        plan.architecture,
+        len(plan.heads_per_layer),
+        list(plan.heads_per_layer),
+        plan.layer_norm,
+        plan.activation,
+    )
+    options = FusionOptions("bert")
+    options.attention_mask_format = (
+        AttentionMaskFormat.AttentionMask
+        if config.use_raw_attention_mask
+        else AttentionMaskFormat.MaskIndexEnd
+    )
+    options.enable_embed_layer_norm = config.enable_embed_layer_norm
+    options.enable_gelu_approximation = config.enable_gelu_approximation
+    # opt_level=0: Python fusions only. Level 1+ first runs an onnxruntime session whose helper imports torch
+    # (optimize_by_onnxruntime, onnxruntime 1.31), and its constant folding is not needed for TorchScript
+    # exports. num_heads=0/hidden_size=0: read each layer's heads from its own Q Reshape (pruned models).
+    optimizer = optimize_model(
+        str(model_path),
+        model_type="bert",
+        num_heads=0,
+        hidden_size=0,
+        optimization_options=options,
+        opt_level=0,
+    )
+    fused = optimizer.model
+    report = _verify(fused, plan)
+
+    with tempfile.TemporaryDirectory(prefix="fusion-") as work:
+        candidate = Path(work) / output_path.name
+        _save(optimizer, candidate)
+        if config.check_numerics:
+            padding = ("right", "left", "hole") if config.use_raw_attention_mask else ("right",)
+            check = compare_graphs(model_path, candidate, padding=padding)
+            report.max_abs_diff = check.max_abs_diff
+            if not check.within(config.atol, config.rtol):
+                raise FusionError(
+                    f"fused graph of {model_path.name} differs from the unfused graph by {check.max_abs_diff:.3g} "
+                    f"(allowed {config.atol:g} + {config.rtol:g} x {check.max_abs_reference:.3g}) on "
+                    f"{'/'.join(padding)} padding; {report.summary()}. onnxruntime fused a pattern it misread; try FusionConfig("
+                    "enable_embed_layer_norm=False) or fuse with check_numerics=False only to inspect the graph."
+                )
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        # Moved, not saved again: saving with external data rewrites the ModelProto in place (onnx 1.23).
+        for written in Path(work).iterdir():
+            shutil.move(str(written), str(output_path.parent / written.name))
+
+    report.seconds = time.perf_counter() - start
+    logger.info("fused %s in %.1f s: %s", output_path, report.seconds, report.summary())
+    return report
+
+
+def _verify(fused: onnx.ModelProto, plan: GraphPlan) -> FusionReport:
+    counts = inspection.fused_op_counts(fused)
+    nodes = inspection.attention_nodes(fused)
+    per_layer_ops = inspection.layer_op_counts(fused)
+    n_layers = len(plan.heads_per_layer)
+    layers = [
+        LayerFusion(
+            layer=i,
+            expected_heads=heads,
+            attention_heads=nodes[i].num_heads if i < len(nodes) else None,
+            ops=per_layer_ops.get(i, {}),
+        )
+        for i, heads in enumerate(plan.heads_per_layer)
+    ]
+    expected = {"Attention": n_layers}
+    if plan.layer_norm == "layer_norm":
+        expected["SkipLayerNorm"] = 2 * n_layers
+    if plan.activation.startswith("gelu"):
+        expected["Gelu"] = n_layers
+    report = FusionReport(
+        op_counts=counts,
+        layers=layers,
+        attention_fused=bool(nodes),
+        skip_reason=None,
+        seconds=0.0,
+        expected=expected,
+    )
+    if not nodes:
+        reason = (
+            _NO_NORM_REASON
+            if plan.layer_norm == "no_norm"
+            else _UNFUSABLE_KINDS.get((plan.architecture, plan.layer_norm))
+        )
+        if reason is None:
+            raise FusionError(
+                f"expected {n_layers} fused Attention nodes for a {plan.architecture} model, found 0. "
+                "Export with torch.onnx.export(dynamo=False) and transformers 4.57 eager attention, whose "
+                "Q Reshape carries a constant head count; the dynamo exporter and -1 reshapes do not fuse."
+            )
+        report.skip_reason = f"{plan.architecture}/{plan.layer_norm}: {reason}"
+        logger.info("attention fusion skipped: %s", report.skip_reason)
+        return report
+
+    problems = _layer_problems(nodes, plan)
+    if problems:
+        raise FusionError(
+            f"fused attention does not match the compaction plan ({len(nodes)} Attention nodes for "
+            f"{n_layers} layers; {'; '.join(problems)}). A layer's Q Reshape constant disagrees with the "
+            "heads left in its weights, or a layer did not fuse; re-export with torch.onnx.export(dynamo=False) "
+            f"and check the compaction report.\n{_table(nodes, plan)}"
+        )
+    return report
+
+
+def _layer_problems(nodes: list[inspection.AttentionNode], plan: GraphPlan) -> list[str]:
+    problems = []
+    if len(nodes) != len(plan.heads_per_layer):
+        problems.append(f"{len(nodes)} of {len(plan.heads_per_layer)} layers fused")
+    for i, node in enumerate(nodes[: len(plan.heads_per_layer)]):
+        want = plan.heads_per_layer[i]
+        if node.num_heads != want:
+            problems.append(f"layer {i}: {node.num_heads} heads, expected {want}")
+        if node.input_hidden_size is not None and node.input_hidden_size != plan.hidden_size:
+            problems.append(f"layer {i}: input width {node.input_hidden_size}, expected {plan.hidden_size}")
+        if node.num_heads and node.head_size is None:
+            problems.append(f"layer {i}: Q width does not divide into {node.num_heads} heads")
+    return problems
+
+
+def _table(nodes: list[inspection.AttentionNode], plan: GraphPlan) -> str:
+    rows = [
+        "layer | expected heads | found heads | head size | node",
+        "----- | -------------- | ----------- | --------- | ----",
+    ]
+    for i in range(max(len(nodes), len(plan.heads_per_layer))):
+        want = str(plan.heads_per_layer[i]) if i < len(plan.heads_per_layer) else "-"
+        node = nodes[i] if i < len(nodes) else None
+        found = str(node.num_heads) if node else "not fused"
+        size = str(node.head_size) if node and node.head_size is not None else "-"
+        mark = "" if node and want == found else "  <-"
+        rows.append(f"{i:5d} | {want:>14} | {found:>11} | {size:>9} | {node.name if node else '-'}{mark}")
+    return "\n".join(rows)
+
+
+def _save(optimizer: object, path: Path) -> None:
+    model: onnx.ModelProto = optimizer.model  # type: ignore[attr-defined]
+    weights = sum(_tensor_bytes(t) for t in model.graph.initializer)
+    external = weights >= EXTERNAL_DATA_THRESHOLD_BYTES
+    optimizer.save_model_to_file(str(path), use_external_data_format=external)  # type: ignore[attr-defined]
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data)
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize

@@ -1,0 +1,118 @@
+"""The `export-model` command end to end on tiny checkpoints: exit codes and what lands on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporter.cli import main
+from tests.exporter.test_loading import tiny_bert
+
+FILES = ("model.onnx", "model_optimized.onnx", "model_quantized.onnx", "config.json", "manifest.json",
+         "report.md", "tokenizer.json", "parity/inputs.npz", "parity/reference.npz")
+
+
+def _siblings(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}."))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
+    root = tmp_path_factory.mktemp("cli")
+    model = tiny_bert(root / "ckpt")
+    out = root / "out"
+    code = main(["--model", str(model), "--output", str(out), "--calibration-samples", "16"])
+    return model, out, code
+
+
+def test_success_writes_every_file_and_a_complete_manifest(exported: tuple[Path, Path, int]) -> None:
+    _, out, code = exported
+    assert code == 0
+    for name in FILES:
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["deployable"] is True
+    cpu = {(e["file"], e["status"]) for e in manifest["parity"] if e["provider"] == "CPUExecutionProvider"}
+    assert cpu == {("model.onnx", "pass"), ("model_optimized.onnx", "pass"), ("model_quantized.onnx", "pass")}
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        cuda = [e for e in manifest["parity"] if e["provider"] == "CUDAExecutionProvider"]
+        assert len(cuda) == 3 and all(e["status"] == "skip" and "not available" in e["reason"] for e in cuda)
+    for name, entry in manifest["files"].items():
+        assert (out / name).stat().st_size == entry["bytes"], name
+    assert manifest["options"]["task"] == "feature-extraction"
+    assert manifest["signature"]["inputs"]["input_ids"]["shape"] == ["batch_size", "sequence_length"]
+    assert _siblings(out) == []  # no work folder left beside the artifact
+
+
+def test_non_empty_output_is_refused_without_force(exported: tuple[Path, Path, int], capsys: pytest.CaptureFixture) -> None:
+    model, out, _ = exported
+    before = (out / "manifest.json").read_bytes()
+    assert main(["--model", str(model), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "exists and is not empty; pass --force" in err and "Traceback" not in err
+    assert (out / "manifest.json").read_bytes() == before
+
+
+def test_replay_from_manifest_with_force(exported: tuple[Path, Path, int], tmp_path: Path) -> None:
+    _, out, _ = exported
+    replay = tmp_path / "replay"
+    assert main(["--config", str(out / "manifest.json"), "--output", str(replay)]) == 0
+    first = json.loads((out / "manifest.json").read_text())
+    second = json.loads((replay / "manifest.json").read_text())
+    assert second["options"] | {"output": None} == first["options"] | {"output": None}
+    assert second["files"]["model.onnx"]["sha256"] == first["files"]["model.onnx"]["sha256"]
+
+
+def test_parity_failure_exits_3_and_keeps_an_undeployable_artifact(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model = tiny_bert(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    # No float32 graph reproduces PyTorch to 1e-12: parity must fail, loudly.
+    code = main(["--model", str(model), "--output", str(out), "--calibration-samples", "8", "--parity-atol", "1e-12"])
+    assert code == 3
+    assert "parity failed" in capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["deployable"] is False
+    assert any(e["status"] == "fail" and "max abs error" in e["reason"] for e in manifest["parity"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/nonexistent/ckpt"], "no such folder"),
+        (["--task", "summarization"], "invalid choice"),
+        (["--drop-heads", "zero:1"], "drop-heads"),
+        (["--providers", "cuda"], "CUDAExecutionProvider"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_nothing_on_disk(
+    tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], message: str
+) -> None:
+    model = tiny_bert(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    full = ["--model", str(model), "--output", str(out), *args] if "--model" not in args else ["--output", str(out), *args]
+    code = _exit_code(full)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and "Traceback" not in err
+    assert not out.exists() and _siblings(out) == []
+
+
+def _exit_code(argv: list[str]) -> int:
+    """main()'s return value, or argparse's exit code for a usage error."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return int(exit_.code)
+
+
+def test_parity_data_round_trips(exported: tuple[Path, Path, int]) -> None:
+    _, out, _ = exported
+    inputs = np.load(out / "parity" / "inputs.npz")
+    reference = np.load(out / "parity" / "reference.npz")
+    assert {k.split("/")[0] for k in inputs} == {k.split("/")[0] for k in reference} == {"0", "1", "2"}
+    assert (inputs["1/attention_mask"] == 0).any()  # padded rows are part of the check

@@ -1,0 +1,316 @@
+"""Graph fusion on tiny seeded models exported in code: structure by counts, numbers against PyTorch.
+
+Each model is built, head-pruned unevenly and exported once per module (TorchScript exporter, opset 17,
+transformers 4.57 eager attention), the way the exporter hands graphs to ``fuse_graph``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from exporter.errors import FusionError
+from graphs import inspection
+from graphs.equivalence import sample_mask
+from graphs.fusion import FusionConfig, GraphPlan, fuse_graph
+
+HIDDEN = 64
+HEADS = 4
+VOCAB = 100
+MAX_POSITIONS = 160
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A torch model in eval mode, its ONNX export, and the plan compaction would hand to fusion."""
+
+    model: nn.Module
+    path: Path
+    plan: GraphPlan
+    input_names: tuple[str, ...]
+
+
+class NoNorm(nn.Module):
+    """nn_pruning's NoNorm: ``x * weight + bias``, no normalization."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(size))
+        self.bias = nn.Parameter(0.1 * torch.randn(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight + self.bias
+
+
+def _replace_layer_norms(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.LayerNorm):
+            setattr(module, name, NoNorm(child.normalized_shape[0]))
+        else:
+            _replace_layer_norms(child)
+
+
+def _heads_left(pruned: dict[int, list[int]], layers: int) -> tuple[int, ...]:
+    return tuple(HEADS - len(pruned.get(i, [])) for i in range(layers))
+
+
+def _export(model: nn.Module, path: Path, input_names: tuple[str, ...]) -> None:
+    model.eval()
+    ids = torch.randint(3, VOCAB, (2, 16))
+    args = [ids, torch.ones_like(ids)]
+    if "token_type_ids" in input_names:
+        args.append(torch.zeros_like(ids))
+    axes = {name: {0: "batch", 1: "sequence"} for name in (*input_names, "last_hidden_state")}
+    torch.onnx.export(
+        model,
+        tuple(args),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=list(input_names),
+        output_names=["last_hidden_state"],
+        dynamic_axes=axes,
+    )
+
+
+def _build(kind: str, directory: Path) -> Exported:
+    torch.manual_seed(0)
+    common = dict(
+        hidden_size=HIDDEN,
+        num_attention_heads=HEADS,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=MAX_POSITIONS,
+        attn_implementation="eager",
+    )
+    names: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
+    layer_norm, activation, arch = "layer_norm", "gelu", kind
+    if kind in ("bert", "bert_nonorm", "bert_relu"):
+        arch = "bert"
+        act = "relu" if kind == "bert_relu" else "gelu"
+        activation = act
+        model = transformers.BertModel(
+            transformers.BertConfig(num_hidden_layers=3, hidden_act=act, **common), add_pooling_layer=False
+        )
+        pruned = {0: [1], 1: [0, 2]}
+        if kind == "bert_nonorm":
+            _replace_layer_norms(model)
+            layer_norm = "no_norm"
+    elif kind == "roberta":
+        model = transformers.RobertaModel(
+            transformers.RobertaConfig(num_hidden_layers=2, pad_token_id=1, **common), add_pooling_layer=False
+        )
+        pruned, names = {0: [3]}, ("input_ids", "attention_mask")
+    elif kind == "distilbert":
+        model = transformers.DistilBertModel(
+            transformers.DistilBertConfig(
+                n_layers=2,
+                dim=HIDDEN,
+                n_heads=HEADS,
+                hidden_dim=128,
+                vocab_size=VOCAB,
+                max_position_embeddings=MAX_POSITIONS,
+                attn_implementation="eager",
+            )
+        )
+        pruned, names = {1: [0, 3]}, ("input_ids", "attention_mask")
+    else:
+        raise ValueError(kind)
+    model.prune_heads(pruned)
+    layers = model.config.num_hidden_layers
+    path = directory / f"{kind}.onnx"
+    _export(model, path, names)
+    plan = GraphPlan(_heads_left(pruned, layers), HIDDEN, arch, layer_norm=layer_norm, activation=activation)
+    return Exported(model.eval(), path, plan, names)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
+    directory = tmp_path_factory.mktemp("exported")
+    return {
+        kind: _build(kind, directory)
+        for kind in ("bert", "roberta", "distilbert", "bert_nonorm", "bert_relu")
+    }
+
+
+@pytest.fixture(scope="module")
+def fused(exported: dict[str, Exported], tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple]:
+    directory = tmp_path_factory.mktemp("fused")
+    results = {}
+    for kind, item in exported.items():
+        out = directory / f"{kind}_fused.onnx"
+        results[kind] = (fuse_graph(item.path, out, item.plan), out)
+    return results
+
+
+def _inputs(names: tuple[str, ...], batch: int, seq: int, padding: tuple[str, ...], seed: int = 1) -> dict:
+    rng = np.random.default_rng(seed)
+    feeds = {
+        "input_ids": rng.integers(3, VOCAB, size=(batch, seq)),
+        "attention_mask": sample_mask(batch, seq, padding),
+    }
+    if "token_type_ids" in names:
+        feeds["token_type_ids"] = rng.integers(0, 2, size=(batch, seq))
+    return feeds
+
+
+def _torch_output(model: nn.Module, feeds: dict) -> np.ndarray:
+    with torch.no_grad():
+        return model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+
+
+def _ort_output(path: Path, feeds: dict) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["last_hidden_state"], feeds)[0]
+
+
+def _max_diff_on_mask(expected: np.ndarray, actual: np.ndarray, mask: np.ndarray) -> float:
+    keep = mask.astype(bool)
+    return float(np.abs(expected[keep] - actual[keep]).max())
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "bert_relu"])
+def test_each_layer_fuses_with_its_surviving_heads(fused: dict, exported: dict, kind: str) -> None:
+    report, out = fused[kind]
+    plan = exported[kind].plan
+    graph = onnx.load(str(out))
+    nodes = inspection.attention_nodes(graph)
+    assert report.attention_fused and report.skip_reason is None
+    assert [n.num_heads for n in nodes] == list(plan.heads_per_layer)
+    assert len(set(plan.heads_per_layer)) > 1  # the test only means something with uneven heads
+    assert all(n.head_size == HIDDEN // HEADS and n.input_hidden_size == HIDDEN for n in nodes)
+    assert [layer.attention_heads for layer in report.layers] == list(plan.heads_per_layer)
+    assert report.op_counts["Attention"] == len(plan.heads_per_layer)
+    assert report.op_counts["SkipLayerNormalization"] == 2 * len(plan.heads_per_layer)
+    for layer in report.layers:
+        assert layer.ops["Attention"] == 1 and layer.ops["SkipLayerNormalization"] == 2
+    # No unfused attention left behind: the Softmax went into the Attention op.
+    assert "Softmax" not in inspection.op_counts(graph)
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-4
+    assert report.to_dict()["layers"][0]["expected_heads"] == plan.heads_per_layer[0]
+
+
+def test_gelu_fuses_per_layer_and_summary_reads_as_counts(fused: dict) -> None:
+    report, _ = fused["bert"]
+    assert all(layer.ops.get("BiasGelu") == 1 for layer in report.layers)
+    assert report.summary() == "fused: Attention 3/3, SkipLayerNorm 6/6, BiasGelu 3/3, EmbedLayerNorm 1"
+    relu, _ = fused["bert_relu"]
+    assert relu.op_counts["BiasGelu"] == relu.op_counts["Gelu"] == 0
+    assert relu.summary().startswith("fused: Attention 3/3, SkipLayerNorm 6/6")
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert", "bert_nonorm", "bert_relu"])
+@pytest.mark.parametrize("padding", ["right", "left", "hole"])
+def test_fused_graph_matches_torch(fused: dict, exported: dict, kind: str, padding: str) -> None:
+    item = exported[kind]
+    feeds = _inputs(item.input_names, batch=3, seq=16, padding=(padding,))
+    expected = _torch_output(item.model, feeds)
+    actual = _ort_output(fused[kind][1], feeds)
+    assert _max_diff_on_mask(expected, actual, feeds["attention_mask"]) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_one_graph_serves_batch_1_to_8_and_seq_8_to_128(fused: dict, exported: dict, kind: str) -> None:
+    item = exported[kind]
+    session = ort.InferenceSession(str(fused[kind][1]), providers=["CPUExecutionProvider"])
+    for batch, seq in ((1, 8), (3, 37), (8, 128)):
+        feeds = _inputs(item.input_names, batch, seq, padding=("left", "right", "hole"), seed=batch)
+        actual = session.run(["last_hidden_state"], feeds)[0]
+        assert actual.shape == (batch, seq, HIDDEN)
+        assert _max_diff_on_mask(_torch_output(item.model, feeds), actual, feeds["attention_mask"]) < 1e-4
+
+
+@pytest.mark.parametrize(("kind", "words"), [("distilbert", "distilbert"), ("bert_nonorm", "NoNorm")])
+def test_unfusable_kind_is_a_recorded_skip_with_other_fusions_kept(
+    fused: dict, kind: str, words: str
+) -> None:
+    report, out = fused[kind]
+    assert not report.attention_fused
+    assert report.skip_reason is not None and words in report.skip_reason
+    assert "attention skipped" in report.summary()
+    assert all(layer.attention_heads is None for layer in report.layers)
+    assert out.exists() and inspection.attention_nodes(onnx.load(str(out))) == []
+    if kind == "distilbert":
+        # The FFN and residual fusions still apply; only attention stays unfused.
+        assert report.op_counts["SkipLayerNormalization"] == 4 and report.op_counts["BiasGelu"] == 2
+
+
+def test_q_reshape_with_a_different_head_count_raises_with_a_table(exported: dict, tmp_path: Path) -> None:
+    item = exported["bert"]
+    model = onnx.load(str(item.path))
+    graph = model.graph
+    # Layer 1 keeps 2 heads of 16; make its Q Reshape claim 1 head of 32 (the weights are unchanged).
+    by_output = {out: node for node in graph.node for out in node.output}
+    reshape_q = next(n for n in graph.node if n.name == "/encoder/layer.1/attention/self/Reshape")
+    concat = by_output[reshape_q.input[1]]
+    heads_const, size_const = by_output[concat.input[2]], by_output[concat.input[3]]
+    heads_const.attribute[0].t.CopyFrom(onnx.numpy_helper.from_array(np.array([1], dtype=np.int64)))
+    size_const.attribute[0].t.CopyFrom(onnx.numpy_helper.from_array(np.array([32], dtype=np.int64)))
+    edited = tmp_path / "edited.onnx"
+    onnx.save(model, str(edited))
+    out = tmp_path / "out.onnx"
+    with pytest.raises(FusionError) as caught:
+        fuse_graph(edited, out, item.plan)
+    message = str(caught.value)
+    assert "layer | expected heads | found heads" in message
+    assert "    1 |              2 |           1 |" in message
+    assert "layer 1: 1 heads, expected 2" in message
+    assert caught.value.exit_code == 4
+    assert not out.exists()
+
+
+def test_plan_that_disagrees_with_the_graph_raises(exported: dict, fused: dict, tmp_path: Path) -> None:
+    item = exported["bert"]
+    wrong = GraphPlan((3, 3, 4), HIDDEN, "bert")
+    with pytest.raises(FusionError, match=r"layer 1: 2 heads, expected 3"):
+        fuse_graph(item.path, tmp_path / "a.onnx", wrong)
+    extra_layer = GraphPlan((*item.plan.heads_per_layer, 4), HIDDEN, "bert")
+    with pytest.raises(FusionError, match=r"3 of 4 layers fused") as caught:
+        fuse_graph(item.path, tmp_path / "b.onnx", extra_layer)
+    assert "not fused" in str(caught.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_zero_attention_on_a_kind_that_should_fuse_is_an_error(exported: dict, tmp_path: Path) -> None:
+    item = exported["bert_nonorm"]
+    claims_layer_norm = GraphPlan(item.plan.heads_per_layer, HIDDEN, "bert", layer_norm="layer_norm")
+    with pytest.raises(FusionError, match=r"expected 3 fused Attention nodes .* found 0"):
+        fuse_graph(item.path, tmp_path / "out.onnx", claims_layer_norm)
+
+
+def test_mask_index_config_is_exact_for_right_padding_only(exported: dict, tmp_path: Path) -> None:
+    item = exported["bert"]
+    out = tmp_path / "mask_index.onnx"
+    report = fuse_graph(item.path, out, item.plan, FusionConfig(use_raw_attention_mask=False))
+    assert report.attention_fused
+    right = _inputs(item.input_names, 3, 16, ("right",))
+    left = _inputs(item.input_names, 3, 16, ("left",))
+    assert (
+        _max_diff_on_mask(_torch_output(item.model, right), _ort_output(out, right), right["attention_mask"])
+        < 1e-4
+    )
+    # Why the raw mask is the default: MaskIndexEnd reads the mask as a length and attends to the pad tokens.
+    assert (
+        _max_diff_on_mask(_torch_output(item.model, left), _ort_output(out, left), left["attention_mask"])
+        > 1e-3
+    )
+
+
+def test_graphs_package_never_imports_torch_or_transformers() -> None:
+    code = (
+        "import sys, graphs.fusion, graphs.inspection, graphs.equivalence; "
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
