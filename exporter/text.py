@@ -10,10 +10,10 @@ import numpy as np
 Text = str | tuple[str, str]
 
 
-def as_pair(text: str) -> tuple[str, str]:
-    """A (question, context) pair from one passage: its first sentence asks, the passage answers."""
-    head, dot, _ = text.partition(". ")
-    return ((head + dot).strip() or text[:60], text)
+def as_pair(text: str, question_words: int = 8) -> tuple[str, str]:
+    """A (question, context) pair from one passage: the start of its first sentence asks, the passage answers."""
+    head = text.partition(". ")[0].split()[:question_words]
+    return (" ".join(head) + "?", text)
 
 
 def make_tokenize(
@@ -21,7 +21,7 @@ def make_tokenize(
 ) -> Callable[..., dict[str, np.ndarray]]:
     """A function mapping texts to int64 feeds holding exactly the graph's `input_names`.
 
-    `pairs`: encode (question, context) pairs, truncating the context (question answering).
+    `pairs`: encode (question, context) pairs (question answering), truncating the longer side first.
     `pad_to_max`: pad every batch to `max_length` (fixed shapes) rather than to its longest text.
     The returned function takes the texts and optionally a shorter `max_length` for that call.
     """
@@ -32,7 +32,8 @@ def make_tokenize(
         ]
         kwargs: dict[str, Any] = {
             "padding": "max_length" if pad_to_max else "longest",
-            "truncation": "only_second" if pairs else True,
+            # longest_first never fails on short max_length (only_second raises when the question alone is too long).
+            "truncation": "longest_first" if pairs else True,
             "max_length": max_length,
             "return_tensors": "np",
         }
