@@ -1,5 +1,7 @@
 """`export-model`: the command line. Flags come from `config.OPTIONS`; errors map to exit codes.
 
+`export-model verify DIR` re-checks an artifact (see exporter/verify.py).
+
 Exit codes: 0 success; 2 bad input or usage; 3 parity failed (artifact kept, marked not deployable);
 4 a pipeline stage failed; 1 an unexpected internal error; 130 interrupted (SIGINT/SIGTERM).
 Only this module configures logging; a traceback is printed only with --debug.
@@ -92,7 +94,41 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def verify_main(argv: Sequence[str]) -> int:
+    """`export-model verify DIR [--providers ...]`: 0 when hashes and parity hold, 3 when not, 2 for bad input."""
+    parser = argparse.ArgumentParser(prog="export-model verify", description="Re-hash an artifact against its "
+                                     "manifest and re-run parity from its stored reference inputs and outputs.")
+    parser.add_argument("folder", help="artifact folder written by export-model")
+    parser.add_argument("--providers", type=_comma_list, default=("auto",),
+                        help="execution providers, comma-separated (default: auto, every provider present)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    _configure_logging(args.debug, verbose=False)
+    from pathlib import Path
+
+    from exporter.verify import verify_artifact
+
+    try:
+        report = verify_artifact(Path(args.folder), args.providers)
+    except ExportError as error:
+        print(f"export-model verify: error: {error}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        return error.exit_code
+    for entry in report.parity:
+        detail = f"max abs {entry.max_abs_error:.2e}" if entry.max_abs_error is not None else entry.reason
+        print(f"{entry.file:<24} {entry.provider:<24} {entry.status:<5} {detail}")
+    if not report.ok:
+        print(f"export-model verify: FAILED for {args.folder}:\n{report.table()}", file=sys.stderr)
+        return 3
+    print(f"verified: {args.folder} ({len(report.parity)} parity checks, every file's sha256 matches)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["verify"]:
+        return verify_main(argv[1:])
     args = build_parser().parse_args(argv)
     _configure_logging(args.debug, args.verbose)
     signal.signal(signal.SIGTERM, _interrupt)

@@ -1,0 +1,69 @@
+"""`export-model verify`: passes on a fresh artifact, fails naming the file after one byte changes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from exporter.cli import main
+from tests.exporter.test_cli import exported  # noqa: F401  (module-scoped fixture: one export for all tests)
+
+
+def test_verify_passes_on_a_fresh_artifact(exported: tuple[Path, Path, int], capsys: pytest.CaptureFixture) -> None:  # noqa: F811
+    _, out, code = exported
+    assert code == 0
+    assert main(["verify", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "verified:" in stdout and stdout.count(" pass ") == 3
+
+
+def test_verify_fails_naming_the_file_after_one_byte_changes(
+    exported: tuple[Path, Path, int], tmp_path: Path, capsys: pytest.CaptureFixture  # noqa: F811
+) -> None:
+    _, out, _ = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    target = copy / "model_optimized.onnx"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of one weight byte
+    target.write_bytes(bytes(data))
+    assert main(["verify", str(copy)]) == 3
+    err = capsys.readouterr().err
+    assert "model_optimized.onnx: sha256 differs" in err
+    assert "model.onnx:" not in err.replace("model_optimized.onnx", "")
+
+
+def test_verify_detects_a_wrong_model_by_parity_even_with_matching_hashes(
+    exported: tuple[Path, Path, int], tmp_path: Path, capsys: pytest.CaptureFixture  # noqa: F811
+) -> None:
+    """A swapped-in model whose manifest hash was also rewritten still fails: parity reruns on stored data."""
+    import json
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from exporter.manifest import sha256_file
+
+    _, out, _ = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    model = onnx.load(str(copy / "model.onnx"))
+    biggest = max(model.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+    array = numpy_helper.to_array(biggest).copy()
+    array *= np.float32(1.01)
+    biggest.CopyFrom(numpy_helper.from_array(array, biggest.name))
+    onnx.save(model, str(copy / "model.onnx"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = {"sha256": sha256_file(copy / "model.onnx"),
+                                       "bytes": (copy / "model.onnx").stat().st_size}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["verify", str(copy)]) == 3
+    assert "parity  model.onnx on CPUExecutionProvider: max abs error" in capsys.readouterr().err
+
+
+def test_verify_bad_folder_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "has no manifest.json" in capsys.readouterr().err
