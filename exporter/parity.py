@@ -57,6 +57,7 @@ class ParityEntry:
     metric: dict[str, float] = field(default_factory=dict)
     tolerance: str = ""
     reason: str | None = None
+    first_divergence: str | None = None  # on failure: the first layer boundary that leaves the reference
     per_output: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -242,5 +243,6 @@ def check_file(
 
 
 def failure_table(entries: Sequence[ParityEntry]) -> str:
-    rows = [f"  {e.file:<24} {e.provider:<24} {e.status:<5} {e.reason}" for e in entries if e.status == "fail"]
+    rows = [f"  {e.file:<24} {e.provider:<24} {e.status:<5} {e.reason}"
+            + (f"; {e.first_divergence}" if e.first_divergence else "") for e in entries if e.status == "fail"]
     return "\n".join(["  file                     provider                 status reason", *rows])

@@ -25,15 +25,24 @@ import numpy as np
 from calibration.corpus import builtin_texts, split_texts
 from calibration.data import TextCalibrationReader, load_texts, sample_texts
 from calibration.quantize import quantize_model
-from exporter.architectures import TASK_OUTPUTS
+from exporter.architectures import TASK_OUTPUTS, Architecture
 from exporter.compaction import compact_model, mask_heads, parse_drop_heads
 from exporter.config import ExportConfig
+from exporter.divergence import boundaries, locate, torch_boundaries
 from exporter.errors import CalibrationDataError, ParityError, UsageError
 from exporter.latency import latency_feeds, measure_latency
 from exporter.loading import load_checkpoint, resolve_checkpoint
 from exporter.manifest import checkpoint_hash, write_manifest
 from exporter.onnx_export import export_onnx
-from exporter.parity import build_batches, check_file, failure_table, reference_outputs, resolve_providers
+from exporter.parity import (
+    ParityConfig,
+    ParityEntry,
+    build_batches,
+    check_file,
+    failure_table,
+    reference_outputs,
+    resolve_providers,
+)
 from exporter.text import make_tokenize
 from graphs.fusion import GraphPlan, fuse_graph
 
@@ -169,6 +178,8 @@ def export_model(config: ExportConfig) -> ExportResult:
             for name, precision in ((MODEL_FILE, "fp32"), (OPTIMIZED_FILE, "fp32"), (QUANTIZED_FILE, "int8")):
                 entries += check_file(built / name, precision, task, batches, expected, config.parity)
             failed = [e for e in entries if e.status == "fail"]
+            if failed:
+                localize_failures(failed, built, reference, arch, batches[-1], config.parity)
             note["detail"] = ", ".join(f"{e.file} {e.status}" for e in entries if e.status != "skip")
         with stages.stage("latency") as note:
             feeds = latency_feeds(tokenize, heldout[:40], [(1, min(128, max_length)), (8, min(128, max_length))])
@@ -212,6 +223,22 @@ def export_model(config: ExportConfig) -> ExportResult:
             f"deployable:\n{failure_table(failed)}"
         )
     return result
+
+
+def localize_failures(
+    failed: list[ParityEntry], built: Path, reference: Any, arch: Architecture, feeds: dict[str, np.ndarray],
+    parity: ParityConfig,
+) -> None:
+    """Name, for each failing CPU entry, the first layer boundary where its file leaves the PyTorch model."""
+    layer_tensors = boundaries(built / MODEL_FILE)
+    expected = torch_boundaries(reference, arch, feeds)
+    for entry in failed:
+        if entry.provider != "CPUExecutionProvider":
+            continue
+        atol, min_cosine = (parity.fp32_atol, -1.0) if entry.precision == "fp32" else (float("inf"), parity.int8_min_cosine)
+        found = locate(built / entry.file, layer_tensors, expected, feeds, atol, min_cosine)
+        entry.first_divergence = found.describe() if found else "no layer boundary exceeds the tolerance; the task head differs"
+        log.info("%s: %s", entry.file, entry.first_divergence)
 
 
 def _save_parity_data(folder: Path, batches: list[dict[str, np.ndarray]], expected: list[dict[str, np.ndarray]]) -> None:
