@@ -11,6 +11,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from exporter.report_html import render_html
+
 SCHEMA_VERSION = 1
 TOOL = "export-model"
 # Fields whose values legitimately differ between machines or runs; everything else is reproducible.
@@ -62,8 +64,8 @@ def tool_version() -> str:
 
 
 def write_manifest(folder: Path, body: dict[str, Any]) -> dict[str, Any]:
-    """Complete `body` with schema, versions and file hashes; write folder/report.md, then manifest.json
-    (which hashes every file, the report included)."""
+    """Complete `body` with schema, versions and file hashes; write folder/report.md and report.html, then
+    manifest.json (which hashes every file, the reports included)."""
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": TOOL, "version": tool_version()},
@@ -73,10 +75,12 @@ def write_manifest(folder: Path, body: dict[str, Any]) -> dict[str, Any]:
         "versions": versions(),
         **body,
     }
-    manifest["files"] = file_table(folder, exclude=("manifest.json", "report.md"))
-    report = folder / "report.md"
-    report.write_text(render_report(manifest), encoding="utf-8")
-    manifest["files"]["report.md"] = {"sha256": sha256_file(report), "bytes": report.stat().st_size}
+    reports = {"report.md": render_report, "report.html": render_html}
+    manifest["files"] = file_table(folder, exclude=("manifest.json", *reports))
+    for name, render in reports.items():
+        report = folder / name
+        report.write_text(render(manifest), encoding="utf-8")
+        manifest["files"][name] = {"sha256": sha256_file(report), "bytes": report.stat().st_size}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return manifest
 
@@ -125,13 +129,17 @@ def render_report(manifest: dict[str, Any]) -> str:
         err = f"{e['max_abs_error']:.2e}" if e["max_abs_error"] is not None else "-"
         cos = f"{e['mean_cosine']:.6f}" if e["mean_cosine"] is not None else "-"
         lines.append(f"| {e['file']} | {e['provider']} | {e['status']} | {err} | {cos} | {metric} | {e['tolerance']} | {e['reason'] or ''} |")
-    if manifest.get("latency"):
-        shapes = sorted({s for per in manifest["latency"].values() for s in per})
-        lines += ["", "## Latency (CPU, median ms, this machine, one run)", "",
+    for provider, measured in (manifest.get("latency") or {}).items():
+        shapes = list(next(iter(measured["files"].values())))
+        lines += ["", f"## Latency on {provider} (p50 / p99 ms, {measured['threads']} threads, one run)", "",
                   "| file | " + " | ".join(shapes) + " | size MB |", "| --- | " + " | ".join("---" for _ in shapes) + " | --- |"]
-        for name, per in manifest["latency"].items():
+        for name, per in measured["files"].items():
             size = manifest["files"].get(name, {}).get("bytes", 0) / 1e6
-            lines.append(f"| {name} | " + " | ".join(f"{per[s]['median_ms']:.1f}" for s in shapes) + f" | {size:.1f} |")
+            cells = " | ".join(f"{per[s]['median_ms']:.1f} / {per[s]['p99_ms']:.1f}" for s in shapes)
+            lines.append(f"| {name} | {cells} | {size:.1f} |")
+        for name, modes in measured.get("throughput", {}).items():
+            lines.append(f"\n{name} throughput at batch {modes['batch']}: best is {modes['best']} "
+                         f"({', '.join(f'{k} {v:.0f}' for k, v in modes.items() if k.endswith('per_s'))})")
     lines += ["", "## Stage timings (s)", "", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v:.1f} |" for k, v in manifest["timings"].items()]
     return "\n".join(lines) + "\n"

@@ -30,7 +30,7 @@ from exporter.compaction import compact_model, mask_heads, parse_drop_heads
 from exporter.config import ExportConfig
 from exporter.divergence import boundaries, locate, torch_boundaries
 from exporter.errors import CalibrationDataError, ParityError, UsageError
-from exporter.latency import latency_feeds, measure_latency
+from exporter.latency import latency_feeds, measure_latency, throughput_modes
 from exporter.loading import load_checkpoint, resolve_checkpoint
 from exporter.manifest import checkpoint_hash, write_manifest
 from exporter.onnx_export import export_onnx
@@ -49,6 +49,8 @@ from graphs.fusion import GraphPlan, fuse_graph
 log = logging.getLogger(__name__)
 
 MODEL_FILE, OPTIMIZED_FILE, QUANTIZED_FILE = "model.onnx", "model_optimized.onnx", "model_quantized.onnx"
+MODEL_FILES = (MODEL_FILE, OPTIMIZED_FILE, QUANTIZED_FILE)
+LATENCY_BATCHES = (1, 2, 4, 8)
 STAGES = 8
 
 
@@ -182,11 +184,10 @@ def export_model(config: ExportConfig) -> ExportResult:
                 localize_failures(failed, built, reference, arch, batches[-1], config.parity)
             note["detail"] = ", ".join(f"{e.file} {e.status}" for e in entries if e.status != "skip")
         with stages.stage("latency") as note:
-            feeds = latency_feeds(tokenize, heldout[:40], [(1, min(128, max_length)), (8, min(128, max_length))])
-            latency = {name: measure_latency(built / name, "CPUExecutionProvider", feeds)
-                       for name in (MODEL_FILE, OPTIMIZED_FILE, QUANTIZED_FILE)}
-            note["detail"] = ", ".join(f"{n} {v['b8xs' + str(min(128, max_length))]['median_ms']:.0f} ms@b8"
-                                       for n, v in latency.items())
+            latency = measure_files(built, tokenize, heldout[:40], min(128, max_length), config.parity.providers)
+            cpu = latency.get("CPUExecutionProvider", {}).get("files", {})
+            note["detail"] = ", ".join(f"{n} {v[f'b8xs{min(128, max_length)}']['median_ms']:.0f} ms@b8"
+                                       for n, v in cpu.items())
         with stages.stage("package") as note:
             checkpoint.tokenizer.save_pretrained(built)
             deploy_config = copy.deepcopy(hf_config)
@@ -222,6 +223,19 @@ def export_model(config: ExportConfig) -> ExportResult:
             f"parity failed for {len(failed)} of {len(entries)} checks; artifact kept at {output} but marked not "
             f"deployable:\n{failure_table(failed)}"
         )
+    return result
+
+
+def measure_files(built: Path, tokenize: Any, texts: list[str], length: int, providers: tuple[str, ...]) -> dict[str, Any]:
+    """Per provider: latency percentiles of each file over batch 1-8, and (CPU) the best throughput mode."""
+    feeds = latency_feeds(tokenize, texts, [(b, length) for b in LATENCY_BATCHES])
+    result: dict[str, Any] = {}
+    for provider in resolve_providers(providers)[0]:
+        files = {name: measure_latency(built / name, provider, feeds) for name in MODEL_FILES}
+        result[provider] = {"files": files, "sequence": length, "threads": os.cpu_count()}
+        if provider == "CPUExecutionProvider":
+            result[provider]["throughput"] = {
+                name: throughput_modes(built / name, feeds[f"b8xs{length}"]) for name in MODEL_FILES}
     return result
 
 
