@@ -24,10 +24,12 @@ import re
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -37,6 +39,8 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
+from calibration.metrics import TaskMetric, get_metric
+from calibration.search import search_fallback
 from exporter.errors import QuantizationError
 
 logger = logging.getLogger(__name__)
@@ -72,13 +76,16 @@ class QuantizationConfig:
             attention score and context MatMuls multiply two activations and stay float.
         quantize_outputs: re-quantize outputs of quantized ops (default False: float output, see module doc).
         float_before_activation: MatMuls whose output reaches the FFN activation (GELU, ReLU, ...) through
-            elementwise ops stay float (default True): on MiniLM quantizing them cost cosine 0.9945 -> 0.9904
-            and neighbour agreement 0.955 -> 0.915, for a small share of the speed-up.
+            elementwise ops stay float (default False: every weight MatMul is quantized, the fast end, and
+            the accuracy search of :func:`quantize_model` decides what goes back to FP32).
         exclude_nodes: regular expressions; nodes whose name matches any one stay float (default none).
         activation_symmetric / weight_symmetric: symmetric ranges (TensorRT wants both).
         percentile: kept percentile for ``method="percentile"`` (default 99.999).
         calibration_chunk_batches: batches per calibration chunk for entropy/percentile (default 1): bounds
             the activations a histogram calibrator holds at once.
+        max_accuracy_drop: allowed task-metric drop as a fraction (default 0.01 = 1%) when ``quantize_model``
+            gets validation batches; see :mod:`calibration.metrics` for the bars it sets per task.
+        search_ranking_batches: held-out batches used to rank node harm in the search (default 8).
     """
 
     preset: str = "cpu-avx512-vnni"
@@ -93,12 +100,14 @@ class QuantizationConfig:
     op_types: tuple[str, ...] = ("MatMul",)
     weights_only_matmul: bool = True
     quantize_outputs: bool = False
-    float_before_activation: bool = True
+    float_before_activation: bool = False
     exclude_nodes: tuple[str, ...] = ()
     activation_symmetric: bool = False
     weight_symmetric: bool = True
     percentile: float = 99.999
     calibration_chunk_batches: int = 1
+    max_accuracy_drop: float = 0.01
+    search_ranking_batches: int = 8
 
     def __post_init__(self) -> None:
         problems = []
@@ -109,11 +118,13 @@ class QuantizationConfig:
         for name in ("activation_type", "weight_type"):
             if getattr(self, name) not in TYPES:
                 problems.append(f"{name} {getattr(self, name)!r} not in {sorted(TYPES)}")
-        for name in ("samples", "batch_size", "calibration_chunk_batches"):
+        for name in ("samples", "batch_size", "calibration_chunk_batches", "search_ranking_batches"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 < self.percentile <= 100.0:
             problems.append(f"percentile must be in (0, 100], got {self.percentile}")
+        if not 0.0 < self.max_accuracy_drop < 1.0:
+            problems.append(f"max_accuracy_drop must be a fraction in (0, 1), got {self.max_accuracy_drop}")
         if not self.op_types:
             problems.append("op_types is empty; name at least one op type, e.g. MatMul")
         for pattern in self.exclude_nodes:
@@ -175,6 +186,9 @@ class QuantizationReport:
     seconds: float
     quantized_op_counts: dict[str, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    fallback_nodes: list[str] = field(default_factory=list)
+    search: dict[str, Any] | None = None
+    """The accuracy search's :class:`calibration.search.SearchReport` as a dict; None when not run."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -232,6 +246,44 @@ def _excluded_nodes(model: onnx.ModelProto, config: QuantizationConfig) -> list[
     return excluded
 
 
+def _keep_float_consumers(
+    model: onnx.ModelProto, op_types: tuple[str, ...], excluded: set[str]
+) -> int:
+    """Point every consumer of a dequantized activation that is not a quantized op back at the float tensor.
+
+    onnxruntime 1.31's QDQ quantizer rewires *all* consumers of a quantized activation to the
+    DequantizeLinear output. In a BERT layer the LayerNorm output feeds both the next MatMuls and the
+    residual Add, so without this the residual stream itself is rounded to 8 bits:
+
+        LayerNorm -> Q -> DQ -> MatMul           LayerNorm -> Q -> DQ -> MatMul
+                          └---> Add (residual)  becomes  └---------------> Add (residual, float)
+
+    Measured on all-MiniLM-L6-v2 this is what cost top-1 neighbour agreement; the MatMuls still read the
+    DequantizeLinear output, so onnxruntime's fusion into integer kernels is unchanged. Returns the number
+    of node inputs rewired.
+    """
+    initializers = {init.name for init in model.graph.initializer}
+    quantize_input = {
+        node.output[0]: node.input[0]
+        for node in model.graph.node
+        if node.op_type == "QuantizeLinear" and node.input[0] not in initializers
+    }
+    float_of = {
+        node.output[0]: quantize_input[node.input[0]]
+        for node in model.graph.node
+        if node.op_type == "DequantizeLinear" and node.input[0] in quantize_input
+    }
+    rewired = 0
+    for node in model.graph.node:
+        if node.op_type in _QDQ_OPS or (node.op_type in op_types and node.name not in excluded):
+            continue
+        for index, name in enumerate(node.input):
+            if name in float_of:
+                node.input[index] = float_of[name]
+                rewired += 1
+    return rewired
+
+
 def _count_quantized(model: onnx.ModelProto, op_types: tuple[str, ...]) -> tuple[Counter[str], list[str]]:
     """Count compute nodes fed by DequantizeLinear or in QLinear/Integer form, and list float ones kept."""
     produced_by = {out: node.op_type for node in model.graph.node for out in node.output}
@@ -256,6 +308,8 @@ def quantize_model(
     reader: CalibrationDataReader,
     config: QuantizationConfig = QuantizationConfig(),  # noqa: B008 - frozen, so a shared default is safe
     sample_sha256: str = "",
+    validation: Sequence[Mapping[str, np.ndarray]] | None = None,
+    metric: TaskMetric | str = "embedding",
 ) -> QuantizationReport:
     """Calibrate ``model_path`` (the unfused FP32 ``model.onnx``) on ``reader`` and write INT8 to ``output_path``.
 
@@ -265,9 +319,15 @@ def quantize_model(
         reader: calibration batches, e.g. :class:`calibration.data.TextCalibrationReader`; read to the end.
         config: quantization recipe (default: the ``cpu-avx512-vnni`` preset).
         sample_sha256: digest of the calibration sample (from ``sample_texts``), recorded in the report.
+        validation: held-out input batches (tokenized like the calibration batches, from texts the
+            calibration never saw, e.g. ``split_texts(builtin_texts())[1]``). When given, the accuracy
+            search (:func:`calibration.search.search_fallback`) puts the most harmful quantized nodes back in
+            FP32 until ``metric`` meets its bars for ``config.max_accuracy_drop``; default None: no search.
+        metric: a :class:`calibration.metrics.TaskMetric` or a name from ``calibration.metrics.METRICS``
+            (the pipeline's task names work); default ``"embedding"``. Used only with ``validation``.
 
     Raises:
-        QuantizationError: onnxruntime failed, or no node was quantized.
+        QuantizationError: onnxruntime failed, no node was quantized, or the search could not meet the bars.
     """
     model_path, output_path = Path(model_path), Path(output_path)
     logger.info(
@@ -334,6 +394,20 @@ def quantize_model(
                 f"{type(error).__name__}: {error}; pass the unfused model.onnx or another --quantize-preset"
             ) from error
         quantized_model = onnx.load(str(staged))
+        rewired = _keep_float_consumers(quantized_model, config.op_types, set(excluded))
+        logger.info("%d non-quantized consumers of quantized activations read the float tensor again", rewired)
+        search = None
+        if validation is not None:
+            float_model = onnx.load(str(model_path))
+            quantized_model, search = search_fallback(
+                float_model,
+                quantized_model,
+                validation,
+                get_metric(metric),
+                config.max_accuracy_drop,
+                config.search_ranking_batches,
+            )
+            del float_model
         counts, kept = _count_quantized(quantized_model, config.op_types)
         if not counts:
             raise QuantizationError(
@@ -358,6 +432,8 @@ def quantize_model(
         seconds=round(seconds, 3),
         quantized_op_counts=dict(counts),
         config=config.to_dict(),
+        fallback_nodes=[] if search is None else search.fallback_nodes,
+        search=None if search is None else search.to_dict(),
     )
     logger.info(
         "quantized %d nodes (%s), kept %d float, in %.1f s -> %s",

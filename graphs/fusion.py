@@ -6,10 +6,14 @@ trusts that constant, though, and only logs what it could not fuse. So every fus
 mapped to its encoder layer (by data flow, see ``graphs.inspection``) and its ``num_heads`` compared with
 the heads compaction left in that layer; then the fused graph is run next to the unfused one on padded
 inputs. Anything short of "every layer fused with the right heads, same numbers" is a ``FusionError``
-with a per-layer table, except one case: a model kind whose attention onnxruntime 1.31 cannot fuse at all
-(DistilBERT, NoNorm) is a recorded skip, and the graph keeps the fusions that did apply.
+with a per-layer table.
 
-    exported.onnx --optimize_model--> fused graph --verify vs GraphPlan--> --compare vs exported--> output
+Attention onnxruntime 1.31 leaves unfused is fused by our own passes: DistilBERT's masked_fill mask
+(``graphs.fuse_distilbert_attention``) and NoNorm models, which have no LayerNorm to anchor on
+(``graphs.fuse_nonorm_attention``). Residual Adds stay in front of LayerNormalization as one Sum
+(``graphs.residual_sum``) because onnxruntime's CPU SkipLayerNormalization is the slower kernel.
+
+    exported.onnx --optimize_model--> --own passes--> fused graph --verify vs GraphPlan--> --compare vs exported--> output
 """
 
 from __future__ import annotations
@@ -26,27 +30,19 @@ import onnx
 from exporter.errors import FusionError
 from graphs import inspection
 from graphs.equivalence import compare_graphs
+from graphs.fuse_distilbert_attention import fuse_distilbert_attention
+from graphs.fuse_nonorm_attention import fuse_nonorm_attention
+from graphs.residual_sum import sum_residuals
 
 logger = logging.getLogger(__name__)
 
 #: protobuf cannot serialize one message over 2 GiB; larger models keep their weights in external data.
 EXTERNAL_DATA_THRESHOLD_BYTES = 2**31
 
-#: Model kinds whose attention onnxruntime 1.31 does not fuse, and why. Zero fused Attention nodes on these
-#: is a recorded skip; on any other kind it means the export changed, which is an error.
-_UNFUSABLE_KINDS: dict[tuple[str, str], str] = {
-    ("distilbert", "layer_norm"): (
-        "onnxruntime.transformers 1.31 matches DistilBERT's masked_fill (Where <- Expand <- Reshape <- Equal) "
-        "but then looks for the mask fill value as a constant input of the Expand, finds none and gives up"
-    ),
-}
-_NO_NORM_REASON = (
-    "a NoNorm model (x * weight + bias instead of LayerNorm) leaves no LayerNormalization for "
-    "onnxruntime's Attention fusion to anchor on"
-)
-
 _GELU_OPS = ("BiasGelu", "Gelu", "FastGelu", "GemmFastGelu")
 _SKIP_LN_OPS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+#: Name, in reports, of LayerNormalization fed by one residual Sum (see ``graphs.residual_sum``).
+SUM_LAYER_NORM = "SumLayerNorm"
 
 
 @dataclass(frozen=True)
@@ -74,6 +70,10 @@ class FusionConfig:
     enable_embed_layer_norm: bool = True
     """Fuse embeddings + LayerNorm into EmbedLayerNormalization (default True). Turn off before static
     quantization, whose recipes commonly expect the unfused embedding ops."""
+    enable_skip_layer_norm: bool = False
+    """Fuse residual Add + LayerNorm into SkipLayerNormalization (default False). onnxruntime 1.31's CPU
+    kernel for it is several times slower than LayerNormalization, so by default the residual and bias
+    Adds become one Sum in front of a LayerNormalization instead (``graphs.residual_sum``)."""
     enable_gelu_approximation: bool = False
     """Replace exact GELU by the tanh FastGelu (default False: it changes outputs by about 1e-3)."""
     check_numerics: bool = True
@@ -105,6 +105,7 @@ class FusionReport:
     layers: list[LayerFusion]
     attention_fused: bool
     skip_reason: str | None
+    """Why attention was left unfused; None since every accepted kind fuses (kept for manifest readers)."""
     seconds: float
     expected: dict[str, int] = field(default_factory=dict)
     """What a fully fused graph of this plan holds per op family (``Attention``, ``SkipLayerNorm``, ``Gelu``)."""
@@ -120,6 +121,7 @@ class FusionReport:
         found = {
             "Attention": sum(self.op_counts.get(op, 0) for op in inspection.ATTENTION_OPS),
             "SkipLayerNorm": sum(self.op_counts.get(op, 0) for op in _SKIP_LN_OPS),
+            SUM_LAYER_NORM: self.op_counts.get(SUM_LAYER_NORM, 0),
         }
         gelu_op = next((op for op in _GELU_OPS if self.op_counts.get(op)), "BiasGelu")
         found[gelu_op] = self.op_counts.get(gelu_op, 0)
@@ -142,8 +144,7 @@ def fuse_graph(
 
     Raises ``FusionError`` (nothing written) when some but not all layers fused, when any Attention node's
     head count differs from ``plan.heads_per_layer``, when a kind that should fuse fused no attention, or
-    when the fused graph computes different numbers. Returns the report; ``attention_fused`` is False with
-    a ``skip_reason`` for kinds onnxruntime cannot fuse, whose graph is still written and still checked.
+    when the fused graph computes different numbers, or when no attention fused at all. Returns the report.
     """
     # Imported here: onnxruntime.transformers pulls in its whole fusion library (about a second).
     from onnxruntime.transformers.fusion_options import AttentionMaskFormat, FusionOptions
@@ -167,6 +168,7 @@ def fuse_graph(
         else AttentionMaskFormat.MaskIndexEnd
     )
     options.enable_embed_layer_norm = config.enable_embed_layer_norm
+    options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = config.enable_skip_layer_norm
     options.enable_gelu_approximation = config.enable_gelu_approximation
     # opt_level=0: Python fusions only. Level 1+ first runs an onnxruntime session whose helper imports torch
     # (optimize_by_onnxruntime, onnxruntime 1.31), and its constant folding is not needed for TorchScript
@@ -179,6 +181,12 @@ def fuse_graph(
         optimization_options=options,
         opt_level=0,
     )
+    if plan.architecture == "distilbert":
+        fuse_distilbert_attention(optimizer)
+    elif plan.layer_norm == "no_norm":
+        fuse_nonorm_attention(optimizer)
+    if not config.enable_skip_layer_norm:
+        sum_residuals(optimizer)
     fused = optimizer.model
     report = _verify(fused, plan)
 
@@ -208,6 +216,7 @@ def fuse_graph(
 
 def _verify(fused: onnx.ModelProto, plan: GraphPlan) -> FusionReport:
     counts = inspection.fused_op_counts(fused)
+    counts[SUM_LAYER_NORM] = inspection.sum_layer_norm_count(fused)
     nodes = inspection.attention_nodes(fused)
     per_layer_ops = inspection.layer_op_counts(fused)
     n_layers = len(plan.heads_per_layer)
@@ -222,7 +231,7 @@ def _verify(fused: onnx.ModelProto, plan: GraphPlan) -> FusionReport:
     ]
     expected = {"Attention": n_layers}
     if plan.layer_norm == "layer_norm":
-        expected["SkipLayerNorm"] = 2 * n_layers
+        expected["SkipLayerNorm" if counts.get("SkipLayerNormalization") else SUM_LAYER_NORM] = 2 * n_layers
     if plan.activation.startswith("gelu"):
         expected["Gelu"] = n_layers
     report = FusionReport(
@@ -234,20 +243,11 @@ def _verify(fused: onnx.ModelProto, plan: GraphPlan) -> FusionReport:
         expected=expected,
     )
     if not nodes:
-        reason = (
-            _NO_NORM_REASON
-            if plan.layer_norm == "no_norm"
-            else _UNFUSABLE_KINDS.get((plan.architecture, plan.layer_norm))
+        raise FusionError(
+            f"expected {n_layers} fused Attention nodes for a {plan.architecture}/{plan.layer_norm} model, "
+            "found 0. Export with torch.onnx.export(dynamo=False) and transformers 4.57 eager attention, whose "
+            "Q Reshape carries a constant head count; the dynamo exporter and -1 reshapes do not fuse."
         )
-        if reason is None:
-            raise FusionError(
-                f"expected {n_layers} fused Attention nodes for a {plan.architecture} model, found 0. "
-                "Export with torch.onnx.export(dynamo=False) and transformers 4.57 eager attention, whose "
-                "Q Reshape carries a constant head count; the dynamo exporter and -1 reshapes do not fuse."
-            )
-        report.skip_reason = f"{plan.architecture}/{plan.layer_norm}: {reason}"
-        logger.info("attention fusion skipped: %s", report.skip_reason)
-        return report
 
     problems = _layer_problems(nodes, plan)
     if problems:

@@ -66,6 +66,17 @@ def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return {op: counts.get(op, 0) for op in FUSED_OPS}
 
 
+def sum_layer_norm_count(model: onnx.ModelProto) -> int:
+    """LayerNormalization nodes inside encoder layers (attention depth >= 1) whose input is a Sum: the
+    residual form ``graphs.residual_sum`` writes. The embeddings' own Sum + LayerNorm is not counted."""
+    sums = {out for node in model.graph.node if node.op_type == "Sum" for out in node.output}
+    return sum(
+        1
+        for node, depth in attention_depths(model)
+        if depth and node.op_type == "LayerNormalization" and node.input[0] in sums
+    )
+
+
 def topological_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """Return the nodes of ``graph`` in a topological order, stable with respect to the stored order.
 

@@ -1,0 +1,259 @@
+"""Accuracy-aware fallback: put the quantized nodes that hurt the task metric most back in FP32, one at a time.
+
+Start from a fully quantized QDQ graph (every weight MatMul INT8, the fast end) and its FP32 source:
+
+1. Run both on the held-out batches; the task metric (:mod:`calibration.metrics`) scores INT8 against FP32.
+   If every bar holds, nothing falls back.
+2. Rank: for each quantized node, a trial graph with only that node back in FP32 is run on the first
+   ``ranking_batches`` batches; the node's *harm* is how much the relative error of the metric's summaries
+   drops (a greedy leave-one-out trial, measured end to end, so error that compounds downstream counts).
+3. Fall back: the most harmful node goes back to FP32, the task metric is re-measured on every held-out
+   batch, and so on until every bar holds. Each step is recorded with its scores.
+
+A fallback is graph surgery on the already calibrated graph, not a new calibration: the node reads the float
+activation (the QuantizeLinear input) and the original float weight again, and QuantizeLinear /
+DequantizeLinear nodes left without consumers are removed::
+
+    x -> Q -> DQ -> MatMul <- DQ <- W_int8        x -> MatMul <- W_fp32
+
+Memory: only the metric's per-batch summaries (pooled embeddings, logits) are kept, never hidden states, and
+one onnxruntime session exists at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from calibration.metrics import TaskMetric, failures, relative_error
+from exporter.errors import QuantizationError
+
+logger = logging.getLogger(__name__)
+
+Batch = Mapping[str, np.ndarray]
+
+_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+_PROTO_LIMIT = 1_900_000_000  # protobuf cannot serialize 2 GB; larger graphs go through a temporary file
+
+
+@dataclass
+class FallbackStep:
+    """One node put back in FP32: its harm from the ranking trial and the task scores after the step."""
+
+    node: str
+    op_type: str
+    harm: float
+    scores: dict[str, float]
+
+
+@dataclass
+class SearchReport:
+    """What :func:`search_fallback` measured and decided; ``to_dict()`` goes into the manifest.
+
+    ``harm`` maps every quantized node to the drop in relative error when it alone is FP32 (empty when the
+    fully quantized graph already met the bars and no ranking was needed).
+    """
+
+    metric: str
+    max_accuracy_drop: float
+    bars: dict[str, float]
+    scores_before: dict[str, float]
+    scores_after: dict[str, float]
+    fallbacks: list[FallbackStep] = field(default_factory=list)
+    harm: dict[str, float] = field(default_factory=dict)
+    validation_batches: int = 0
+    ranking_batches: int = 0
+    evaluations: int = 0
+    seconds: float = 0.0
+
+    @property
+    def fallback_nodes(self) -> list[str]:
+        return [step.node for step in self.fallbacks]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"fallback_nodes": self.fallback_nodes}
+
+
+def quantized_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of compute nodes that read a DequantizeLinear output (the nodes onnxruntime runs in INT8)."""
+    dequantized = {out for node in model.graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    return [
+        node.name
+        for node in model.graph.node
+        if node.op_type not in _QDQ_OPS and any(name in dequantized for name in node.input)
+    ]
+
+
+def fall_back(
+    quantized: onnx.ModelProto, float_model: onnx.ModelProto, nodes: Iterable[str]
+) -> onnx.ModelProto:
+    """A copy of ``quantized`` in which ``nodes`` read their FP32 inputs again (see module doc).
+
+    Node names are matched between the two graphs (onnxruntime's QDQ quantizer keeps them); float weights
+    are copied from ``float_model``. Raises ``QuantizationError`` for a name found in only one graph.
+    """
+    model = copy.deepcopy(quantized)
+    float_inputs = {node.name: list(node.input) for node in float_model.graph.node}
+    float_weights = {init.name: init for init in float_model.graph.initializer}
+    by_name = {node.name: node for node in model.graph.node}
+    present = {init.name for init in model.graph.initializer}
+    for name in nodes:
+        if name not in by_name or name not in float_inputs:
+            raise QuantizationError(
+                f"cannot fall back node {name!r}: not in both the FP32 and the INT8 graph; "
+                f"pass names from calibration.search.quantized_nodes()"
+            )
+        node = by_name[name]
+        for index, original in enumerate(float_inputs[name]):
+            if index < len(node.input) and node.input[index] != original:
+                node.input[index] = original
+                if original in float_weights and original not in present:
+                    model.graph.initializer.append(float_weights[original])
+                    present.add(original)
+    _remove_dead_qdq(model)
+    return model
+
+
+def _remove_dead_qdq(model: onnx.ModelProto) -> None:
+    """Drop Q/DQ nodes whose outputs nothing reads, then initializers nothing reads (to a fixed point)."""
+    graph_outputs = {output.name for output in model.graph.output}
+    while True:
+        used = {name for node in model.graph.node for name in node.input} | graph_outputs
+        dead = [
+            node
+            for node in model.graph.node
+            if node.op_type in _QDQ_OPS and not any(out in used for out in node.output)
+        ]
+        if not dead:
+            break
+        for node in dead:
+            model.graph.node.remove(node)
+    used = {name for node in model.graph.node for name in node.input} | graph_outputs
+    unused = [init for init in model.graph.initializer if init.name not in used]
+    for init in unused:
+        model.graph.initializer.remove(init)
+
+
+def evaluate(model: onnx.ModelProto, batches: Sequence[Batch], metric: TaskMetric) -> list[np.ndarray]:
+    """Run ``model`` on ``batches`` with onnxruntime (CPU) and return the metric's summary of each batch.
+
+    Feeds the graph does not declare (e.g. ``token_type_ids`` for a model without it) are dropped.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="export-model-search-") as work:
+        if model.ByteSize() > _PROTO_LIMIT:
+            path = Path(work) / "candidate.onnx"
+            onnx.save_model(model, str(path), save_as_external_data=True)
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        else:
+            session = ort.InferenceSession(
+                model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
+        names = {graph_input.name for graph_input in session.get_inputs()}
+        summaries = []
+        for feeds in batches:
+            inputs = {name: value for name, value in feeds.items() if name in names}
+            summaries.append(metric.summarize(session.run(None, inputs), feeds))
+    return summaries
+
+
+def search_fallback(
+    float_model: onnx.ModelProto,
+    quantized: onnx.ModelProto,
+    validation: Sequence[Batch],
+    metric: TaskMetric,
+    max_accuracy_drop: float = 0.01,
+    ranking_batches: int = 8,
+) -> tuple[onnx.ModelProto, SearchReport]:
+    """Fall back the most harmful quantized nodes of ``quantized`` to FP32 until ``metric`` meets its bars.
+
+    Args:
+        float_model: the FP32 graph ``quantized`` was made from (same node names).
+        quantized: the QDQ graph with every candidate node quantized.
+        validation: held-out input batches (never the calibration texts), tokenized as the model sees them.
+        metric: task metric; its ``bars(max_accuracy_drop)`` are the criterion.
+        max_accuracy_drop: allowed drop as a fraction (default 0.01 = 1%).
+        ranking_batches: batches used to rank node harm (default 8; the first ones of ``validation``).
+
+    Returns:
+        The graph that meets the bars and a :class:`SearchReport`.
+
+    Raises:
+        QuantizationError: no validation batch, or the bars still fail with every node back in FP32 (then
+            the metric or the batches are wrong, not the quantization); the message lists each step.
+    """
+    if not validation:
+        raise QuantizationError("accuracy search needs at least one held-out batch; pass validation batches")
+    start = time.perf_counter()
+    bars = metric.bars(max_accuracy_drop)
+    reference = evaluate(float_model, validation, metric)
+    current = evaluate(quantized, validation, metric)
+    before = metric.scores(reference, current)
+    report = SearchReport(
+        metric=metric.name,
+        max_accuracy_drop=max_accuracy_drop,
+        bars=bars,
+        scores_before=before,
+        scores_after=before,
+        validation_batches=len(validation),
+        evaluations=2,
+    )
+    logger.info("accuracy search (%s, max drop %.3f): INT8 scores %s", metric.name, max_accuracy_drop, _fmt(before))
+    if not failures(before, bars):
+        report.seconds = round(time.perf_counter() - start, 3)
+        logger.info("every bar met with all nodes quantized; nothing falls back")
+        return quantized, report
+
+    ranking = list(validation[: max(1, ranking_batches)])
+    report.ranking_batches = len(ranking)
+    ranking_reference = reference[: len(ranking)]
+    base_error = relative_error(ranking_reference, current[: len(ranking)])
+    candidates = quantized_nodes(quantized)
+    harm = {}
+    for name in candidates:
+        trial = evaluate(fall_back(quantized, float_model, [name]), ranking, metric)
+        harm[name] = base_error - relative_error(ranking_reference, trial)
+    report.evaluations += len(candidates)
+    report.harm = dict(sorted(harm.items(), key=lambda item: -item[1]))
+    op_types = {node.name: node.op_type for node in quantized.graph.node}
+
+    fallen: list[str] = []
+    model, scores = quantized, before
+    for name in report.harm:
+        fallen.append(name)
+        model = fall_back(quantized, float_model, fallen)
+        scores = metric.scores(reference, evaluate(model, validation, metric))
+        report.evaluations += 1
+        report.fallbacks.append(FallbackStep(name, op_types[name], round(harm[name], 8), scores))
+        logger.info("fell back %s (harm %.2e): %s", name, harm[name], _fmt(scores))
+        if not failures(scores, bars):
+            break
+    else:
+        steps = "; ".join(f"{step.node}: {_fmt(step.scores)}" for step in report.fallbacks)
+        raise QuantizationError(
+            f"{metric.name} bars {bars} not met even with all {len(fallen)} quantized nodes back in FP32 "
+            f"({steps}); check the metric and the held-out batches"
+        )
+    report.scores_after = scores
+    report.seconds = round(time.perf_counter() - start, 3)
+    logger.info(
+        "accuracy search done: %d of %d nodes back in FP32, %d evaluations, %.1f s",
+        len(fallen), len(candidates), report.evaluations, report.seconds,
+    )
+    return model, report
+
+
+def _fmt(scores: Mapping[str, float]) -> str:
+    return ", ".join(f"{name} {value:.4f}" for name, value in scores.items())

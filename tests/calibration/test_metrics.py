@@ -1,0 +1,78 @@
+"""Task metrics on hand-made outputs: each score moves when the thing it measures changes, padding is ignored."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from calibration.metrics import (
+    ClassificationMetric,
+    EmbeddingMetric,
+    QuestionAnsweringMetric,
+    TokenClassificationMetric,
+    failures,
+    get_metric,
+    relative_error,
+)
+
+
+def test_classification_agreement_and_accuracy() -> None:
+    metric = ClassificationMetric(labels=[0, 1, 1, 0])
+    reference = [metric.summarize([np.array([[2.0, 1.0], [0.0, 1.0], [0.0, 3.0], [1.0, 0.0]])], {})]
+    candidate = [reference[0].copy()]
+    candidate[0][3] = [0.0, 1.0]  # one of four flips, from right to wrong
+    scores = metric.scores(reference, candidate)
+    assert scores == {"argmax_agreement": 0.75, "accuracy_delta": -0.25}
+    assert len(failures(scores, metric.bars(0.01))) == 2
+    assert not failures(metric.scores(reference, reference), metric.bars(0.01))
+
+
+def test_question_answering_ignores_padding() -> None:
+    metric = QuestionAnsweringMetric()
+    feeds = {"attention_mask": np.array([[1, 1, 1, 0], [1, 1, 1, 1]])}
+    start = np.array([[0.0, 3.0, 1.0, 0.0], [5.0, 0.0, 0.0, 0.0]])
+    end = np.array([[0.0, 1.0, 3.0, 0.0], [0.0, 0.0, 0.0, 5.0]])
+    reference = [metric.summarize([start, end], feeds)]
+    start_q = start.copy()
+    start_q[0, 3] = 99.0  # padding: must not count
+    end_q = end.copy()
+    end_q[1] = [0.0, 0.0, 6.0, 5.0]  # second example's end moves
+    scores = metric.scores(reference, [metric.summarize([start_q, end_q], feeds)])
+    assert scores == {"start_agreement": 1.0, "end_agreement": 0.5, "span_match": 0.5}
+    assert failures(scores, metric.bars(0.01)) == ["span_match 0.5000 < 0.9900"]
+
+
+def test_token_classification_counts_real_tokens_only() -> None:
+    metric = TokenClassificationMetric()
+    feeds = {"attention_mask": np.array([[1, 1, 0, 0]])}
+    logits = np.array([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]])
+    flipped = logits.copy()
+    flipped[0, 1] = [1.0, 0.0]  # a real token flips
+    flipped[0, 3] = [0.0, 1.0]  # padding flips: ignored
+    reference = [metric.summarize([logits], feeds)]
+    assert metric.scores(reference, [metric.summarize([flipped], feeds)]) == {"token_agreement": 0.5}
+
+
+def test_embedding_cosine_and_neighbour_agreement() -> None:
+    metric = EmbeddingMetric()
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(6, 3, 8)).astype(np.float32)
+    feeds = {"attention_mask": np.array([[1, 1, 0]] * 6)}
+    reference = [metric.summarize([hidden], feeds)]
+    padded = hidden.copy()
+    padded[:, 2] += 100.0  # padding position: pooling ignores it
+    assert metric.scores(reference, [metric.summarize([padded], feeds)]) == pytest.approx(
+        {"mean_cosine": 1.0, "neighbour_agreement": 1.0}
+    )
+    noisy = [metric.summarize([hidden + rng.normal(scale=2.0, size=hidden.shape).astype(np.float32)], feeds)]
+    scores = metric.scores(reference, noisy)
+    assert scores["mean_cosine"] < 0.9 and failures(scores, metric.bars(0.01))
+    assert metric.bars(0.01) == pytest.approx({"mean_cosine": 0.99, "neighbour_agreement": 0.95})
+    assert relative_error(reference, reference) == 0.0 < relative_error(reference, noisy)
+
+
+def test_get_metric_by_task_name() -> None:
+    assert isinstance(get_metric("feature-extraction"), EmbeddingMetric)
+    assert isinstance(get_metric("question-answering"), QuestionAnsweringMetric)
+    with pytest.raises(ValueError, match="unknown task metric 'nope'"):
+        get_metric("nope")
