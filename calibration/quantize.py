@@ -86,6 +86,8 @@ class QuantizationConfig:
         max_accuracy_drop: allowed task-metric drop as a fraction (default 0.01 = 1%) when ``quantize_model``
             gets validation batches; see :mod:`calibration.metrics` for the bars it sets per task.
         search_ranking_batches: held-out batches used to rank node harm in the search (default 8).
+        validation_samples: held-out texts the search judges accuracy on (default 64; the pipeline keeps
+            them disjoint from the texts parity reports on).
     """
 
     preset: str = "cpu-avx512-vnni"
@@ -108,6 +110,7 @@ class QuantizationConfig:
     calibration_chunk_batches: int = 1
     max_accuracy_drop: float = 0.01
     search_ranking_batches: int = 8
+    validation_samples: int = 64
 
     def __post_init__(self) -> None:
         problems = []
@@ -118,7 +121,7 @@ class QuantizationConfig:
         for name in ("activation_type", "weight_type"):
             if getattr(self, name) not in TYPES:
                 problems.append(f"{name} {getattr(self, name)!r} not in {sorted(TYPES)}")
-        for name in ("samples", "batch_size", "calibration_chunk_batches", "search_ranking_batches"):
+        for name in ("samples", "batch_size", "calibration_chunk_batches", "search_ranking_batches", "validation_samples"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 < self.percentile <= 100.0:

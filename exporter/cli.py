@@ -16,11 +16,11 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from exporter.architectures import TASKS
 from exporter.config import OPTIONS, ExportConfig, Option, field_default, load_config_file
-from exporter.errors import ExportError
+from exporter.errors import ExportError, UsageError
 
 log = logging.getLogger("exporter")
 
@@ -43,8 +43,15 @@ def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong, and where the flags are listed), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="export-model",
         description="Compact, export, fuse, quantize and verify a BERT-family checkpoint as a deployable ONNX artifact.",
     )
@@ -69,15 +76,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ExportConfig:
-    config = ExportConfig.from_dict(load_config_file(args.config)) if args.config else ExportConfig()
-    for option in OPTIONS:
+    """The run's config: `--config FILE` (if given), then each flag; a value the config refuses is a UsageError."""
+    config = ExportConfig()
+    if args.config:
+        try:
+            config = ExportConfig.from_dict(load_config_file(args.config))
+        except (ValueError, TypeError) as error:
+            raise UsageError(f"--config {args.config}: {error}; fix the value or pass it as a flag") from None
+    # A preset sets every quantization field at once, so it goes first and the other flags refine it.
+    for option in sorted(OPTIONS, key=lambda o: o.field != "quantization.preset"):
         if hasattr(args, option.field):
-            config = config.replace(option.field, getattr(args, option.field))
+            value = getattr(args, option.field)
+            try:
+                if option.field == "quantization.preset":
+                    config = config.replace("quantization", type(config.quantization).from_preset(value))
+                else:
+                    config = config.replace(option.field, value)
+            except ValueError as error:
+                raise UsageError(f"{option.flag} {value!r}: {error}") from None
     return config
 
 
 def _configure_logging(debug: bool, verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    # Root at ERROR: onnxruntime's quantizer logs advice through the root logger ("consider pre-processing").
+    root_level = logging.DEBUG if debug else logging.WARNING if verbose else logging.ERROR
+    logging.basicConfig(level=root_level, format="%(message)s", stream=sys.stderr)
+    for name in ("exporter", "graphs", "calibration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("exporter.pipeline").setLevel(logging.INFO)
     if verbose or debug:
         for name in ("exporter", "graphs", "calibration"):

@@ -112,6 +112,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--calibration-method", "quantization.method", "range calibration method"),
     Option("--quantization-preset", "quantization.preset", "named INT8 preset"),
     Option("--seed", "quantization.seed", "seed for calibration sampling"),
+    Option("--max-accuracy-drop", "quantization.max_accuracy_drop",
+           "allowed task-metric drop of INT8 vs FP32 (fraction); the most harmful nodes fall back to FP32 until it holds"),
     Option("--parity-atol", "parity.fp32_atol", "largest absolute error allowed for FP32 files"),
     Option("--providers", "parity.providers", "execution providers for parity, comma-separated (cpu, cuda, ...)"),
 )

@@ -20,6 +20,10 @@ class UsageError(ExportError):
     exit_code = 2
 
 
+class OutputError(UsageError):
+    """The output location cannot take the artifact: not writable, the checkpoint itself, or a full disk."""
+
+
 class CheckpointError(UsageError):
     """The checkpoint cannot be loaded as given: missing, corrupt, unsupported or inconsistent."""
 

@@ -44,7 +44,7 @@ def measure_latency(
     return result
 
 
-def throughput_modes(path: Path, feeds: Feeds, seconds: float = 1.5, workers: int | None = None) -> dict[str, Any]:
+def throughput_modes(path: Path, feeds: Feeds, seconds: float = 1.0, workers: int | None = None) -> dict[str, Any]:
     """Samples/s of one session using every core vs `workers` single-threaded sessions run concurrently."""
     workers = workers or os.cpu_count() or 1
     batch = next(iter(feeds.values())).shape[0]

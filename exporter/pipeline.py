@@ -9,9 +9,11 @@ error or an interruption at any point leaves nothing half-written where the outp
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,7 +31,7 @@ from exporter.architectures import TASK_OUTPUTS, Architecture
 from exporter.compaction import compact_model, mask_heads, parse_drop_heads
 from exporter.config import ExportConfig
 from exporter.divergence import boundaries, locate, torch_boundaries
-from exporter.errors import CalibrationDataError, ParityError, UsageError
+from exporter.errors import CalibrationDataError, OutputError, ParityError, UsageError
 from exporter.latency import latency_feeds, measure_latency, throughput_modes
 from exporter.loading import load_checkpoint, resolve_checkpoint
 from exporter.manifest import checkpoint_hash, write_manifest
@@ -52,6 +54,8 @@ MODEL_FILE, OPTIMIZED_FILE, QUANTIZED_FILE = "model.onnx", "model_optimized.onnx
 MODEL_FILES = (MODEL_FILE, OPTIMIZED_FILE, QUANTIZED_FILE)
 LATENCY_BATCHES = (1, 2, 4, 8)
 STAGES = 8
+# errno values that mean "the output's filesystem cannot take more": the user can free space or move --output.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @dataclass
@@ -68,10 +72,12 @@ class _Stages:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
         self._index = 0
+        self.current = "setup"
 
     @contextmanager
     def stage(self, name: str) -> Iterator[dict[str, str]]:
         self._index += 1
+        self.current = name
         note: dict[str, str] = {"detail": ""}
         start = time.perf_counter()
         yield note
@@ -84,36 +90,88 @@ def resolve_output(config: ExportConfig, source: Path) -> Path:
     output = Path(config.output) if config.output else Path("artifacts") / default_name
     output = output.expanduser().absolute()
     if output.exists() and not output.is_dir():
-        raise UsageError(f"--output {output} is a file; pass a folder path")
+        raise OutputError(f"--output {output} is a file; pass a folder path")
+    if output.resolve() == source.resolve() or output.resolve() in source.resolve().parents:
+        # --force would move the checkpoint aside and delete it with the work folder.
+        raise OutputError(f"--output {output} holds the checkpoint being exported ({source}); choose a folder outside it")
     if output.is_dir() and any(output.iterdir()) and not config.force:
-        raise UsageError(f"--output {output} exists and is not empty; pass --force to replace it or choose another folder")
+        raise OutputError(f"--output {output} exists and is not empty; pass --force to replace it or choose another folder")
     parent = output.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise UsageError(f"cannot create {parent} ({error.strerror}); choose a writable --output") from None
+        raise OutputError(f"cannot create {parent} ({error.strerror}); choose a writable --output") from None
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{parent} is not writable; choose a writable --output")
+        raise OutputError(f"{parent} is not writable; choose a writable --output")
     return output
 
 
 @contextmanager
 def work_folder(output: Path) -> Iterator[Path]:
     """A hidden sibling of `output` (same filesystem, so the final rename is atomic), always removed."""
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    except OSError as error:
+        raise OutputError(
+            f"cannot create a work folder in {output.parent} ({error.strerror}); choose a writable --output"
+        ) from None
     try:
         yield work
     finally:
+        _remove_uninterrupted(work)
+
+
+def _remove_uninterrupted(work: Path) -> None:
+    """Remove `work` with SIGINT/SIGTERM held back, so a second Ctrl-C cannot leave half of it behind."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
         shutil.rmtree(work, ignore_errors=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a held signal is delivered here
 
 
 def move_in_place(built: Path, output: Path, work: Path) -> None:
+    """Rename `built` to `output`; a replaced artifact (--force) comes back if that rename fails."""
+    previous = None
     if output.exists():
         if any(output.iterdir()):
-            os.rename(output, work / "previous")  # --force was checked in resolve_output
+            previous = work / "previous"
+            os.rename(output, previous)  # --force was checked in resolve_output
         else:
             output.rmdir()
-    os.rename(built, output)
+    try:
+        os.rename(built, output)
+    except BaseException:  # an error or an interrupt between the two renames: put the old artifact back
+        if previous is not None and not output.exists():
+            os.rename(previous, output)
+        raise
+
+
+def check_options(config: ExportConfig) -> None:
+    """Refuse flags that contradict each other before any work starts."""
+    if config.calibration_field != ExportConfig().calibration_field:
+        if config.calibration_data is None:
+            raise UsageError(
+                f"--calibration-field {config.calibration_field!r} has no effect without --calibration-data (the "
+                "built-in corpus is plain text); pass --calibration-data FILE.jsonl or drop --calibration-field"
+            )
+        if Path(config.calibration_data).suffix == ".txt":
+            raise UsageError(
+                f"--calibration-field {config.calibration_field!r} does not apply to {config.calibration_data}, "
+                "a .txt file holds one text per line; drop --calibration-field or pass a .jsonl file"
+            )
+
+
+def _disk_full(error: BaseException) -> OSError | None:
+    """The out-of-space OSError behind `error` (libraries wrap it), or None."""
+    seen = 0
+    cause: BaseException | None = error
+    while cause is not None and seen < 8:
+        if isinstance(cause, OSError) and cause.errno in _NO_SPACE:
+            return cause
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return None
 
 
 def export_model(config: ExportConfig) -> ExportResult:
@@ -124,10 +182,46 @@ def export_model(config: ExportConfig) -> ExportResult:
     """
     start = time.perf_counter()
     drops = parse_drop_heads(config.drop_heads)
+    check_options(config)
     resolve_providers(config.parity.providers)  # a requested provider that is absent fails before any work
     source = resolve_checkpoint(config.model)
     output = resolve_output(config, source)
+    # Bad calibration data is bad input: refuse it before minutes of loading and export, not after.
+    calibration_pool, heldout = split_texts(builtin_texts())
+    texts = calibration_pool if config.calibration_data is None else load_texts(
+        Path(config.calibration_data), config.calibration_field)
+    samples, sample_hash = sample_texts(texts, config.quantization.samples, config.quantization.seed)
+    if config.calibration_data is not None and len(samples) < config.quantization.samples:
+        raise CalibrationDataError(
+            f"{config.calibration_data} holds {len(samples)} texts; {config.quantization.samples} were asked "
+            "for: pass --calibration-samples at most that, or add texts"
+        )
     stages = _Stages()
+    try:
+        manifest, failed, entries = _build(config, source, output, drops, stages, samples, sample_hash, heldout)
+    except Exception as error:
+        full = _disk_full(error)
+        if full is None:
+            raise
+        raise OutputError(
+            f"no space left for the artifact in {output.parent} during {stages.current} "
+            f"({full.strerror}); free space there or choose another --output; nothing was written"
+        ) from error
+    seconds = time.perf_counter() - start
+    result = ExportResult(output, manifest, not failed, seconds)
+    if failed:
+        raise ParityError(
+            f"parity failed for {len(failed)} of {len(entries)} checks; artifact kept at {output} but marked not "
+            f"deployable:\n{failure_table(failed)}"
+        )
+    return result
+
+
+def _build(
+    config: ExportConfig, source: Path, output: Path, drops: dict[int, list[int]], stages: _Stages,
+    samples: list[Any], sample_hash: str, heldout: list[str],
+) -> tuple[dict[str, Any], list[ParityEntry], list[ParityEntry]]:
+    """The stages, in a work folder beside `output`; returns (manifest, failed parity entries, all entries)."""
     with work_folder(output) as work:
         built = work / "artifact"
         built.mkdir()
@@ -158,23 +252,17 @@ def export_model(config: ExportConfig) -> ExportResult:
         max_length = min(arch.max_positions(hf_config), 512, int(getattr(checkpoint.tokenizer, "model_max_length", 512)))
         pairs = task == "question-answering"
         tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, max_length, pairs=pairs)
-        calibration_pool, heldout = split_texts(builtin_texts())
         with stages.stage("quantize") as note:
-            texts = calibration_pool if config.calibration_data is None else load_texts(
-                Path(config.calibration_data), config.calibration_field)
-            samples, sample_hash = sample_texts(texts, config.quantization.samples, config.quantization.seed)
-            if config.calibration_data is not None and len(samples) < config.quantization.samples:
-                raise CalibrationDataError(
-                    f"{config.calibration_data} holds {len(samples)} texts; {config.quantization.samples} were asked "
-                    "for: pass --calibration-samples at most that, or add texts"
-                )
             calibration_tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, min(128, max_length), pairs=pairs)
             reader = TextCalibrationReader(samples, calibration_tokenize, config.quantization.batch_size)
+            # The search chooses fallbacks on one half of the held-out texts; parity reports on the other half.
+            search_texts = heldout[0::2][: config.quantization.validation_samples]
+            validation = [calibration_tokenize(search_texts[i : i + 16]) for i in range(0, len(search_texts), 16)]
             quantization = quantize_model(built / MODEL_FILE, built / QUANTIZED_FILE, reader, config.quantization,
-                                          sample_sha256=sample_hash)
+                                          sample_sha256=sample_hash, validation=validation, metric=task)
             note["detail"] = f"{QUANTIZED_FILE}, {quantization.quantized_nodes} nodes INT8, {len(samples)} texts"
         with stages.stage("parity") as note:
-            batches = build_batches(heldout, tokenize, config.parity.shapes, max_length)
+            batches = build_batches(heldout[1::2], tokenize, config.parity.shapes, max_length)
             expected = reference_outputs(reference, batches, TASK_OUTPUTS[task])
             entries = []
             for name, precision in ((MODEL_FILE, "fp32"), (OPTIMIZED_FILE, "fp32"), (QUANTIZED_FILE, "int8")):
@@ -184,7 +272,7 @@ def export_model(config: ExportConfig) -> ExportResult:
                 localize_failures(failed, built, reference, arch, batches[-1], config.parity)
             note["detail"] = ", ".join(f"{e.file} {e.status}" for e in entries if e.status != "skip")
         with stages.stage("latency") as note:
-            latency = measure_files(built, tokenize, heldout[:40], min(128, max_length), config.parity.providers)
+            latency = measure_files(built, tokenize, heldout[1::2][:40], min(128, max_length), config.parity.providers)
             cpu = latency.get("CPUExecutionProvider", {}).get("files", {})
             note["detail"] = ", ".join(f"{n} {v[f'b8xs{min(128, max_length)}']['median_ms']:.0f} ms@b8"
                                        for n, v in cpu.items())
@@ -216,14 +304,7 @@ def export_model(config: ExportConfig) -> ExportResult:
             })
             note["detail"] = f"{len(manifest['files'])} files"
         move_in_place(built, output, work)
-    seconds = time.perf_counter() - start
-    result = ExportResult(output, manifest, not failed, seconds)
-    if failed:
-        raise ParityError(
-            f"parity failed for {len(failed)} of {len(entries)} checks; artifact kept at {output} but marked not "
-            f"deployable:\n{failure_table(failed)}"
-        )
-    return result
+    return manifest, failed, entries
 
 
 def measure_files(built: Path, tokenize: Any, texts: list[str], length: int, providers: tuple[str, ...]) -> dict[str, Any]:

@@ -62,12 +62,16 @@ def test_embedding_cosine_and_neighbour_agreement() -> None:
     padded = hidden.copy()
     padded[:, 2] += 100.0  # padding position: pooling ignores it
     assert metric.scores(reference, [metric.summarize([padded], feeds)]) == pytest.approx(
-        {"mean_cosine": 1.0, "neighbour_agreement": 1.0}
+        {"mean_cosine": 1.0, "neighbour_agreement": 1.0, "token_cosine": 1.0}
     )
+    swapped = hidden.copy()
+    swapped[:, [0, 1]] = hidden[:, [1, 0]]  # same mean-pooled embedding, different tokens: only token_cosine sees it
+    swap_scores = metric.scores(reference, [metric.summarize([swapped], feeds)])
+    assert swap_scores["mean_cosine"] == pytest.approx(1.0) and swap_scores["token_cosine"] < 0.9
     noisy = [metric.summarize([hidden + rng.normal(scale=2.0, size=hidden.shape).astype(np.float32)], feeds)]
     scores = metric.scores(reference, noisy)
     assert scores["mean_cosine"] < 0.9 and failures(scores, metric.bars(0.01))
-    assert metric.bars(0.01) == pytest.approx({"mean_cosine": 0.99, "neighbour_agreement": 0.95})
+    assert metric.bars(0.01) == pytest.approx({"mean_cosine": 0.99, "neighbour_agreement": 0.95, "token_cosine": 0.99})
     assert relative_error(reference, reference) == 0.0 < relative_error(reference, noisy)
 
 

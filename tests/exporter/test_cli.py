@@ -116,3 +116,13 @@ def test_parity_data_round_trips(exported: tuple[Path, Path, int]) -> None:
     reference = np.load(out / "parity" / "reference.npz")
     assert {k.split("/")[0] for k in inputs} == {k.split("/")[0] for k in reference} == {"0", "1", "2"}
     assert (inputs["1/attention_mask"] == 0).any()  # padded rows are part of the check
+
+
+def test_quantization_preset_applies_its_settings_and_flags_refine_it() -> None:
+    from calibration.quantize import PRESETS
+    from exporter.cli import build_parser, config_from_args
+
+    name = next(n for n, p in PRESETS.items() if p != PRESETS["cpu-avx512-vnni"])
+    config = config_from_args(build_parser().parse_args(["--quantization-preset", name, "--calibration-samples", "7"]))
+    assert config.quantization == PRESETS[name].__class__.from_preset(name, samples=7)
+    assert config.quantization.preset == name
