@@ -417,7 +417,9 @@ def quantize_model(
                 f"no node of {list(config.op_types)} was quantized in {model_path.name} "
                 f"({len(excluded)} excluded); check op_types and exclude_nodes"
             )
-        onnx.save_model(quantized_model, str(output_path), save_as_external_data=large)
+        # A fixed data-file name: onnx's default is a random uuid, which would make two runs' artifacts differ.
+        onnx.save_model(quantized_model, str(output_path), save_as_external_data=large, all_tensors_to_one_file=True,
+                        location=output_path.name + ".data")
     seconds = time.perf_counter() - start
     samples = len(reader.texts) if hasattr(reader, "texts") else 0  # type: ignore[attr-defined]
     report = QuantizationReport(

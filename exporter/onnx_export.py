@@ -8,6 +8,7 @@ layer. The dynamo exporter's graphs do not fuse (FACTS.md, onnxruntime 1.31).
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -80,12 +81,17 @@ def export_onnx(model: nn.Module, architecture: Architecture, task: str, path: P
     axes = {name: {0: "batch_size", 1: "sequence_length"} for name in input_names} | output_axes(task)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     wrapper = _Signature(model, input_names, output_names).eval()
+    # Past 2 GB the exporter writes one file per tensor beside the graph: keep those in a scratch folder and
+    # merge them into a single `<name>.data` below, so the artifact holds only files the manifest describes.
+    scratch = path.parent / f".{path.stem}.export-scratch"
+    scratch.mkdir(exist_ok=True)
+    traced = scratch / path.name
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings about python-int shapes are expected here
         torch.onnx.export(
             wrapper,
             args,
-            str(path),
+            str(traced),
             input_names=list(input_names),
             output_names=list(output_names),
             dynamic_axes=axes,
@@ -93,12 +99,16 @@ def export_onnx(model: nn.Module, architecture: Architecture, task: str, path: P
             do_constant_folding=True,
             dynamo=False,
         )
-    external = size >= _TWO_GB or any(path.parent.glob("*.data")) or path.stat().st_size == 0
+    try:
+        external = size >= _TWO_GB or len(list(scratch.iterdir())) > 1
+        if external:
+            onnx.save(onnx.load(str(traced)), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=path.name + ".data", size_threshold=1024)
+        else:
+            traced.replace(path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     graph = onnx.load(str(path), load_external_data=False)
-    if external:
-        graph = onnx.load(str(path))
-        onnx.save(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=path.name + ".data", size_threshold=1024)
     onnx.checker.check_model(str(path))
     report = ExportReport(
         inputs={i.name: _dims(i) for i in graph.graph.input},
