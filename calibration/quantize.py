@@ -412,6 +412,12 @@ def quantize_model(
             )
             del float_model
         counts, kept = _count_quantized(quantized_model, config.op_types)
+        if not counts and search is not None and search.fallback_nodes:
+            raise QuantizationError(
+                f"INT8 cannot keep the task metric within --max-accuracy-drop {config.max_accuracy_drop:g} on this "
+                f"model: all {len(search.fallback_nodes)} quantized nodes had to go back to FP32; allow a larger drop "
+                "(--max-accuracy-drop) or calibrate on texts closer to the deployment data (--calibration-data)"
+            )
         if not counts:
             raise QuantizationError(
                 f"no node of {list(config.op_types)} was quantized in {model_path.name} "

@@ -130,7 +130,9 @@ def test_nonorm_relu(tmp_path: Path) -> None:
 def test_pruned_heads_checkpoints_for_each_task(tmp_path: Path, architecture: str, task: str) -> None:
     truth = checkpoints.tiny_checkpoint(tmp_path / "ckpt", architecture, task)
     assert truth.pruned_heads  # config.pruned_heads present, uneven
-    manifest = _export(truth, tmp_path / "out")
+    # Random tiny task heads give near-tied logits, whose argmax no INT8 graph keeps at 99%; this test is about
+    # model.onnx being exact, so the INT8 search gets a 5% bar here (the real MiniLM tests keep the default 1%).
+    manifest = _export(truth, tmp_path / "out", "--max-accuracy-drop", "0.05")
     assert manifest["task"] == task and manifest["architecture"] == architecture
     _assert_exact_compaction(truth, tmp_path / "out", manifest)
     assert _check_against_uncompacted(truth, tmp_path / "out" / "model.onnx") <= 1e-4
