@@ -28,6 +28,9 @@ from typing import Any
 
 import numpy as np
 
+# Variants are interleaved, so no runtime may keep spinning threads after its run and steal the cores from the
+# next one: OpenMP (torch) waits passively, onnxruntime sessions get allow_spinning=0 below.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing tests/
 
 from calibration.corpus import builtin_texts, split_texts  # noqa: E402
@@ -53,6 +56,7 @@ def _ort_runner(path: Path, threads: int) -> Callable[[dict[str, np.ndarray]], n
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
     return lambda feeds: session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
