@@ -252,17 +252,19 @@ def _build(
         max_length = min(arch.max_positions(hf_config), 512, int(getattr(checkpoint.tokenizer, "model_max_length", 512)))
         pairs = task == "question-answering"
         tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, max_length, pairs=pairs)
+        # The INT8 search chooses fallbacks on one half of the held-out texts; parity and latency use the other.
+        search_pool, report_pool = heldout[0::2], heldout[1::2]
+        working_length = min(128, max_length)  # calibration and latency sequence length
         with stages.stage("quantize") as note:
-            calibration_tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, min(128, max_length), pairs=pairs)
+            calibration_tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, working_length, pairs=pairs)
             reader = TextCalibrationReader(samples, calibration_tokenize, config.quantization.batch_size)
-            # The search chooses fallbacks on one half of the held-out texts; parity reports on the other half.
-            search_texts = heldout[0::2][: config.quantization.validation_samples]
+            search_texts = search_pool[: config.quantization.validation_samples]
             validation = [calibration_tokenize(search_texts[i : i + 16]) for i in range(0, len(search_texts), 16)]
             quantization = quantize_model(built / MODEL_FILE, built / QUANTIZED_FILE, reader, config.quantization,
                                           sample_sha256=sample_hash, validation=validation, metric=task)
             note["detail"] = f"{QUANTIZED_FILE}, {quantization.quantized_nodes} nodes INT8, {len(samples)} texts"
         with stages.stage("parity") as note:
-            batches = build_batches(heldout[1::2], tokenize, config.parity.shapes, max_length)
+            batches = build_batches(report_pool, tokenize, config.parity.shapes, max_length)
             expected = reference_outputs(reference, batches, TASK_OUTPUTS[task])
             entries = []
             for name, precision in ((MODEL_FILE, "fp32"), (OPTIMIZED_FILE, "fp32"), (QUANTIZED_FILE, "int8")):
@@ -272,9 +274,9 @@ def _build(
                 localize_failures(failed, built, reference, arch, batches[-1], config.parity)
             note["detail"] = ", ".join(f"{e.file} {e.status}" for e in entries if e.status != "skip")
         with stages.stage("latency") as note:
-            latency = measure_files(built, tokenize, heldout[1::2][:40], min(128, max_length), config.parity.providers)
+            latency = measure_files(built, tokenize, report_pool[:40], working_length, config.parity.providers)
             cpu = latency.get("CPUExecutionProvider", {}).get("files", {})
-            note["detail"] = ", ".join(f"{n} {v[f'b8xs{min(128, max_length)}']['median_ms']:.0f} ms@b8"
+            note["detail"] = ", ".join(f"{n} {v[f'b8xs{working_length}']['median_ms']:.0f} ms@b8"
                                        for n, v in cpu.items())
         with stages.stage("package") as note:
             checkpoint.tokenizer.save_pretrained(built)
