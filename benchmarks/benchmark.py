@@ -1,14 +1,16 @@
 """Side-by-side benchmark: every variant timed in one process, interleaved, on the same real-text inputs.
 
-    python benchmarks/benchmark.py                       # real MiniLM + block-pruned MiniLM, peers included
-    python benchmarks/benchmark.py --kinds nonorm,roberta,distilbert --no-peers
+    python benchmarks/benchmark.py        # real MiniLM, block-pruned MiniLM, MiniLM + QA / classification heads
+    python benchmarks/benchmark.py --kinds nonorm-relu,roberta,distilbert --no-peers --no-memory
 
 For each model kind it builds the checkpoint, runs the export-model pipeline, and times, round-robin so that
 machine noise hits every variant alike: torch eager FP32, optimum's ONNX export on onnxruntime FP32 and
 optimum's avx512_vnni dynamic INT8 (peers, feature extraction only), and our model.onnx,
 model_optimized.onnx and model_quantized.onnx. Batch 1 and 8 at sequence 128, medians over rounds.
-Accuracy is measured on held-out real text that calibration never saw: mean cosine of mean-pooled
-embeddings and top-1 nearest-neighbour agreement, each against the FP32 PyTorch model.
+Accuracy is the task metric of calibration.metrics against the FP32 PyTorch model, on the held-out real texts
+that neither calibration nor the INT8 search saw (144 passages): for embeddings mean cosine of mean-pooled
+embeddings and top-1 nearest-neighbour agreement; for QA span exact match; for classification argmax agreement.
+For MiniLM it also calibrates 1,000 real texts in a fresh process and reports that process's peak RSS.
 Writes bench-out/results.md, results.json and latency_vs_accuracy.png.
 """
 
@@ -34,6 +36,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing tests/
 
 from calibration.corpus import builtin_texts, split_texts  # noqa: E402
+from calibration.metrics import get_metric  # noqa: E402
 from exporter.config import ExportConfig  # noqa: E402
 from exporter.loading import load_checkpoint  # noqa: E402
 from exporter.pipeline import export_model  # noqa: E402
@@ -48,7 +51,11 @@ KINDS: dict[str, Callable[[Path], Path]] = {
     "nonorm-relu": lambda folder: checkpoints.nonorm_relu_bert(folder).path,
     "roberta": lambda folder: checkpoints.tiny_checkpoint(folder, "roberta", "feature-extraction").path,
     "distilbert": lambda folder: checkpoints.tiny_checkpoint(folder, "distilbert", "feature-extraction").path,
+    "minilm-qa": lambda folder: checkpoints.minilm_with_head(folder, "question-answering"),
+    "minilm-cls": lambda folder: checkpoints.minilm_with_head(folder, "text-classification"),
 }
+TASKS = {"minilm-qa": "question-answering", "minilm-cls": "text-classification"}
+CALIBRATION_RSS_TEXTS = 1000
 
 
 def _ort_runner(path: Path, threads: int) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
@@ -59,7 +66,7 @@ def _ort_runner(path: Path, threads: int) -> Callable[[dict[str, np.ndarray]], n
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
-    return lambda feeds: session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+    return lambda feeds: session.run(None, {k: v for k, v in feeds.items() if k in names})
 
 
 def _torch_runner(model: Any, threads: int) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
@@ -70,7 +77,7 @@ def _torch_runner(model: Any, threads: int) -> Callable[[dict[str, np.ndarray]],
     def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
         with torch.no_grad():
             out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}, return_dict=True)
-        return out[0].float().numpy()
+        return [value.float().numpy() for value in out.values()]
 
     return run
 
@@ -90,43 +97,79 @@ def _optimum_peers(source: Path, work: Path, threads: int) -> dict[str, Callable
             "optimum dynamic int8": _ort_runner(work / "optimum-int8" / "model_quantized.onnx", threads)}
 
 
-def _pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    m = mask[..., None].astype(np.float64)
-    return (hidden * m).sum(1) / m.sum(1)
+def _accuracy(task: str, reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]],
+              batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """The task metric of calibration.metrics (the one the INT8 search uses), candidate vs the FP32 reference,
+    plus ``cosine``: mean cosine of the flattened first output per example (pooled embedding for features)."""
+    metric = get_metric(task)
+    ref = [metric.summarize(r, f) for r, f in zip(reference, batches, strict=True)]
+    cand = [metric.summarize(c, f) for c, f in zip(candidate, batches, strict=True)]
+    scores = metric.scores(ref, cand)
+    if task == "feature-extraction":
+        return {"cosine": scores["mean_cosine"], "agreement": scores["neighbour_agreement"],
+                "agreement_name": "top-1 neighbour"}
+    a = np.concatenate([np.nan_to_num(r).reshape(len(r), -1) for r in ref])
+    b = np.concatenate([np.nan_to_num(c).reshape(len(c), -1) for c in cand])
+    cosine = float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).mean())
+    name = "span_match" if task == "question-answering" else "argmax_agreement"
+    return {"cosine": cosine, "agreement": scores[name], "agreement_name": name.replace("_", " ")}
 
 
-def _accuracy(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    a = reference / np.linalg.norm(reference, axis=1, keepdims=True)
-    b = candidate / np.linalg.norm(candidate, axis=1, keepdims=True)
-    cosine = float(np.mean((a * b).sum(1)))
-    sim_a, sim_b = a @ a.T, b @ b.T
-    np.fill_diagonal(sim_a, -np.inf)
-    np.fill_diagonal(sim_b, -np.inf)
-    agreement = float(np.mean(sim_a.argmax(1) == sim_b.argmax(1)))
-    return {"cosine": cosine, "top1_agreement": agreement}
+def calibration_peak_rss(optimized: Path, source: Path) -> dict[str, float]:
+    """Calibrate ``optimized`` (the fused MiniLM) on CALIBRATION_RSS_TEXTS real texts in a fresh process, as the
+    quantize stage does, and return that process's peak resident memory (and its RSS before calibrating)."""
+    import subprocess
+
+    code = f"""
+import json, resource, sys, tempfile
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from pathlib import Path
+from calibration.corpus import builtin_texts
+from calibration.data import TextCalibrationReader
+from calibration.quantize import QuantizationConfig, quantize_model
+from exporter.loading import load_checkpoint
+from exporter.text import make_tokenize
+checkpoint = load_checkpoint(Path({str(source)!r}), "feature-extraction")
+tokenize = make_tokenize(checkpoint.tokenizer, checkpoint.architecture.input_names, {SEQ})
+texts = builtin_texts()[:{CALIBRATION_RSS_TEXTS}]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+with tempfile.TemporaryDirectory() as work:
+    report = quantize_model(Path({str(optimized)!r}), Path(work) / "q.onnx", TextCalibrationReader(texts, tokenize, 8),
+                            QuantizationConfig(samples=len(texts)))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({{"texts": len(texts), "rss_before_mb": before, "peak_rss_mb": peak, "seconds": report.seconds}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool) -> list[dict[str, Any]]:
+def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, memory: bool) -> list[dict[str, Any]]:
     source = KINDS[kind](work / "checkpoint")
+    task = TASKS.get(kind, "feature-extraction")
     artifact = work / "artifact"
     t0 = time.perf_counter()
-    result = export_model(ExportConfig(model=str(source), output=str(artifact), task="feature-extraction"))
+    result = export_model(ExportConfig(model=str(source), output=str(artifact), task=task))
     export_seconds = time.perf_counter() - t0
-    checkpoint = load_checkpoint(source, "feature-extraction")
+    checkpoint = load_checkpoint(source, task)
     arch = checkpoint.architecture
-    tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, SEQ)
+    pairs = task == "question-answering"
+    tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, SEQ, pairs=pairs)
     heldout = split_texts(builtin_texts())[1]
     long_text = " ".join(heldout[:50])
-    feeds = {b: tokenize([long_text] * b) for b in BATCHES}
-    eval_feeds = tokenize(heldout[:64])
+    feeds = {b: tokenize([(long_text, long_text) if pairs else long_text] * b) for b in BATCHES}
+    # Accuracy on the held-out half that neither calibration nor the INT8 search saw (the pipeline's report pool).
+    report_pool = heldout[1::2]
+    if pairs:  # question = the passage's first sentence, context = the passage
+        report_pool = [(text.split(".")[0][:200], text) for text in report_pool]
+    eval_batches = [tokenize(report_pool[i : i + 16]) for i in range(0, len(report_pool), 16)]
 
     runners: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]] = {"torch eager fp32": _torch_runner(checkpoint.model, threads)}
-    if peers and kind == "minilm":
+    if peers and kind == "minilm" and task == "feature-extraction":
         runners |= _optimum_peers(source, work, threads)
     for name in ("model.onnx", "model_optimized.onnx", "model_quantized.onnx"):
         runners[name] = _ort_runner(artifact / name, threads)
 
-    reference = _pooled(runners["torch eager fp32"](eval_feeds), eval_feeds["attention_mask"])
+    reference = [runners["torch eager fp32"](batch) for batch in eval_batches]
     times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in BATCHES} for n in runners}
     for run in runners.values():  # warm-up
         for b in BATCHES:
@@ -144,29 +187,42 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool) ->
         row = {"kind": kind, "variant": name}
         for b in BATCHES:
             row[f"b{b}_ms"] = statistics.median(times[name][b])
-        row |= _accuracy(reference, _pooled(run(eval_feeds), eval_feeds["attention_mask"]))
+        row |= _accuracy(task, reference, [run(batch) for batch in eval_batches], eval_batches)
         row["size_mb"] = sizes[name].stat().st_size / 1e6 if name in sizes else None
         rows.append(row)
     base = next(r for r in rows if r["variant"] == "model.onnx")
     for row in rows:
         for b in BATCHES:
             row[f"b{b}_vs_model_onnx"] = row[f"b{b}_ms"] / base[f"b{b}_ms"]
+    quantization = result.manifest["quantization"]
     rows.append({"kind": kind, "variant": "(export wall time s)", "b1_ms": export_seconds,
-                 "compaction": result.manifest["compaction"]["summary"], "fusion": result.manifest["fusion"]["summary"]})
+                 "compaction": result.manifest["compaction"]["summary"], "fusion": result.manifest["fusion"]["summary"],
+                 "int8": f"INT8 {quantization['graph']} graph, {quantization['quantized_nodes']} nodes, "
+                         f"{len(quantization['fallback_nodes'])} back in FP32"})
+    if kind == "minilm" and memory:
+        rows.append({"kind": kind, "variant": "(calibration memory)",
+                     **calibration_peak_rss(artifact / "model_optimized.onnx", source)})
     return rows
 
 
 def render(rows: list[dict[str, Any]], threads: int, rounds: int) -> str:
-    lines = [f"seq {SEQ}, {threads} threads, median of {rounds} interleaved rounds, held-out real text", "",
-             "| model | variant | b1 ms | b8 ms | b1 vs model.onnx | b8 vs model.onnx | cosine | top-1 agree | size MB |",
+    lines = [f"seq {SEQ}, {threads} threads, median of {rounds} interleaved rounds; accuracy against FP32 PyTorch on "
+             "the held-out real texts that neither calibration nor the INT8 search saw", "",
+             "| model | variant | b1 ms | b8 ms | b1 vs model.onnx | b8 vs model.onnx | cosine | agreement | size MB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        if "peak_rss_mb" in r:
+            lines.append(f"| {r['kind']} | calibration of {r['texts']} texts | peak RSS {r['peak_rss_mb']:.0f} MB "
+                         f"(process before calibrating: {r['rss_before_mb']:.0f} MB), {r['seconds']:.0f} s | | | | | | |")
+            continue
         if "b8_ms" not in r:
-            lines.append(f"| {r['kind']} | export: {r['b1_ms']:.1f} s | {r['compaction']} | {r['fusion']} | | | | | |")
+            lines.append(f"| {r['kind']} | export: {r['b1_ms']:.1f} s | {r['compaction']} | {r['fusion']} | {r['int8']} "
+                         "| | | | |")
             continue
         size = f"{r['size_mb']:.1f}" if r["size_mb"] else "-"
         lines.append(f"| {r['kind']} | {r['variant']} | {r['b1_ms']:.1f} | {r['b8_ms']:.1f} | {r['b1_vs_model_onnx']:.2f}x "
-                     f"| {r['b8_vs_model_onnx']:.2f}x | {r['cosine']:.4f} | {r['top1_agreement']:.3f} | {size} |")
+                     f"| {r['b8_vs_model_onnx']:.2f}x | {r['cosine']:.4f} | {r['agreement']:.3f} ({r['agreement_name']}) "
+                     f"| {size} |")
     return "\n".join(lines) + "\n"
 
 
@@ -177,7 +233,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for r in (r for r in rows if "b8_ms" in r):
+    for r in (r for r in rows if "b8_ms" in r and "cosine" in r):
         size = r["size_mb"] or 90.0
         ax.scatter(r["b8_ms"], r["cosine"], s=size * 8, alpha=0.5)
         ax.annotate(f"{r['kind']}: {r['variant']}", (r["b8_ms"], r["cosine"]), fontsize=7)
@@ -190,10 +246,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kinds", default="minilm,pruned-minilm", help=f"comma list of {sorted(KINDS)}")
+    parser.add_argument("--kinds", default="minilm,pruned-minilm,minilm-qa,minilm-cls", help=f"comma list of {sorted(KINDS)}")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--no-peers", action="store_true", help="skip torch/optimum peers' optimum parts")
+    parser.add_argument("--no-memory", action="store_true", help=f"skip the {CALIBRATION_RSS_TEXTS}-text calibration RSS run")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -204,7 +261,7 @@ def main() -> None:
     rows = []
     for kind in args.kinds.split(","):
         with tempfile.TemporaryDirectory() as work:
-            rows += bench_kind(kind.strip(), Path(work), args.rounds, args.threads, not args.no_peers)
+            rows += bench_kind(kind.strip(), Path(work), args.rounds, args.threads, not args.no_peers, not args.no_memory)
         print(render(rows, args.threads, args.rounds), flush=True)
     (args.out / "results.md").write_text(render(rows, args.threads, args.rounds))
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))

@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,6 +176,8 @@ def search_fallback(
     metric: TaskMetric,
     max_accuracy_drop: float = 0.01,
     ranking_batches: int = 8,
+    build: Callable[[Sequence[str]], onnx.ModelProto] | None = None,
+    candidates: Sequence[str] | None = None,
 ) -> tuple[onnx.ModelProto, SearchReport]:
     """Fall back the most harmful quantized nodes of ``quantized`` to FP32 until ``metric`` meets its bars.
 
@@ -186,6 +188,10 @@ def search_fallback(
         metric: task metric; its ``bars(max_accuracy_drop)`` are the criterion.
         max_accuracy_drop: allowed drop as a fraction (default 0.01 = 1%).
         ranking_batches: batches used to rank node harm (default 8; the first ones of ``validation``).
+        build: for graphs that are not onnxruntime QDQ graphs (the fused route of
+            :mod:`calibration.fused`): ``build(nodes)`` returns the graph with exactly ``nodes`` quantized.
+            Default None: QDQ surgery (:func:`fall_back`) on ``quantized``.
+        candidates: the quantizable node names when ``build`` is given (default: ``quantized_nodes``).
 
     Returns:
         The graph that meets the bars and a :class:`SearchReport`.
@@ -220,10 +226,16 @@ def search_fallback(
     report.ranking_batches = len(ranking)
     ranking_reference = reference[: len(ranking)]
     base_error = relative_error(ranking_reference, current[: len(ranking)])
-    candidates = quantized_nodes(quantized)
+    candidates = list(candidates) if candidates is not None else quantized_nodes(quantized)
+
+    def without(fallen: Sequence[str]) -> onnx.ModelProto:
+        if build is None:
+            return fall_back(quantized, float_model, fallen)
+        return build([name for name in candidates if name not in set(fallen)])
+
     harm = {}
     for name in candidates:
-        trial = evaluate(fall_back(quantized, float_model, [name]), ranking, metric)
+        trial = evaluate(without([name]), ranking, metric)
         harm[name] = base_error - relative_error(ranking_reference, trial)
     report.evaluations += len(candidates)
     report.harm = dict(sorted(harm.items(), key=lambda item: -item[1]))
@@ -233,7 +245,7 @@ def search_fallback(
     model, scores = quantized, before
     for name in report.harm:
         fallen.append(name)
-        model = fall_back(quantized, float_model, fallen)
+        model = without(fallen)
         scores = metric.scores(reference, evaluate(model, validation, metric))
         report.evaluations += 1
         report.fallbacks.append(FallbackStep(name, op_types[name], round(harm[name], 8), scores))

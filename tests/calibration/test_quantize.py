@@ -39,7 +39,7 @@ def _quantize(model: Path, out: Path, config: QuantizationConfig) -> Quantizatio
 def test_default_preset_quantizes_weight_matmuls_and_keeps_accuracy(
     tiny_bert: Path, tmp_path: Path, method: str
 ) -> None:
-    config = QuantizationConfig(samples=32, method=method)
+    config = QuantizationConfig(samples=32, method=method, graph="unfused")
     out = tmp_path / "model_int8.onnx"
     report = _quantize(tiny_bert, out, config)
 
@@ -84,7 +84,7 @@ def test_tensorrt_preset_is_symmetric_s8s8_qdq(tiny_bert: Path, tmp_path: Path) 
 
 
 def test_excluding_everything_is_an_error(tiny_bert: Path, tmp_path: Path) -> None:
-    config = QuantizationConfig(samples=8, exclude_nodes=("MatMul",))
+    config = QuantizationConfig(samples=8, exclude_nodes=("MatMul",), graph="unfused")
     with pytest.raises(QuantizationError, match="no node of"):
         _quantize(tiny_bert, tmp_path / "none.onnx", config)
 
@@ -109,6 +109,6 @@ def test_config_validation_and_presets() -> None:
 
 
 def test_float_before_activation_keeps_ffn_input_float(tiny_bert: Path, tmp_path: Path) -> None:
-    report = _quantize(tiny_bert, tmp_path / "ffi.onnx", QuantizationConfig(samples=16, float_before_activation=True))
+    report = _quantize(tiny_bert, tmp_path / "ffi.onnx", QuantizationConfig(samples=16, float_before_activation=True, graph="unfused"))
     assert report.quantized_nodes == 10
     assert sum("intermediate/dense" in name for name in report.float_nodes_kept) == 2

@@ -50,7 +50,7 @@ def _quantize(
 def test_strict_bar_falls_back_the_most_harmful_nodes_until_met(
     sensitive_bert: Path, tmp_path: Path, validation: list[dict[str, np.ndarray]]
 ) -> None:
-    config = QuantizationConfig(samples=16, max_accuracy_drop=0.0003, search_ranking_batches=2)
+    config = QuantizationConfig(samples=16, max_accuracy_drop=0.0003, search_ranking_batches=2, graph="unfused")
     out = tmp_path / "strict.onnx"
     report = _quantize(sensitive_bert, out, config, validation, CosineMetric())
 
@@ -75,7 +75,7 @@ def test_strict_bar_falls_back_the_most_harmful_nodes_until_met(
 
 
 def test_lax_bar_falls_back_nothing(tiny_bert: Path, tmp_path: Path, validation: list[dict[str, np.ndarray]]) -> None:
-    report = _quantize(tiny_bert, tmp_path / "lax.onnx", QuantizationConfig(samples=16, max_accuracy_drop=0.1),
+    report = _quantize(tiny_bert, tmp_path / "lax.onnx", QuantizationConfig(samples=16, max_accuracy_drop=0.1, graph="unfused"),
                        validation)
     assert report.fallback_nodes == [] and report.quantized_nodes == 12
     assert report.search is not None and report.search["harm"] == {}
@@ -85,7 +85,7 @@ def test_falling_back_every_node_gives_the_fp32_graph(
     tiny_bert: Path, tmp_path: Path, validation: list[dict[str, np.ndarray]]
 ) -> None:
     out = tmp_path / "all.onnx"
-    _quantize(tiny_bert, out, QuantizationConfig(samples=16), None)
+    _quantize(tiny_bert, out, QuantizationConfig(samples=16, graph="unfused"), None)
     quantized, float_model = onnx.load(str(out)), onnx.load(str(tiny_bert))
     names = quantized_nodes(quantized)
     assert len(names) == 12

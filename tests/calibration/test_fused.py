@@ -1,0 +1,149 @@
+"""Static INT8 on the fused graph (calibration/fused.py) on a tiny seeded BERT fused in the test: SmoothQuant's
+FP32 twin is exact, the INT8 graph is QAttention + MatMulIntegerToFloat once onnxruntime loads it, it stays
+close to FP32, and the accuracy search falls nodes back by building them FP32."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from calibration.corpus import builtin_texts, split_texts
+from calibration.data import TextCalibrationReader, sample_texts
+from calibration.fused import ActivationStats, find_targets, plan_fused, plan_inputs
+from calibration.metrics import EmbeddingMetric
+from calibration.quantize import QuantizationConfig, quantize_model
+from graphs.fusion import FusionConfig, GraphPlan, fuse_graph
+from tests.calibration.conftest import tokenize
+
+ORT_OPTIMIZED = "optimized.onnx"
+
+
+@pytest.fixture(scope="module")
+def fused_bert(sensitive_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fused") / "model_optimized.onnx"
+    fuse_graph(sensitive_bert, out, GraphPlan((4, 4), 64, "bert"), FusionConfig())
+    return out
+
+
+def _reader(samples: int = 32) -> tuple[TextCalibrationReader, str]:
+    calibration, _ = split_texts(builtin_texts())
+    sample, digest = sample_texts(calibration, samples, 0)
+    return TextCalibrationReader(sample, tokenize, 8), digest
+
+
+def _heldout() -> dict[str, np.ndarray]:
+    return tokenize(split_texts(builtin_texts())[1][:48])
+
+
+def _run(model: onnx.ModelProto | Path, feeds: dict[str, np.ndarray], dump: Path | None = None) -> np.ndarray:
+    options = ort.SessionOptions()
+    if dump is not None:
+        options.optimized_model_filepath = str(dump)
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).mean())
+
+
+def test_targets_are_attention_and_weight_matmuls(fused_bert: Path) -> None:
+    targets = find_targets(onnx.load(str(fused_bert)), ("MatMul", "Attention"), ())
+    assert sorted(t.op_type for t in targets) == ["Attention"] * 2 + ["MatMul"] * 6
+    kept = find_targets(onnx.load(str(fused_bert)), ("MatMul", "Attention"), ("intermediate",))
+    assert len(kept) == 6 and not any("intermediate" in t.name for t in kept)
+
+
+def test_smoothed_twin_is_the_fp32_graph(fused_bert: Path) -> None:
+    model = onnx.load(str(fused_bert))
+    plan = plan_fused(model, _reader()[0], ("MatMul", "Attention"), (), "minmax", smooth_alpha=0.8)
+    feeds = _heldout()
+    assert sum(n.op_type == "Mul" and n.name.endswith("_smooth") for n in plan.smoothed.graph.node) >= 4
+    assert all(p.alpha == 0.8 and p.smooth.max() > 1.0 for p in plan.plans.values())
+    np.testing.assert_allclose(_run(plan.smoothed, feeds), _run(fused_bert, feeds), atol=1e-4)
+    # Building with no node quantized is the twin itself: what a fallback of every node gives.
+    np.testing.assert_allclose(_run(plan.build([]), feeds), _run(plan.smoothed, feeds), atol=1e-6)
+
+
+def test_int8_graph_runs_as_integer_kernels_and_stays_close(fused_bert: Path, tmp_path: Path) -> None:
+    model = onnx.load(str(fused_bert))
+    plan = plan_fused(model, _reader()[0], ("MatMul", "Attention"), (), "minmax", smooth_alpha=None)
+    int8 = plan.build([t.name for t in plan.targets])
+    feeds = _heldout()
+    out = _run(int8, feeds, dump=tmp_path / ORT_OPTIMIZED)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / ORT_OPTIMIZED)).graph.node]
+    assert ops.count("QAttention") == 2 and ops.count("MatMulIntegerToFloat") == 6
+    assert "Attention" not in ops and "MatMul" not in ops  # nothing left in float but the cheap ops
+    reference = _run(fused_bert, feeds)
+    assert _cosine(out, reference) > 0.99
+    assert 0 < float(np.abs(out - reference).max())  # it really is quantized
+
+
+def test_auto_alpha_moves_an_outlier_channel_into_the_weights() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 32)).astype(np.float32)
+    x[:, 3] *= 40.0  # one outlier channel, as BERT's LayerNorm outputs have
+    weight = rng.normal(size=(32, 16)).astype(np.float32)
+    stats = ActivationStats.first(x)
+    stats.update(x, rng, 512, 512)
+    auto = plan_inputs({"x": stats}, {"x": [weight]}, "minmax", None)["x"]
+    off = plan_inputs({"x": stats}, {"x": [weight]}, "minmax", 0.0)["x"]
+
+    def error(plan: object) -> float:
+        s, scale, zero = plan.smooth, plan.scale, plan.zero_point  # type: ignore[attr-defined]
+        xq = (np.clip(np.round(x / s / scale) + zero, 0, 255) - zero) * scale
+        w = weight * s[:, None]
+        ws = np.abs(w).max(0) / 127
+        return float(np.mean((xq @ (np.round(w / ws) * ws) - x @ weight) ** 2))
+
+    assert auto.alpha > 0.0 and off.alpha == 0.0
+    assert auto.smooth[3] == auto.smooth.max()
+    assert error(auto) < 0.5 * error(off)
+
+
+class CosineMetric(EmbeddingMetric):
+    """Mean cosine only: a random-weight model's top-1 neighbours are near ties that flip on any noise."""
+
+    def bars(self, max_accuracy_drop: float) -> dict[str, float]:
+        return {"mean_cosine": 1.0 - max_accuracy_drop}
+
+
+def test_quantize_model_fused_route_and_search(fused_bert: Path, tmp_path: Path) -> None:
+    reader, digest = _reader(16)
+    heldout = split_texts(builtin_texts())[1]
+    validation = [tokenize(heldout[i : i + 16]) for i in range(0, 64, 16)]
+    lax = quantize_model(fused_bert, tmp_path / "lax.onnx", reader, QuantizationConfig(samples=16, max_accuracy_drop=0.2),
+                         digest, validation=validation)
+    assert lax.graph == "fused" and lax.fallback_nodes == []
+    assert lax.quantized_op_counts == {"Attention": 2, "MatMul": 6} and len(lax.smoothing) == 8  # 4 inputs per layer
+    before = lax.search["scores_before"]["mean_cosine"]  # type: ignore[index]
+    drop = (1.0 - before) / 2  # a bar half the INT8 graph's error: some nodes must go back, not all
+    strict = quantize_model(fused_bert, tmp_path / "strict.onnx", reader,
+                            QuantizationConfig(samples=16, max_accuracy_drop=drop, search_ranking_batches=2),
+                            digest, validation=validation, metric=CosineMetric())
+    assert strict.fallback_nodes, "a bar at half the INT8 error must put nodes back in FP32"
+    assert strict.quantized_nodes == 8 - len(strict.fallback_nodes)
+    assert set(strict.fallback_nodes) <= set(strict.float_nodes_kept)
+    # the recorded last step meets every bar
+    assert strict.search is not None
+    last = strict.search["fallbacks"][-1]["scores"]
+    assert all(last[name] >= bar for name, bar in strict.search["bars"].items())
+
+
+def test_histogram_methods_and_other_formats_route_to_the_unfused_graph() -> None:
+    assert QuantizationConfig().uses_fused_graph
+    assert not QuantizationConfig(method="entropy").uses_fused_graph
+    assert not QuantizationConfig.from_preset("cpu-avx512-vnni-unfused").uses_fused_graph
+    assert not QuantizationConfig.from_preset("gpu-tensorrt-s8s8").uses_fused_graph
+    with pytest.raises(ValueError, match="fused graph is quantized only as U8S8"):
+        dataclasses.replace(QuantizationConfig(), format="QOperator")
+    with pytest.raises(ValueError, match="smooth_alpha"):
+        QuantizationConfig(smooth_alpha=1.5)
