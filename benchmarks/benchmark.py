@@ -127,10 +127,11 @@ from pathlib import Path
 from calibration.corpus import builtin_texts
 from calibration.data import TextCalibrationReader
 from calibration.quantize import QuantizationConfig, quantize_model
-from exporter.loading import load_checkpoint
 from exporter.text import make_tokenize
-checkpoint = load_checkpoint(Path({str(source)!r}), "feature-extraction")
-tokenize = make_tokenize(checkpoint.tokenizer, checkpoint.architecture.input_names, {SEQ})
+import onnx
+from transformers import AutoTokenizer
+names = [i.name for i in onnx.load(Path({str(optimized)!r}), load_external_data=False).graph.input]
+tokenize = make_tokenize(AutoTokenizer.from_pretrained(Path({str(source)!r})), names, {SEQ})
 texts = builtin_texts()[:{CALIBRATION_RSS_TEXTS}]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 with tempfile.TemporaryDirectory() as work:
