@@ -39,10 +39,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
+from calibration.search import cpu_session, drop_unused_initializers
 from exporter.errors import QuantizationError
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ ALPHA_GRID = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 FUSED_METHODS = frozenset({"minmax", "moving-average"})
 """Range methods this route computes; entropy and percentile run on the unfused graph (see quantize.py)."""
 _MOVING_AVERAGE = 0.01
-_PROTO_LIMIT = 1_900_000_000
 
 
 @dataclass
@@ -124,16 +123,6 @@ def find_targets(model: onnx.ModelProto, op_types: Sequence[str], exclude: Seque
     return targets
 
 
-def _session(model: onnx.ModelProto, work: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if model.ByteSize() > _PROTO_LIMIT:
-        path = work / "augmented.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=True)
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def collect_stats(
     model: onnx.ModelProto, tensors: Sequence[str], reader: CalibrationDataReader, seed: int = 0,
     rows_per_batch: int = 32, max_rows: int = 512,
@@ -147,7 +136,7 @@ def collect_stats(
     rng = np.random.default_rng(seed)
     stats: dict[str, ActivationStats] = {}
     with tempfile.TemporaryDirectory(prefix="export-model-stats-") as work:
-        session = _session(augmented, Path(work))
+        session = cpu_session(augmented, Path(work))
         del augmented
         names = [output.name for output in session.get_outputs()]
         inputs = {graph_input.name for graph_input in session.get_inputs()}
@@ -259,7 +248,7 @@ def smooth_graph(model: onnx.ModelProto, targets: Sequence[Target], plans: dict[
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(new_inits)
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     return model
 
 
@@ -267,13 +256,6 @@ def _divide(tensor: str, output: str, smooth: np.ndarray, inits: list[onnx.Tenso
     name = f"{tensor}_inverse_smoothing"
     inits.append(numpy_helper.from_array((1.0 / smooth).astype(np.float32), name))
     return helper.make_node("Mul", [tensor, name], [output], f"{tensor}_smooth")
-
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {name for node in model.graph.node for name in node.input}
-    keep = [init for init in model.graph.initializer if init.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
 
 
 def build_int8(
@@ -321,7 +303,7 @@ def build_int8(
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(inits)
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model

@@ -41,7 +41,7 @@ from onnxruntime.quantization import (
 
 from calibration.fused import FUSED_METHODS, plan_fused
 from calibration.metrics import TaskMetric, get_metric
-from calibration.search import search_fallback
+from calibration.search import PROTO_LIMIT, search_fallback
 from exporter.errors import QuantizationError
 
 logger = logging.getLogger(__name__)
@@ -175,11 +175,11 @@ class QuantizationConfig:
 _CPU = QuantizationConfig()
 PRESETS: dict[str, QuantizationConfig] = {
     "cpu-avx512-vnni": _CPU,
-    # The same recipe in QOperator form (QLinearMatMul, outputs re-quantized): measured less accurate and no
-    # faster than cpu-avx512-vnni on MiniLM; for runtimes that only execute QOperator graphs.
     # The previous default: static QDQ on the unfused graph via onnxruntime's quantize_static (MatMulIntegerToFloat
     # next to float attention): measured 0.62x of FP32 latency on MiniLM where the fused route runs at 0.47x.
     "cpu-avx512-vnni-unfused": dataclasses.replace(_CPU, preset="cpu-avx512-vnni-unfused", graph="unfused"),
+    # The unfused recipe in QOperator form (QLinearMatMul, outputs re-quantized): measured less accurate and no
+    # faster than cpu-avx512-vnni-unfused on MiniLM; for runtimes that only execute QOperator graphs.
     "cpu-qoperator-u8s8": dataclasses.replace(
         _CPU, preset="cpu-qoperator-u8s8", format="QOperator", quantize_outputs=True, graph="unfused"
     ),
@@ -374,7 +374,7 @@ def quantize_model(
         return _quantize_fused(model_path, output_path, reader, config, sample_sha256, validation, metric, start)
     model = onnx.load(str(model_path), load_external_data=False)
     excluded = _excluded_nodes(model, config)
-    large = model.ByteSize() > 1_900_000_000 or any(
+    large = model.ByteSize() > PROTO_LIMIT or any(
         init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer
     )
     del model
@@ -446,19 +446,13 @@ def quantize_model(
             del float_model
         counts, kept = _count_quantized(quantized_model, config.op_types)
         if not counts and search is not None and search.fallback_nodes:
-            raise QuantizationError(
-                f"INT8 cannot keep the task metric within --max-accuracy-drop {config.max_accuracy_drop:g} on this "
-                f"model: all {len(search.fallback_nodes)} quantized nodes had to go back to FP32; allow a larger drop "
-                "(--max-accuracy-drop) or calibrate on texts closer to the deployment data (--calibration-data)"
-            )
+            raise _all_fell_back(config, len(search.fallback_nodes))
         if not counts:
             raise QuantizationError(
                 f"no node of {list(config.op_types)} was quantized in {model_path.name} "
                 f"({len(excluded)} excluded); check op_types and exclude_nodes"
             )
-        # A fixed data-file name: onnx's default is a random uuid, which would make two runs' artifacts differ.
-        onnx.save_model(quantized_model, str(output_path), save_as_external_data=large, all_tensors_to_one_file=True,
-                        location=output_path.name + ".data")
+        _save(quantized_model, output_path, large)
     seconds = time.perf_counter() - start
     samples = len(reader.texts) if hasattr(reader, "texts") else 0  # type: ignore[attr-defined]
     report = QuantizationReport(
@@ -490,6 +484,20 @@ def quantize_model(
     return report
 
 
+def _all_fell_back(config: QuantizationConfig, nodes: int) -> QuantizationError:
+    return QuantizationError(
+        f"INT8 cannot keep the task metric within --max-accuracy-drop {config.max_accuracy_drop:g} on this "
+        f"model: all {nodes} quantized nodes had to go back to FP32; allow a larger drop "
+        "(--max-accuracy-drop) or calibrate on texts closer to the deployment data (--calibration-data)"
+    )
+
+
+def _save(model: onnx.ModelProto, output_path: Path, large: bool) -> None:
+    # A fixed data-file name: onnx's default is a random uuid, which would make two runs' artifacts differ.
+    onnx.save_model(model, str(output_path), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=output_path.name + ".data")
+
+
 def _quantize_fused(
     model_path: Path, output_path: Path, reader: CalibrationDataReader, config: QuantizationConfig,
     sample_sha256: str, validation: Sequence[Mapping[str, np.ndarray]] | None, metric: TaskMetric | str,
@@ -497,7 +505,7 @@ def _quantize_fused(
 ) -> QuantizationReport:
     """The ``graph="fused"`` route (:mod:`calibration.fused`): plan, build with every target INT8, search."""
     model = onnx.load(str(model_path))
-    large = model.ByteSize() > 1_900_000_000
+    large = model.ByteSize() > PROTO_LIMIT
     try:
         plan = plan_fused(model, reader, config.op_types, config.exclude_nodes, config.method, config.smooth_alpha,
                           config.seed)
@@ -517,15 +525,10 @@ def _quantize_fused(
     fallen = set() if search is None else set(search.fallback_nodes)
     counts = Counter(target.op_type for target in plan.targets if target.name not in fallen)
     if not counts:
-        raise QuantizationError(
-            f"INT8 cannot keep the task metric within --max-accuracy-drop {config.max_accuracy_drop:g} on this "
-            f"model: all {len(names)} quantized nodes had to go back to FP32; allow a larger drop "
-            "(--max-accuracy-drop) or calibrate on texts closer to the deployment data (--calibration-data)"
-        )
+        raise _all_fell_back(config, len(names))
     targeted = set(names)
     kept = [node.name for node in model.graph.node if node.op_type in config.op_types and node.name not in targeted]
-    onnx.save_model(quantized_model, str(output_path), save_as_external_data=large, all_tensors_to_one_file=True,
-                    location=output_path.name + ".data")
+    _save(quantized_model, output_path, large)
     seconds = time.perf_counter() - start
     report = QuantizationReport(
         preset=config.preset, method=config.method, format=config.format, activation_type=config.activation_type,

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 Batch = Mapping[str, np.ndarray]
 
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
-_PROTO_LIMIT = 1_900_000_000  # protobuf cannot serialize 2 GB; larger graphs go through a temporary file
+PROTO_LIMIT = 1_900_000_000  # protobuf cannot serialize 2 GB; larger graphs go through a temporary file
 
 
 @dataclass
@@ -139,10 +139,26 @@ def _remove_dead_qdq(model: onnx.ModelProto) -> None:
             break
         for node in dead:
             model.graph.node.remove(node)
-    used = {name for node in model.graph.node for name in node.input} | graph_outputs
-    unused = [init for init in model.graph.initializer if init.name not in used]
-    for init in unused:
-        model.graph.initializer.remove(init)
+    drop_unused_initializers(model)
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove initializers that no node reads and that are not graph outputs."""
+    used = {name for node in model.graph.node for name in node.input} | {output.name for output in model.graph.output}
+    keep = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def cpu_session(model: onnx.ModelProto, work: Path) -> ort.InferenceSession:
+    """A quiet CPU onnxruntime session on ``model``; graphs past protobuf's 2 GB limit go through ``work``."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if model.ByteSize() > PROTO_LIMIT:
+        path = work / "candidate.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=True)
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def evaluate(model: onnx.ModelProto, batches: Sequence[Batch], metric: TaskMetric) -> list[np.ndarray]:
@@ -150,17 +166,8 @@ def evaluate(model: onnx.ModelProto, batches: Sequence[Batch], metric: TaskMetri
 
     Feeds the graph does not declare (e.g. ``token_type_ids`` for a model without it) are dropped.
     """
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="export-model-search-") as work:
-        if model.ByteSize() > _PROTO_LIMIT:
-            path = Path(work) / "candidate.onnx"
-            onnx.save_model(model, str(path), save_as_external_data=True)
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        else:
-            session = ort.InferenceSession(
-                model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-            )
+        session = cpu_session(model, Path(work))
         names = {graph_input.name for graph_input in session.get_inputs()}
         summaries = []
         for feeds in batches:
@@ -231,7 +238,8 @@ def search_fallback(
     def without(fallen: Sequence[str]) -> onnx.ModelProto:
         if build is None:
             return fall_back(quantized, float_model, fallen)
-        return build([name for name in candidates if name not in set(fallen)])
+        back = set(fallen)
+        return build([name for name in candidates if name not in back])
 
     harm = {}
     for name in candidates:
