@@ -10,7 +10,8 @@ with a per-layer table.
 
 Attention onnxruntime 1.31 leaves unfused is fused by our own passes: DistilBERT's masked_fill mask
 (``graphs.fuse_distilbert_attention``) and NoNorm models, which have no LayerNorm to anchor on
-(``graphs.fuse_nonorm_attention``). Residual Adds stay in front of LayerNormalization as one Sum
+(``graphs.fuse_nonorm_attention``), whose elementwise NoNorms are then folded into the weights
+(``graphs.fold_nonorm``). Residual Adds stay in front of LayerNormalization as one Sum
 (``graphs.residual_sum``) because onnxruntime's CPU SkipLayerNormalization is the slower kernel.
 
     exported.onnx --optimize_model--> --own passes--> fused graph --verify vs GraphPlan--> --compare vs exported--> output
@@ -30,6 +31,7 @@ import onnx
 from exporter.errors import FusionError
 from graphs import inspection
 from graphs.equivalence import compare_graphs
+from graphs.fold_nonorm import fold_nonorm
 from graphs.fuse_distilbert_attention import fuse_distilbert_attention
 from graphs.fuse_nonorm_attention import fuse_nonorm_attention
 from graphs.residual_sum import sum_residuals
@@ -43,6 +45,8 @@ _GELU_OPS = ("BiasGelu", "Gelu", "FastGelu", "GemmFastGelu")
 _SKIP_LN_OPS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
 #: Name, in reports, of LayerNormalization fed by one residual Sum (see ``graphs.residual_sum``).
 SUM_LAYER_NORM = "SumLayerNorm"
+#: Name, in reports, of NoNorm Mul/Add pairs folded into weights (see ``graphs.fold_nonorm``).
+NONORM_FOLDED = "NoNormFolded"
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,9 @@ class FusionConfig:
     Adds become one Sum in front of a LayerNormalization instead (``graphs.residual_sum``)."""
     enable_gelu_approximation: bool = False
     """Replace exact GELU by the tanh FastGelu (default False: it changes outputs by about 1e-3)."""
+    fold_nonorm: bool = True
+    """Fold NoNorm (``x * w + b``) into the neighbouring weights (default True; exact, see
+    ``graphs.fold_nonorm``). Only NoNorm models have any."""
     check_numerics: bool = True
     """Run the unfused and fused graphs on right/left/hole-padded inputs and require them to agree
     (default True)."""
@@ -122,6 +129,7 @@ class FusionReport:
             "Attention": sum(self.op_counts.get(op, 0) for op in inspection.ATTENTION_OPS),
             "SkipLayerNorm": sum(self.op_counts.get(op, 0) for op in _SKIP_LN_OPS),
             SUM_LAYER_NORM: self.op_counts.get(SUM_LAYER_NORM, 0),
+            NONORM_FOLDED: self.op_counts.get(NONORM_FOLDED, 0),
         }
         gelu_op = next((op for op in _GELU_OPS if self.op_counts.get(op)), "BiasGelu")
         found[gelu_op] = self.op_counts.get(gelu_op, 0)
@@ -185,10 +193,14 @@ def fuse_graph(
         fuse_distilbert_attention(optimizer)
     elif plan.layer_norm == "no_norm":
         fuse_nonorm_attention(optimizer)
+    folded = fold_nonorm(optimizer) if plan.layer_norm == "no_norm" and config.fold_nonorm else 0
     if not config.enable_skip_layer_norm:
         sum_residuals(optimizer)
     fused = optimizer.model
     report = _verify(fused, plan)
+    if plan.layer_norm == "no_norm":
+        report.op_counts[NONORM_FOLDED] = folded
+        report.expected[NONORM_FOLDED] = 2 * len(plan.heads_per_layer) + 1
 
     with tempfile.TemporaryDirectory(prefix="fusion-") as work:
         candidate = Path(work) / output_path.name

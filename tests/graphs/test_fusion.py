@@ -6,6 +6,7 @@ transformers 4.57 eager attention), the way the exporter hands graphs to ``fuse_
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -330,3 +331,42 @@ def test_graphs_package_never_imports_torch_or_transformers() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
+
+
+def _nonorm_pairs(path: Path) -> int:
+    """Elementwise Mul nodes reading a 1-D initializer (what a NoNorm costs in the graph)."""
+    model = onnx.load(str(path))
+    vectors = {init.name for init in model.graph.initializer if len(init.dims) == 1}
+    return sum(1 for node in model.graph.node if node.op_type == "Mul" and any(i in vectors for i in node.input))
+
+
+def test_nonorm_folds_into_weights_leaving_one_output_scale(fused: dict, exported: dict) -> None:
+    report, path = fused["bert_nonorm"]
+    layers = len(exported["bert_nonorm"].plan.heads_per_layer)
+    assert _nonorm_pairs(exported["bert_nonorm"].path) == 2 * layers + 1
+    assert _nonorm_pairs(path) == 1
+    assert report.op_counts["NoNormFolded"] == report.expected["NoNormFolded"] == 2 * layers + 1
+    assert "NoNormFolded 7/7" in report.summary()
+
+
+def test_nonorm_fold_off_keeps_every_nonorm(exported: dict, tmp_path: Path) -> None:
+    item = exported["bert_nonorm"]
+    report = fuse_graph(item.path, tmp_path / "kept.onnx", item.plan, FusionConfig(fold_nonorm=False))
+    assert _nonorm_pairs(tmp_path / "kept.onnx") == 7
+    assert report.op_counts["NoNormFolded"] == 0
+
+
+def test_nonorm_with_a_zero_channel_stops_folding_there_and_stays_exact(exported: dict, tmp_path: Path) -> None:
+    item = exported["bert_nonorm"]
+    model = copy.deepcopy(item.model)
+    with torch.no_grad():
+        model.encoder.layer[1].attention.output.LayerNorm.weight[5] = 0.0  # the 4th NoNorm of 7
+    path = tmp_path / "zero.onnx"
+    _export(model, path, item.input_names)
+    out = tmp_path / "zero_fused.onnx"
+    report = fuse_graph(path, out, item.plan)
+    assert report.op_counts["NoNormFolded"] == 4  # embeddings, layer 0 (two), layer 1 attention; then stops
+    assert _nonorm_pairs(out) == 1 + 3  # the output scale of the folded part, and the three left as they were
+    feeds = _inputs(item.input_names, batch=3, seq=16, padding=("left", "hole"))
+    diff = _max_diff_on_mask(_torch_output(model, feeds), _ort_output(out, feeds), feeds["attention_mask"])
+    assert diff < 1e-4
