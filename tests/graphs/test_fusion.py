@@ -370,3 +370,30 @@ def test_nonorm_with_a_zero_channel_stops_folding_there_and_stays_exact(exported
     feeds = _inputs(item.input_names, batch=3, seq=16, padding=("left", "hole"))
     diff = _max_diff_on_mask(_torch_output(model, feeds), _ort_output(out, feeds), feeds["attention_mask"])
     assert diff < 1e-4
+
+
+@pytest.mark.parametrize("padding", ["right", "left", "hole"])
+def test_relu_gemm_form_is_exact_and_onnxruntime_runs_it_as_fused_gemm(
+    exported: dict, tmp_path: Path, padding: str
+) -> None:
+    item = exported["bert_relu"]
+    out = tmp_path / "relu_gemm.onnx"
+    report = fuse_graph(item.path, out, item.plan, FusionConfig(relu_gemm=True))
+    layers = len(item.plan.heads_per_layer)
+    assert report.op_counts["ReluGemm"] == layers and f"ReluGemm {layers}/{layers}" in report.summary()
+    assert sum(node.op_type == "Gemm" for node in onnx.load(str(out)).graph.node) == layers
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "session.onnx")
+    ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    session_ops = [node.op_type for node in onnx.load(str(tmp_path / "session.onnx")).graph.node]
+    assert session_ops.count("FusedGemm") == layers and "Relu" not in session_ops
+    for batch, seq in ((1, 8), (3, 16)):
+        feeds = _inputs(item.input_names, batch, seq, padding=(padding,))
+        diff = _max_diff_on_mask(_torch_output(item.model, feeds), _ort_output(out, feeds), feeds["attention_mask"])
+        assert diff < 1e-4
+
+
+def test_relu_gemm_leaves_gelu_models_alone(exported: dict, tmp_path: Path) -> None:
+    item = exported["bert"]
+    report = fuse_graph(item.path, tmp_path / "gelu.onnx", item.plan, FusionConfig(relu_gemm=True))
+    assert "ReluGemm" not in report.op_counts
