@@ -123,6 +123,9 @@ def test_nonorm_relu(tmp_path: Path) -> None:
     assert manifest["layer_norm"] == "no_norm" and manifest["activation"] == "relu"
     _assert_exact_compaction(truth, tmp_path / "out", manifest)
     assert _check_against_uncompacted(truth, tmp_path / "out" / "model.onnx") <= 1e-4
+    # Issue 3: the fused graph, NoNorm folded into the weights, is as exact.
+    assert manifest["fusion"]["op_counts"]["NoNormFolded"] == 2 * len(truth.heads_kept) + 1
+    assert _check_against_uncompacted(truth, tmp_path / "out" / "model_optimized.onnx") <= 1e-4
 
 
 @pytest.mark.parametrize("task", list(OUTPUTS))
@@ -136,6 +139,7 @@ def test_pruned_heads_checkpoints_for_each_task(tmp_path: Path, architecture: st
     assert manifest["task"] == task and manifest["architecture"] == architecture
     _assert_exact_compaction(truth, tmp_path / "out", manifest)
     assert _check_against_uncompacted(truth, tmp_path / "out" / "model.onnx") <= 1e-4
+    assert _check_against_uncompacted(truth, tmp_path / "out" / "model_optimized.onnx") <= 1e-4
 
 
 def test_bin_weights_and_requested_head_drops(tmp_path: Path) -> None:
