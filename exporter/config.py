@@ -29,6 +29,8 @@ class ExportConfig:
     drop_heads: heads to remove on request, "LAYER:HEAD,HEAD;LAYER:HEAD" (original indices).
     calibration_data: text file (one per line), JSONL, or `datasets` folder; None uses the built-in corpus.
     calibration_field: JSONL / dataset field holding the text (default "text").
+    fp16: build model_fp16.onnx (float16, float32 I/O): "auto" (default) where CUDA is present, "always" (e.g. a
+        GPU deployment built on a CPU machine; checked on CPU, slowly), "never".
     """
 
     model: str | None = None
@@ -38,6 +40,7 @@ class ExportConfig:
     drop_heads: str = ""
     calibration_data: str | None = None
     calibration_field: str = "text"
+    fp16: str = "auto"
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     parity: ParityConfig = field(default_factory=ParityConfig)
@@ -115,6 +118,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--max-accuracy-drop", "quantization.max_accuracy_drop",
            "allowed task-metric drop of INT8 vs FP32 (fraction); the most harmful nodes fall back to FP32 until it holds"),
     Option("--parity-atol", "parity.fp32_atol", "largest absolute error allowed for FP32 files"),
+    Option("--fp16", "fp16", "build model_fp16.onnx: auto (where CUDA is present), always, never",
+           ("auto", "always", "never")),
     Option("--providers", "parity.providers", "execution providers for parity, comma-separated (cpu, cuda, ...)"),
 )
 

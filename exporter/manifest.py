@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from exporter.report_html import render_html
+from exporter.report_html import render_html, thread_grid
 
 SCHEMA_VERSION = 1
 TOOL = "export-model"
@@ -139,9 +139,15 @@ def render_report(manifest: dict[str, Any]) -> str:
             size = manifest["files"].get(name, {}).get("bytes", 0) / 1e6
             cells = " | ".join(f"{per[s]['median_ms']:.1f} / {per[s]['p99_ms']:.1f}" for s in shapes)
             lines.append(f"| {name} | {cells} | {size:.1f} |")
+        header, rows = thread_grid(measured)
+        if rows:
+            lines += ["", f"Thread settings on {provider} (p50 ms; peak MB = resident memory the session added)", "",
+                      "| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+            lines += ["| " + " | ".join(row) + " |" for row in rows]
         for name, modes in measured.get("throughput", {}).items():
             lines.append(f"\n{name} throughput at batch {modes['batch']}: best is {modes['best']} "
                          f"({', '.join(f'{k} {v:.0f}' for k, v in modes.items() if k.endswith('per_s'))})")
     lines += ["", "## Stage timings (s)", "", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v:.1f} |" for k, v in manifest["timings"].items()]
     return "\n".join(lines) + "\n"
+

@@ -34,6 +34,7 @@ class ParityConfig:
     shapes: (batch, sequence) grid; default 1x16, 4x64, 8x128 (capped at the model's maximum length).
     fp32_atol: largest absolute error allowed for FP32 files (default 1e-4).
     int8_min_cosine: smallest mean per-sample cosine to the reference allowed for INT8 files (default 0.99).
+    fp16_min_cosine: the same for the FP16 file (default 0.999).
     providers: execution providers to check, short or full names; "auto" (default) checks every provider
         onnxruntime offers here and records CUDA as a skip, with its reason, where it is absent.
     """
@@ -41,14 +42,19 @@ class ParityConfig:
     shapes: tuple[tuple[int, int], ...] = ((1, 16), (4, 64), (8, 128))
     fp32_atol: float = 1e-4
     int8_min_cosine: float = 0.99
+    fp16_min_cosine: float = 0.999
     providers: tuple[str, ...] = ("auto",)
+
+    def min_cosine(self, precision: str) -> float:
+        """The mean-cosine bar of a reduced-precision file ("fp16" or "int8")."""
+        return self.fp16_min_cosine if precision == "fp16" else self.int8_min_cosine
 
 
 @dataclass
 class ParityEntry:
     file: str
     provider: str
-    precision: str  # "fp32" | "int8"
+    precision: str  # "fp32" | "fp16" | "int8"
     status: str  # "pass" | "fail" | "skip"
     max_abs_error: float | None = None
     mean_abs_error: float | None = None
@@ -147,10 +153,11 @@ def compare(
             entry.status = "fail"
             entry.reason = f"max abs error {entry.max_abs_error:.3g} > {config.fp32_atol:g}"
     else:
-        entry.tolerance = f"mean_cosine >= {config.int8_min_cosine:g}"
-        if not entry.mean_cosine >= config.int8_min_cosine:
+        bar = config.min_cosine(precision)
+        entry.tolerance = f"mean_cosine >= {bar:g}"
+        if not entry.mean_cosine >= bar:
             entry.status = "fail"
-            entry.reason = f"mean cosine {entry.mean_cosine:.4f} < {config.int8_min_cosine:g}"
+            entry.reason = f"mean cosine {entry.mean_cosine:.4f} < {bar:g}"
     return entry
 
 

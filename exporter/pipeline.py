@@ -32,11 +32,12 @@ from exporter.compaction import compact_model, mask_heads, parse_drop_heads
 from exporter.config import ExportConfig
 from exporter.divergence import boundaries, locate, torch_boundaries
 from exporter.errors import CalibrationDataError, OutputError, ParityError, UsageError
-from exporter.latency import latency_feeds, measure_latency, throughput_modes
+from exporter.latency import latency_feeds, measure_latency, peak_memory_mb, throughput_modes
 from exporter.loading import load_checkpoint, resolve_checkpoint
 from exporter.manifest import checkpoint_hash, write_manifest
 from exporter.onnx_export import export_onnx
 from exporter.parity import (
+    PROVIDERS,
     ParityConfig,
     ParityEntry,
     build_batches,
@@ -46,12 +47,15 @@ from exporter.parity import (
     resolve_providers,
 )
 from exporter.text import make_tokenize
+from graphs.float16 import to_float16
 from graphs.fusion import GraphPlan, fuse_graph
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE, OPTIMIZED_FILE, QUANTIZED_FILE = "model.onnx", "model_optimized.onnx", "model_quantized.onnx"
 MODEL_FILES = (MODEL_FILE, OPTIMIZED_FILE, QUANTIZED_FILE)
+FP16_FILE = "model_fp16.onnx"
+FP16_MODES = ("auto", "always", "never")
 LATENCY_BATCHES = (1, 2, 4, 8)
 STAGES = 8
 # errno values that mean "the output's filesystem cannot take more": the user can free space or move --output.
@@ -150,6 +154,8 @@ def move_in_place(built: Path, output: Path, work: Path) -> None:
 
 def check_options(config: ExportConfig) -> None:
     """Refuse flags that contradict each other before any work starts."""
+    if config.fp16 not in FP16_MODES:
+        raise UsageError(f"fp16 option {config.fp16!r} is not one of {list(FP16_MODES)}; pass --fp16 auto, always or never")
     if config.calibration_field != ExportConfig().calibration_field:
         if config.calibration_data is None:
             raise UsageError(
@@ -249,6 +255,9 @@ def _build(
             )
             fusion = fuse_graph(built / MODEL_FILE, built / OPTIMIZED_FILE, plan, config.fusion)
             note["detail"] = fusion.summary()
+            fp16 = _fp16_variant(config, built)
+            if fp16.get("built"):
+                note["detail"] += f"; {FP16_FILE}"
         max_length = min(arch.max_positions(hf_config), 512, int(getattr(checkpoint.tokenizer, "model_max_length", 512)))
         pairs = task == "question-answering"
         tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, max_length, pairs=pairs)
@@ -268,14 +277,20 @@ def _build(
             batches = build_batches(report_pool, tokenize, config.parity.shapes, max_length)
             expected = reference_outputs(reference, batches, TASK_OUTPUTS[task])
             entries = []
-            for name, precision in ((MODEL_FILE, "fp32"), (OPTIMIZED_FILE, "fp32"), (QUANTIZED_FILE, "int8")):
+            checked = [(MODEL_FILE, "fp32"), (OPTIMIZED_FILE, "fp32"), (QUANTIZED_FILE, "int8")]
+            if fp16.get("built"):
+                checked.append((FP16_FILE, "fp16"))
+            else:
+                entries.append(ParityEntry(FP16_FILE, PROVIDERS["cuda"], "fp16", "skip", reason=fp16["reason"]))
+            for name, precision in checked:
                 entries += check_file(built / name, precision, task, batches, expected, config.parity)
             failed = [e for e in entries if e.status == "fail"]
             if failed:
                 localize_failures(failed, built, reference, arch, batches[-1], config.parity)
             note["detail"] = ", ".join(f"{e.file} {e.status}" for e in entries if e.status != "skip")
         with stages.stage("latency") as note:
-            latency = measure_files(built, tokenize, report_pool[:40], working_length, config.parity.providers)
+            latency = measure_files(built, tokenize, report_pool[:40], working_length, config.parity.providers,
+                                    [name for name, _ in checked])
             cpu = latency.get("CPUExecutionProvider", {}).get("files", {})
             note["detail"] = ", ".join(f"{n} {v[f'b8xs{working_length}']['median_ms']:.0f} ms@b8"
                                        for n, v in cpu.items())
@@ -298,6 +313,7 @@ def _build(
                 "compaction": compaction.to_dict(),
                 "fusion": fusion.to_dict() | {"summary": fusion.summary()},
                 "quantization": quantization.to_dict(),
+                "fp16": fp16,
                 "parity": [e.to_dict() for e in entries],
                 "parity_data": {"inputs": "parity/inputs.npz", "reference": "parity/reference.npz",
                                 "shapes": [list(s) for s in config.parity.shapes]},
@@ -310,17 +326,41 @@ def _build(
     return manifest, failed, entries
 
 
-def measure_files(built: Path, tokenize: Any, texts: list[str], length: int, providers: tuple[str, ...]) -> dict[str, Any]:
-    """Per provider: latency percentiles of each file over batch 1-8, and (CPU) the best throughput mode."""
+def measure_files(
+    built: Path, tokenize: Any, texts: list[str], length: int, providers: tuple[str, ...], names: list[str],
+) -> dict[str, Any]:
+    """Per provider: latency percentiles and peak memory of each file over batch 1-8 with all threads; on CPU also
+    one thread per session at batch 1 and 8 (the thread-settings grid) and the best throughput mode."""
     feeds = latency_feeds(tokenize, texts, [(b, length) for b in LATENCY_BATCHES])
+    ends = {label: feeds[label] for label in (f"b{LATENCY_BATCHES[0]}xs{length}", f"b{LATENCY_BATCHES[-1]}xs{length}")}
+    cores = os.cpu_count() or 1
     result: dict[str, Any] = {}
     for provider in resolve_providers(providers)[0]:
-        files = {name: measure_latency(built / name, provider, feeds) for name in MODEL_FILES}
-        result[provider] = {"files": files, "sequence": length, "threads": os.cpu_count()}
+        files = {name: measure_latency(built / name, provider, feeds) for name in names}
+        largest = feeds[f"b{LATENCY_BATCHES[-1]}xs{length}"]
+        for name in names:  # peak memory at the largest shape, each file in a fresh process
+            files[name][f"b{LATENCY_BATCHES[-1]}xs{length}"]["peak_mb"] = peak_memory_mb(built / name, provider, largest)
+        result[provider] = {"files": files, "sequence": length, "threads": cores,
+                            "io_binding": provider != "CPUExecutionProvider"}
         if provider == "CPUExecutionProvider":
+            result[provider]["by_threads"] = {
+                str(threads): {name: measure_latency(built / name, provider, ends, threads=threads) for name in names}
+                for threads in sorted({1, cores}) if threads != cores}
             result[provider]["throughput"] = {
-                name: throughput_modes(built / name, feeds[f"b8xs{length}"]) for name in MODEL_FILES}
+                name: throughput_modes(built / name, feeds[f"b8xs{length}"]) for name in names}
     return result
+
+
+def _fp16_variant(config: ExportConfig, built: Path) -> dict[str, Any]:
+    """Build model_fp16.onnx from the fused graph when config.fp16 asks for it (see ExportConfig.fp16)."""
+    cuda = PROVIDERS["cuda"] in resolve_providers(config.parity.providers)[0]
+    if config.fp16 == "never" or (config.fp16 == "auto" and not cuda):
+        why = ("not requested (--fp16 never)" if config.fp16 == "never" else
+               f"{PROVIDERS['cuda']} absent here, so {FP16_FILE} was not built (float16 is a CUDA variant; "
+               "--fp16 always builds it anyway)")
+        return {"built": False, "reason": why}
+    report = to_float16(built / OPTIMIZED_FILE, built / FP16_FILE)
+    return {"built": True, "source": OPTIMIZED_FILE, **report.to_dict()}
 
 
 def localize_failures(
@@ -333,7 +373,8 @@ def localize_failures(
     for entry in failed:
         if entry.provider != "CPUExecutionProvider":
             continue
-        atol, min_cosine = (parity.fp32_atol, -1.0) if entry.precision == "fp32" else (float("inf"), parity.int8_min_cosine)
+        atol, min_cosine = (
+            (parity.fp32_atol, -1.0) if entry.precision == "fp32" else (float("inf"), parity.min_cosine(entry.precision)))
         found = locate(built / entry.file, layer_tensors, expected, feeds, atol, min_cosine)
         entry.first_divergence = found.describe() if found else "no layer boundary exceeds the tolerance; the task head differs"
         log.info("%s: %s", entry.file, entry.first_divergence)

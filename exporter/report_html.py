@@ -125,6 +125,27 @@ def _batch_plot(provider: str, measured: dict[str, Any]) -> str:
     return f'<svg class="latency-vs-batch" width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg">{"".join(parts)}</svg>'
 
 
+def thread_grid(measured: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of p50 ms per file at each thread setting of ``by_threads`` and at all threads, with the
+    peak memory at the largest shape; no rows when only one thread setting was measured."""
+    by_threads = measured.get("by_threads") or {}
+    if not by_threads:
+        return [], []
+    settings = [*sorted(by_threads, key=int), str(measured["threads"])]
+    shapes = list(next(iter(next(iter(by_threads.values())).values())))
+    header = ["file"] + [f"{shape} @{threads} thr" for shape in shapes for threads in settings] + ["peak MB"]
+    rows = []
+    for name, per in measured["files"].items():
+        cells = []
+        for shape in shapes:
+            for threads in settings:
+                source = per if threads == str(measured["threads"]) else by_threads[threads].get(name, {})
+                cells.append(f"{source[shape]['median_ms']:.1f}" if shape in source else "-")
+        peak = per[shapes[-1]].get("peak_mb") if shapes[-1] in per else None
+        rows.append([name, *cells, "-" if peak is None else f"{peak:.0f}"])
+    return header, rows
+
+
 def render_html(manifest: dict[str, Any]) -> str:
     comp, fusion = manifest["compaction"], manifest["fusion"]
     deployable = manifest["deployable"]
@@ -144,6 +165,10 @@ def render_html(manifest: dict[str, Any]) -> str:
                 for name, per in measured["files"].items()]
         latency_html.append(f"<h3>{_e(provider)} ({measured['threads']} threads), p50 / p90 / p99 ms</h3>"
                             + _table(["file", *shapes], rows) + f"<figure>{_batch_plot(provider, measured)}</figure>")
+        header, grid = thread_grid(measured)
+        if grid:
+            latency_html.append(f"<h3>{_e(provider)}: thread settings, p50 ms (peak MB = resident memory the "
+                                f"session added)</h3>" + _table(header, grid))
         for name, modes in measured.get("throughput", {}).items():
             latency_html.append(f"<p>{_e(name)} at batch {modes['batch']}: best serving mode is <b>{_e(modes['best'])}</b></p>")
     quant = manifest["quantization"]

@@ -60,10 +60,12 @@ def verify_artifact(folder: Path, providers: tuple[str, ...] = ("auto",)) -> Ver
             report.hash_failures.append(f"{name}: sha256 differs from the manifest (file changed since export)")
     options = manifest["options"]["parity"]
     config = ParityConfig(fp32_atol=float(options["fp32_atol"]), int8_min_cosine=float(options["int8_min_cosine"]),
+                          fp16_min_cosine=float(options.get("fp16_min_cosine", ParityConfig.fp16_min_cosine)),
                           providers=providers)
     data = manifest["parity_data"]
     inputs, reference = load_batches(folder / data["inputs"]), load_batches(folder / data["reference"])
-    precisions = {e["file"]: e["precision"] for e in manifest["parity"]}
+    # Files the artifact holds; a parity row of a file never built (model_fp16.onnx without CUDA) is a skip.
+    precisions = {e["file"]: e["precision"] for e in manifest["parity"] if e["file"] in manifest["files"]}
     for name, precision in precisions.items():
         if any(line.startswith(f"{name}:") for line in report.hash_failures):
             report.parity.append(ParityEntry(name, "-", precision, "fail", reason="file changed: not run"))

@@ -41,7 +41,23 @@ def test_success_writes_every_file_and_a_complete_manifest(exported: tuple[Path,
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         cuda = [e for e in manifest["parity"] if e["provider"] == "CUDAExecutionProvider"]
-        assert len(cuda) == 3 and all(e["status"] == "skip" and "not available" in e["reason"] for e in cuda)
+        assert len(cuda) == 4 and all(e["status"] == "skip" for e in cuda)
+        assert all("not available" in e["reason"] for e in cuda if e["file"] != "model_fp16.onnx")
+        fp16 = next(e for e in cuda if e["file"] == "model_fp16.onnx")
+        assert "absent" in fp16["reason"] and "--fp16 always" in fp16["reason"]
+        assert not (out / "model_fp16.onnx").exists() and manifest["fp16"]["built"] is False
+    latency = manifest["latency"]["CPUExecutionProvider"]
+    assert set(latency["files"]) == {"model.onnx", "model_optimized.onnx", "model_quantized.onnx"}
+    shapes = list(latency["files"]["model.onnx"])
+    b1, b8 = shapes[0], shapes[-1]
+    assert b8.startswith("b8x")
+    for name, per in latency["files"].items():
+        assert per[b8]["peak_mb"] > (out / name).stat().st_size / 2**20 / 2, name  # weights at least
+    if latency["threads"] > 1:
+        assert set(latency["by_threads"]) == {"1"}
+        one = latency["by_threads"]["1"]["model.onnx"]
+        assert set(one) == {b1, b8} and all(v["median_ms"] > 0 for v in one.values())
+        assert "thread settings" in (out / "report.html").read_text() and "@1 thr" in (out / "report.md").read_text()
     for name, entry in manifest["files"].items():
         assert (out / name).stat().st_size == entry["bytes"], name
     assert manifest["options"]["task"] == "feature-extraction"
@@ -126,3 +142,27 @@ def test_quantization_preset_applies_its_settings_and_flags_refine_it() -> None:
     config = config_from_args(build_parser().parse_args(["--quantization-preset", name, "--calibration-samples", "7"]))
     assert config.quantization == PRESETS[name].__class__.from_preset(name, samples=7)
     assert config.quantization.preset == name
+
+
+def test_fp16_always_builds_checks_and_verifies_the_float16_variant(tmp_path: Path) -> None:
+    from exporter.verify import verify_artifact
+
+    model = tiny_bert(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    assert main(["--model", str(model), "--output", str(out), "--calibration-samples", "16", "--fp16", "always"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["fp16"]["built"] is True and manifest["fp16"]["float16_initializers"] > 0
+    row = next(e for e in manifest["parity"] if e["file"] == "model_fp16.onnx" and e["provider"] == "CPUExecutionProvider")
+    assert row["status"] == "pass" and row["precision"] == "fp16" and row["tolerance"] == "mean_cosine >= 0.999"
+    assert row["max_abs_error"] > 0  # float16 really changed the numbers
+    assert "model_fp16.onnx" in manifest["files"] and "model_fp16.onnx" in manifest["latency"]["CPUExecutionProvider"]["files"]
+    assert (out / "model_fp16.onnx").stat().st_size < 0.6 * (out / "model_optimized.onnx").stat().st_size
+    assert verify_artifact(out, ("cpu",)).ok
+
+
+def test_fp16_option_outside_its_choices_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    options = tmp_path / "options.json"
+    options.write_text(json.dumps({"fp16": "sometimes"}))
+    code = main(["--model", str(tiny_bert(tmp_path / "ckpt")), "--output", str(tmp_path / "out"), "--config", str(options)])
+    assert code == 2 and "fp16 option 'sometimes'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

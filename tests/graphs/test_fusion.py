@@ -23,6 +23,7 @@ from torch import nn
 from exporter.errors import FusionError
 from graphs import inspection
 from graphs.equivalence import sample_mask
+from graphs.float16 import to_float16
 from graphs.fusion import SUM_LAYER_NORM, FusionConfig, GraphPlan, fuse_graph
 
 HIDDEN = 64
@@ -397,3 +398,21 @@ def test_relu_gemm_leaves_gelu_models_alone(exported: dict, tmp_path: Path) -> N
     item = exported["bert"]
     report = fuse_graph(item.path, tmp_path / "gelu.onnx", item.plan, FusionConfig(relu_gemm=True))
     assert "ReluGemm" not in report.op_counts
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "bert_nonorm"])
+def test_float16_variant_keeps_float32_io_and_close_numbers(fused: dict, exported: dict, kind: str,
+                                                           tmp_path: Path) -> None:
+    item = exported[kind]
+    out = tmp_path / "fp16.onnx"
+    report = to_float16(fused[kind][1], out)
+    model = onnx.load(str(out))
+    assert report.float16_initializers > 0 and report.casts >= 1
+    assert {v.type.tensor_type.elem_type for v in model.graph.output} == {onnx.TensorProto.FLOAT}
+    assert out.stat().st_size < 0.6 * fused[kind][1].stat().st_size
+    feeds = _inputs(item.input_names, batch=3, seq=16, padding=("left", "hole"))
+    expected, actual = _ort_output(fused[kind][1], feeds), _ort_output(out, feeds)
+    keep = feeds["attention_mask"].astype(bool)
+    a, b = expected[keep].astype(np.float64), actual[keep].astype(np.float64)
+    cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cosine.min() > 0.999 and 0 < np.abs(a - b).max() < 0.05 * np.abs(a).max()

@@ -1,0 +1,39 @@
+"""Child process of :func:`exporter.latency.peak_memory_mb`: ``python -m exporter.memory_probe MODEL PROVIDER FEEDS``.
+
+Imports only numpy and onnxruntime (what a serving process holds), notes the resident memory, opens one session
+on PROVIDER, runs the feeds of FEEDS (an .npz) twice, and prints the peak resident bytes the session added.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import onnxruntime as ort
+
+
+def status_bytes(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise ValueError(f"{field} not in /proc/self/status")
+
+
+def probe(path: str, provider: str, inputs: str) -> int:
+    with np.load(inputs) as data:
+        feeds = {name: data[name] for name in data.files}
+    baseline = status_bytes("VmRSS")
+    options = ort.SessionOptions()
+    if provider != "CPUExecutionProvider":
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    session = ort.InferenceSession(path, options, providers=[provider])
+    names = {i.name for i in session.get_inputs()}
+    for _ in range(2):
+        session.run(None, {k: v for k, v in feeds.items() if k in names})
+    return status_bytes("VmHWM") - baseline
+
+
+if __name__ == "__main__":
+    print(probe(*sys.argv[1:4]))
