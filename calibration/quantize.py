@@ -94,6 +94,8 @@ class QuantizationConfig:
         search_ranking_batches: held-out batches used to rank node harm in the search (default 8).
         validation_samples: held-out texts the search judges accuracy on (default 64; the pipeline keeps
             them disjoint from the texts parity reports on).
+        tune: quantize with every CPU preset and keep the fastest on this machine (default False; the pipeline
+            does it, see :mod:`calibration.tune`).
     """
 
     preset: str = "cpu-avx512-vnni"
@@ -119,6 +121,7 @@ class QuantizationConfig:
     max_accuracy_drop: float = 0.01
     search_ranking_batches: int = 8
     validation_samples: int = 64
+    tune: bool = False
 
     def __post_init__(self) -> None:
         problems = []

@@ -114,6 +114,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--calibration-samples", "quantization.samples", "number of calibration texts"),
     Option("--calibration-method", "quantization.method", "range calibration method"),
     Option("--quantization-preset", "quantization.preset", "named INT8 preset"),
+    Option("--tune", "quantization.tune",
+           "quantize with every CPU preset, time them here, keep the fastest that meets the accuracy bars"),
     Option("--seed", "quantization.seed", "seed for calibration sampling"),
     Option("--max-accuracy-drop", "quantization.max_accuracy_drop",
            "allowed task-metric drop of INT8 vs FP32 (fraction); the most harmful nodes fall back to FP32 until it holds"),

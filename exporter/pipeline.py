@@ -27,6 +27,7 @@ import numpy as np
 from calibration.corpus import builtin_texts, split_texts
 from calibration.data import TextCalibrationReader, load_texts, sample_texts
 from calibration.quantize import quantize_model
+from calibration.tune import tune_quantization
 from exporter.architectures import TASK_OUTPUTS, Architecture
 from exporter.compaction import compact_model, mask_heads, parse_drop_heads
 from exporter.config import ExportConfig
@@ -269,10 +270,20 @@ def _build(
             reader = TextCalibrationReader(samples, calibration_tokenize, config.quantization.batch_size)
             search_texts = search_pool[: config.quantization.validation_samples]
             validation = [calibration_tokenize(search_texts[i : i + 16]) for i in range(0, len(search_texts), 16)]
-            source_graph = OPTIMIZED_FILE if config.quantization.uses_fused_graph else MODEL_FILE
-            quantization = quantize_model(built / source_graph, built / QUANTIZED_FILE, reader, config.quantization,
-                                          sample_sha256=sample_hash, validation=validation, metric=task)
+            tuning: list[dict[str, Any]] = []
+            if config.quantization.tune:
+                timing = latency_feeds(calibration_tokenize, search_texts, [(1, working_length), (8, working_length)])
+                quantization, tuning = tune_quantization(
+                    {"fused": built / OPTIMIZED_FILE, "unfused": built / MODEL_FILE}, built / QUANTIZED_FILE, reader,
+                    config.quantization, timing, sample_sha256=sample_hash, validation=validation, metric=task)
+            else:
+                source_graph = OPTIMIZED_FILE if config.quantization.uses_fused_graph else MODEL_FILE
+                quantization = quantize_model(built / source_graph, built / QUANTIZED_FILE, reader,
+                                              config.quantization, sample_sha256=sample_hash, validation=validation,
+                                              metric=task)
             note["detail"] = f"{QUANTIZED_FILE}, {quantization.quantized_nodes} nodes INT8, {len(samples)} texts"
+            if tuning:
+                note["detail"] += f", tuned: {quantization.preset} fastest of {len(tuning)} presets"
         with stages.stage("parity") as note:
             batches = build_batches(report_pool, tokenize, config.parity.shapes, max_length)
             expected = reference_outputs(reference, batches, TASK_OUTPUTS[task])
@@ -312,7 +323,7 @@ def _build(
                 "signature": signature.to_dict(),
                 "compaction": compaction.to_dict(),
                 "fusion": fusion.to_dict() | {"summary": fusion.summary()},
-                "quantization": quantization.to_dict(),
+                "quantization": quantization.to_dict() | ({"tuning": tuning} if tuning else {}),
                 "fp16": fp16,
                 "parity": [e.to_dict() for e in entries],
                 "parity_data": {"inputs": "parity/inputs.npz", "reference": "parity/reference.npz",

@@ -166,3 +166,15 @@ def test_fp16_option_outside_its_choices_is_a_usage_error(tmp_path: Path, capsys
     code = main(["--model", str(tiny_bert(tmp_path / "ckpt")), "--output", str(tmp_path / "out"), "--config", str(options)])
     assert code == 2 and "fp16 option 'sometimes'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_tune_records_every_candidate_and_writes_the_chosen_one(tmp_path: Path) -> None:
+    model = tiny_bert(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    assert main(["--model", str(model), "--output", str(out), "--calibration-samples", "16", "--tune"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows = manifest["quantization"]["tuning"]
+    assert [row["preset"] for row in rows] == ["cpu-avx512-vnni", "cpu-avx512-vnni-unfused", "cpu-qoperator-u8s8"]
+    chosen = [row for row in rows if row["chosen"]]
+    assert len(chosen) == 1 and manifest["quantization"]["preset"] == chosen[0]["preset"]
+    assert manifest["options"]["quantization"]["tune"] is True

@@ -1,0 +1,119 @@
+"""``--tune``: quantize with every CPU recipe, time each result on this machine, keep the fastest that is accurate.
+
+Which INT8 form runs fastest depends on the CPU and the onnxruntime build (VNNI or not, thread count, model
+width), so instead of trusting the default preset this quantizes the model once per candidate preset (each with
+the accuracy search, so every candidate meets the same task-metric bars), times the candidates round-robin on
+the same real-text inputs, and keeps the one with the lowest summed median latency over the timed shapes. A
+candidate that fails (onnxruntime refuses it, or the search cannot meet the bars) is recorded with its reason
+and not chosen. The table of candidates goes into the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationDataReader
+
+from calibration.quantize import PRESETS, QuantizationConfig, QuantizationReport, quantize_model
+from exporter.errors import QuantizationError
+
+logger = logging.getLogger(__name__)
+
+CPU_CANDIDATES = ("cpu-avx512-vnni", "cpu-avx512-vnni-unfused", "cpu-qoperator-u8s8")
+"""Presets tried on the CPU provider (gpu-tensorrt-s8s8 targets TensorRT and is not timed here)."""
+
+
+def candidate_config(base: QuantizationConfig, preset: str) -> QuantizationConfig:
+    """``base`` (the user's options) with the settings that define ``preset`` (those differing from the default
+    preset) applied, so samples, seed, accuracy bars and the like carry over to every candidate."""
+    default, chosen = QuantizationConfig(), PRESETS[preset]
+    defining = {f.name: getattr(chosen, f.name) for f in dataclasses.fields(QuantizationConfig)
+                if getattr(chosen, f.name) != getattr(default, f.name)}
+    return dataclasses.replace(base, **(defining | {"preset": preset, "tune": False}))
+
+
+def tune_quantization(
+    sources: Mapping[str, Path], output_path: Path, reader: CalibrationDataReader, base: QuantizationConfig,
+    timing_feeds: Mapping[str, Mapping[str, np.ndarray]], sample_sha256: str = "",
+    validation: Sequence[Mapping[str, np.ndarray]] | None = None, metric: str = "embedding",
+    candidates: Sequence[str] = CPU_CANDIDATES, rounds: int = 7,
+    quantize: Callable[..., QuantizationReport] = quantize_model,
+) -> tuple[QuantizationReport, list[dict[str, Any]]]:
+    """Quantize ``sources["fused"]`` / ``sources["unfused"]`` with each candidate preset, time them, write the
+    fastest to ``output_path``; returns its report and one row per candidate (see module doc)."""
+    rows: list[dict[str, Any]] = []
+    reports: dict[str, QuantizationReport] = {}
+    with tempfile.TemporaryDirectory(prefix="export-model-tune-") as work:
+        files: dict[str, Path] = {}
+        for preset in candidates:
+            config = candidate_config(base, preset)
+            path = Path(work) / f"{preset}.onnx"
+            row: dict[str, Any] = {"preset": preset, "graph": "fused" if config.uses_fused_graph else "unfused"}
+            start = time.perf_counter()
+            if hasattr(reader, "rewind"):
+                reader.rewind()  # every candidate calibrates on the whole sample
+            try:
+                report = quantize(sources[row["graph"]], path, reader, config, sample_sha256=sample_sha256,
+                                  validation=validation, metric=metric)
+            except QuantizationError as error:
+                reason = str(error).splitlines()[0]
+                row |= {"status": "failed", "reason": reason if len(reason) <= 300 else reason[:297] + "..."}
+                logger.info("tune: %s failed: %s", preset, row["reason"])
+                rows.append(row)
+                continue
+            reports[preset], files[preset] = report, path
+            search = report.search or {}
+            row |= {"status": "ok", "quantized_nodes": report.quantized_nodes,
+                    "fallback_nodes": len(report.fallback_nodes), "scores": search.get("scores_after", {}),
+                    "quantize_seconds": round(time.perf_counter() - start, 1)}
+            rows.append(row)
+        if not files:
+            raise QuantizationError(
+                f"--tune: every candidate preset failed ({'; '.join(r['preset'] + ': ' + r['reason'] for r in rows)}); "
+                "run without --tune to see the default preset's error"
+            )
+        timings = _time_round_robin(files, timing_feeds, rounds)
+        for row in rows:
+            if row["preset"] in timings:
+                row["median_ms"] = {label: round(ms, 3) for label, ms in timings[row["preset"]].items()}
+        chosen = min(timings, key=lambda preset: sum(timings[preset].values()))
+        for row in rows:
+            row["chosen"] = row["preset"] == chosen
+        shutil.copyfile(files[chosen], output_path)
+    logger.info("tune: chose %s of %s", chosen, [r["preset"] for r in rows])
+    return reports[chosen], rows
+
+
+def _time_round_robin(
+    files: Mapping[str, Path], feeds: Mapping[str, Mapping[str, np.ndarray]], rounds: int
+) -> dict[str, dict[str, float]]:
+    """Median ms per (candidate, shape); candidates interleaved so machine noise hits them alike."""
+    sessions = {}
+    for preset, path in files.items():
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = {i.name for i in session.get_inputs()}
+        sessions[preset] = (session, {label: {k: v for k, v in f.items() if k in names} for label, f in feeds.items()})
+    times: dict[str, dict[str, list[float]]] = {preset: {label: [] for label in feeds} for preset in files}
+    for session, local in sessions.values():  # warm-up
+        for f in local.values():
+            session.run(None, f)
+    for _ in range(rounds):
+        for preset, (session, local) in sessions.items():
+            for label, f in local.items():
+                start = time.perf_counter()
+                session.run(None, f)
+                times[preset][label].append((time.perf_counter() - start) * 1e3)
+    return {preset: {label: statistics.median(values) for label, values in per.items()} for preset, per in times.items()}
