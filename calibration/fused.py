@@ -52,6 +52,9 @@ ALPHA_GRID = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 FUSED_METHODS = frozenset({"minmax", "moving-average"})
 """Range methods this route computes; entropy and percentile run on the unfused graph (see quantize.py)."""
 _MOVING_AVERAGE = 0.01
+_ROW_EPSILON = 1e-6
+PER_TOKEN_PRODUCERS = frozenset({"BiasGelu", "Gelu", "FastGelu", "Relu"})
+"""Ops whose output (bounded below, heavy-tailed per token) is quantized per token with ``per_token_ffn``."""
 
 
 @dataclass
@@ -102,6 +105,11 @@ class InputPlan:
     alpha: float
     scale: float
     zero_point: int
+    per_token: bool = False
+    """Quantized with one scale per token (row) computed at run time, see :func:`_per_token_matmul`; scale
+    and zero_point are then unused."""
+    shift: np.ndarray | None = None
+    """Per-token only: per-channel shift making the (smoothed) activation non-negative, folded out again."""
 
 
 def find_targets(model: onnx.ModelProto, op_types: Sequence[str], exclude: Sequence[str]) -> list[Target]:
@@ -180,29 +188,40 @@ def _smoothing(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(s, 1e-4, 1e4).astype(np.float32)
 
 
+def _per_token(rows: np.ndarray, smooth: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Emulate :func:`_per_token_matmul`'s per-token u8 quantization of ``rows`` (float64)."""
+    shifted = rows / smooth + shift
+    step = np.maximum(shifted.max(1, keepdims=True), _ROW_EPSILON) / 255.0
+    return np.clip(np.round(shifted / step), 0, 255) * step - shift
+
+
 def plan_inputs(
     stats: dict[str, ActivationStats], weights: dict[str, list[np.ndarray]], method: str,
-    smooth_alpha: float | None,
+    smooth_alpha: float | None, per_token: frozenset[str] = frozenset(),
 ) -> dict[str, InputPlan]:
     """Smoothing vector, migration strength and u8 range per activation tensor.
 
     ``weights[tensor]`` are the float weights of the targets reading it. With ``smooth_alpha=None`` each tensor
     gets the alpha of :data:`ALPHA_GRID` whose emulated u8 x s8 product is closest (mean squared error) to the
-    float product on the sampled rows.
+    float product on the sampled rows. Tensors in ``per_token`` are planned for per-token quantization.
     """
     plans = {}
     for tensor, stat in stats.items():
         amax = np.maximum(np.abs(stat.channel_min), np.abs(stat.channel_max))
         wmax = np.max([np.abs(w).max(1) for w in weights[tensor]], axis=0)
         grid = ALPHA_GRID if smooth_alpha is None else (smooth_alpha,)
+        row_wise = tensor in per_token
         best: tuple[float, float] | None = None
         if len(grid) > 1:
             rows = np.concatenate(stat.rows).astype(np.float64)
             exact = [rows @ w.astype(np.float64) for w in weights[tensor]]
             for alpha in grid:
                 s = _smoothing(amax, wmax, alpha).astype(np.float64)
-                scale, zero = _u8(*_range(stat, s, method))
-                xq = (np.clip(np.round(rows / s / scale) + zero, 0, 255) - zero) * scale
+                if row_wise:
+                    xq = _per_token(rows, s, np.maximum(0.0, -stat.channel_min / s))
+                else:
+                    scale, zero = _u8(*_range(stat, s, method))
+                    xq = (np.clip(np.round(rows / s / scale) + zero, 0, 255) - zero) * scale
                 error = 0.0
                 for w, reference in zip(weights[tensor], exact, strict=True):
                     wq, ws = _quantize_weight(w * s[:, None])
@@ -212,7 +231,8 @@ def plan_inputs(
         alpha = grid[0] if best is None else best[1]
         smooth = _smoothing(amax, wmax, alpha)
         scale, zero = _u8(*_range(stat, smooth, method))
-        plans[tensor] = InputPlan(smooth, alpha, scale, zero)
+        shift = np.maximum(0.0, -stat.channel_min / smooth).astype(np.float32) if row_wise else None
+        plans[tensor] = InputPlan(smooth, alpha, scale, zero, row_wise, shift)
     return plans
 
 
@@ -268,6 +288,7 @@ def build_int8(
     weights = {init.name: init for init in model.graph.initializer}
     quantized_inputs: dict[str, tuple[str, str, str]] = {}
     nodes, inits = [], []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     for node in model.graph.node:
         if node.name not in chosen:
             nodes.append(node)
@@ -275,6 +296,9 @@ def build_int8(
         target = by_name[node.name]
         plan = plans[target.activation]
         x = node.input[0]
+        if plan.per_token and node.op_type == "MatMul":
+            nodes += _per_token_matmul(node, numpy_helper.to_array(weights[node.input[1]]), plan, inits, opset)
+            continue
         if x not in quantized_inputs:
             tag = f"{x}_u8"
             inits += [numpy_helper.from_array(np.array(plan.scale, np.float32), f"{tag}_scale"),
@@ -309,6 +333,58 @@ def build_int8(
     return model
 
 
+def _per_token_matmul(
+    node: onnx.NodeProto, weight: np.ndarray, plan: InputPlan, inits: list[onnx.TensorProto], opset: int = 17
+) -> list[onnx.NodeProto]:
+    """``x @ W`` with ``x`` quantized to u8 with one scale per token, computed at run time::
+
+        x -> Add(shift) -> ReduceMax(last axis) = r -> Mul(x', 255 / r) -> QuantizeLinear(1, 0)
+          -> MatMulIntegerToFloat(W as int8, column scales / 255) -> Mul(r) -> Add(-shift @ W) -> y
+
+    The shift (per channel, from calibration) makes the activation non-negative so zero point 0 loses no level;
+    its product with W is subtracted again. A token's own maximum sets its step, so a token far smaller than
+    the largest calibration token keeps its resolution (a per-tensor static range loses it: GELU outputs, whose
+    per-token maxima vary about 10x, are where MiniLM's INT8 error came from).
+    """
+    tag = node.name
+    wq, ws = _quantize_weight(weight)
+    shift = plan.shift if plan.shift is not None else np.zeros(weight.shape[0], np.float32)
+    inits += [
+        numpy_helper.from_array(shift, f"{tag}_shift"),
+        numpy_helper.from_array(np.array([_ROW_EPSILON], np.float32), f"{tag}_epsilon"),
+        numpy_helper.from_array(np.array([-1], np.int64), f"{tag}_axes"),
+        numpy_helper.from_array(np.array([255.0], np.float32), f"{tag}_levels"),
+        numpy_helper.from_array(np.array(1.0, np.float32), f"{tag}_unit"),
+        numpy_helper.from_array(np.array(0, np.uint8), f"{tag}_zero"),
+        numpy_helper.from_array(wq, f"{tag}_weight_s8"),
+        numpy_helper.from_array((ws / 255.0).astype(np.float32), f"{tag}_weight_scale"),
+        numpy_helper.from_array(np.zeros(ws.shape, np.int8), f"{tag}_weight_zero_point"),
+        numpy_helper.from_array((-(shift.astype(np.float64) @ weight.astype(np.float64))).astype(np.float32),
+                                f"{tag}_unshift"),
+    ]
+    x = node.input[0]
+    reduce = (
+        helper.make_node("ReduceMax", [f"{tag}_shifted", f"{tag}_axes"], [f"{tag}_rowmax"], f"{tag}_rowmax",
+                         keepdims=1)
+        if opset >= 18 else
+        helper.make_node("ReduceMax", [f"{tag}_shifted"], [f"{tag}_rowmax"], f"{tag}_rowmax", axes=[-1], keepdims=1)
+    )
+    return [
+        helper.make_node("Add", [x, f"{tag}_shift"], [f"{tag}_shifted"], f"{tag}_shift"),
+        reduce,
+        helper.make_node("Max", [f"{tag}_rowmax", f"{tag}_epsilon"], [f"{tag}_range"], f"{tag}_range"),
+        helper.make_node("Div", [f"{tag}_levels", f"{tag}_range"], [f"{tag}_inverse"], f"{tag}_inverse"),
+        helper.make_node("Mul", [f"{tag}_shifted", f"{tag}_inverse"], [f"{tag}_scaled"], f"{tag}_scale"),
+        helper.make_node("QuantizeLinear", [f"{tag}_scaled", f"{tag}_unit", f"{tag}_zero"], [f"{tag}_u8"],
+                         f"{tag}_quantize"),
+        helper.make_node("MatMulIntegerToFloat",
+                         [f"{tag}_u8", f"{tag}_weight_s8", f"{tag}_unit", f"{tag}_weight_scale", f"{tag}_zero",
+                          f"{tag}_weight_zero_point"], [f"{tag}_integer"], tag, domain="com.microsoft"),
+        helper.make_node("Mul", [f"{tag}_integer", f"{tag}_range"], [f"{tag}_rescaled"], f"{tag}_rescale"),
+        helper.make_node("Add", [f"{tag}_rescaled", f"{tag}_unshift"], list(node.output), f"{tag}_unshift"),
+    ]
+
+
 @dataclass
 class FusedPlan:
     """Everything needed to build any INT8/FP32 mix of the fused graph: targets, per-input plans, FP32 twin."""
@@ -322,14 +398,14 @@ class FusedPlan:
 
     def smoothing_report(self) -> dict[str, Any]:
         """Per quantized input: the chosen alpha and the largest channel division (for the manifest)."""
-        return {tensor: {"alpha": plan.alpha, "max_smoothing": round(float(plan.smooth.max()), 4),
-                         "scale": plan.scale, "zero_point": plan.zero_point}
+        return {tensor: {"alpha": plan.alpha, "max_smoothing": round(float(plan.smooth.max()), 4)}
+                | ({"per_token": True} if plan.per_token else {"scale": plan.scale, "zero_point": plan.zero_point})
                 for tensor, plan in self.plans.items()}
 
 
 def plan_fused(
     model: onnx.ModelProto, reader: CalibrationDataReader, op_types: Sequence[str], exclude: Sequence[str],
-    method: str, smooth_alpha: float | None, seed: int = 0,
+    method: str, smooth_alpha: float | None, seed: int = 0, per_token_ffn: bool = False,
 ) -> FusedPlan:
     """Calibrate ``model`` (a fused graph) on ``reader`` and plan its INT8 form (see module doc)."""
     if method not in FUSED_METHODS:
@@ -345,6 +421,10 @@ def plan_fused(
     weights: dict[str, list[np.ndarray]] = {}
     for target in targets:
         weights.setdefault(target.activation, []).append(numpy_helper.to_array(initializers[target.weight]))
-    plans = plan_inputs(stats, weights, method, smooth_alpha)
+    producers = {output: node.op_type for node in model.graph.node for output in node.output}
+    per_token = frozenset(
+        tensor for tensor in tensors if per_token_ffn and producers.get(tensor) in PER_TOKEN_PRODUCERS
+        and all(target.op_type == "MatMul" for target in targets if target.activation == tensor))
+    plans = plan_inputs(stats, weights, method, smooth_alpha, per_token)
     del stats
     return FusedPlan(targets, plans, smooth_graph(model, targets, plans))
