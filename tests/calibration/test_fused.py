@@ -147,3 +147,62 @@ def test_histogram_methods_and_other_formats_route_to_the_unfused_graph() -> Non
         dataclasses.replace(QuantizationConfig(), format="QOperator")
     with pytest.raises(ValueError, match="smooth_alpha"):
         QuantizationConfig(smooth_alpha=1.5)
+
+
+def test_per_token_ffn_quantizes_only_gelu_outputs_and_runs_as_integer_kernels(fused_bert: Path, tmp_path: Path) -> None:
+    model = onnx.load(str(fused_bert))
+    plan = plan_fused(model, _reader()[0], ("MatMul", "Attention"), (), "minmax", None, per_token_ffn=True)
+    producers = {out: node.op_type for node in model.graph.node for out in node.output}
+    per_token = [tensor for tensor, p in plan.plans.items() if p.per_token]
+    assert len(per_token) == 2 and {producers[t] for t in per_token} == {"BiasGelu"}
+    assert all(plan.smoothing_report()[t] == {"alpha": plan.plans[t].alpha,
+                                               "max_smoothing": round(float(plan.plans[t].smooth.max()), 4),
+                                               "per_token": True} for t in per_token)
+    out = _run(plan.build([t.name for t in plan.targets]), _heldout(), dump=tmp_path / ORT_OPTIMIZED)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / ORT_OPTIMIZED)).graph.node]
+    assert ops.count("QAttention") == 2 and ops.count("MatMulIntegerToFloat") == 6 and ops.count("ReduceMax") == 2
+    assert "MatMul" not in ops
+    assert _cosine(out, _run(fused_bert, _heldout())) > 0.99
+
+
+class _Feeds:
+    def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
+        self.batches, self.position = batches, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        self.position += 1
+        return self.batches[self.position - 1] if self.position <= len(self.batches) else None
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def test_per_token_beats_a_static_range_when_token_sizes_vary() -> None:
+    """GELU outputs whose per-token maxima differ 30x, as MiniLM's do about 10x: one static range wastes most
+    levels on the small tokens, a per-token scale does not."""
+    rng = np.random.default_rng(0)
+    hidden, width = 32, 64
+    inits = [onnx.numpy_helper.from_array(rng.normal(size=width).astype(np.float32) * 0.1, "b"),
+             onnx.numpy_helper.from_array(rng.normal(size=(width, hidden)).astype(np.float32), "W")]
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("BiasGelu", ["x", "b"], ["g"], "gelu", domain="com.microsoft"),
+         onnx.helper.make_node("MatMul", ["g", "W"], ["y"], "ffn_out")], "ffn",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "seq", width])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "seq", hidden])], inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                         onnx.helper.make_opsetid("com.microsoft", 1)], ir_version=8)
+
+    def batch(seed: int) -> dict[str, np.ndarray]:
+        r = np.random.default_rng(seed)
+        sizes = np.exp(r.uniform(np.log(0.1), np.log(3.0), size=(4, 16, 1)))
+        return {"x": (r.normal(size=(4, 16, width)) * sizes).astype(np.float32)}
+
+    reader = _Feeds([batch(seed) for seed in range(8)])
+    test = batch(99)
+    reference = _run(model, test)
+    errors = {}
+    for per_token in (False, True):
+        plan = plan_fused(model, reader, ("MatMul",), (), "minmax", 0.0, per_token_ffn=per_token)
+        assert plan.plans["g"].per_token is per_token
+        errors[per_token] = float(np.mean((_run(plan.build(["ffn_out"]), test) - reference) ** 2))
+    assert 0 < errors[True] < 0.5 * errors[False]
