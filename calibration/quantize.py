@@ -78,8 +78,10 @@ class QuantizationConfig:
         smooth_alpha: SmoothQuant migration strength for the fused graph, in [0, 1]; None (default) picks it
             per tensor by measured error, 0 turns smoothing off.
         per_token_ffn: fused graph: quantize the input of the FFN output MatMul (the GELU/ReLU output) with one
-            scale per token computed at run time instead of one static range (default False; see
-            ``calibration.fused._per_token_matmul``): about half the INT8 error on MiniLM, a few % slower.
+            scale per token computed at run time instead of one static range (default True; see
+            ``calibration.fused._per_token_matmul``). Measured side by side on MiniLM: cosine 0.9988 vs 0.9983,
+            top-1 agreement 0.944 vs 0.910, classification-head argmax agreement 1.000 vs 0.958, block-pruned
+            MiniLM with no node back in FP32 (3 before); latency 0.49x / 0.51x of FP32 vs 0.47x / 0.48x.
         op_types: op types to quantize (default MatMul and the fused Attention: the sensitive ops stay float).
         weights_only_matmul: quantize only MatMuls whose second input is a weight (default True): the
             attention score and context MatMuls multiply two activations and stay float.
@@ -112,7 +114,7 @@ class QuantizationConfig:
     per_channel: bool = True
     graph: str = "fused"
     smooth_alpha: float | None = None
-    per_token_ffn: bool = False
+    per_token_ffn: bool = True
     op_types: tuple[str, ...] = ("MatMul", "Attention")
     weights_only_matmul: bool = True
     quantize_outputs: bool = False
@@ -182,6 +184,8 @@ class QuantizationConfig:
 _CPU = QuantizationConfig()
 PRESETS: dict[str, QuantizationConfig] = {
     "cpu-avx512-vnni": _CPU,
+    # Every activation with one static range (no run-time per-token scale): a little faster, less accurate.
+    "cpu-avx512-vnni-static": dataclasses.replace(_CPU, preset="cpu-avx512-vnni-static", per_token_ffn=False),
     # The previous default: static QDQ on the unfused graph via onnxruntime's quantize_static (MatMulIntegerToFloat
     # next to float attention): measured 0.62x of FP32 latency on MiniLM where the fused route runs at 0.47x.
     "cpu-avx512-vnni-unfused": dataclasses.replace(_CPU, preset="cpu-avx512-vnni-unfused", graph="unfused"),

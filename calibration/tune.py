@@ -29,7 +29,7 @@ from exporter.errors import QuantizationError
 
 logger = logging.getLogger(__name__)
 
-CPU_CANDIDATES = ("cpu-avx512-vnni", "cpu-avx512-vnni-unfused", "cpu-qoperator-u8s8")
+CPU_CANDIDATES = ("cpu-avx512-vnni", "cpu-avx512-vnni-static", "cpu-avx512-vnni-unfused", "cpu-qoperator-u8s8")
 """Presets tried on the CPU provider (gpu-tensorrt-s8s8 targets TensorRT and is not timed here)."""
 
 

@@ -174,7 +174,8 @@ def test_tune_records_every_candidate_and_writes_the_chosen_one(tmp_path: Path) 
     assert main(["--model", str(model), "--output", str(out), "--calibration-samples", "16", "--tune"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     rows = manifest["quantization"]["tuning"]
-    assert [row["preset"] for row in rows] == ["cpu-avx512-vnni", "cpu-avx512-vnni-unfused", "cpu-qoperator-u8s8"]
+    assert [row["preset"] for row in rows] == ["cpu-avx512-vnni", "cpu-avx512-vnni-static", "cpu-avx512-vnni-unfused",
+                                               "cpu-qoperator-u8s8"]
     chosen = [row for row in rows if row["chosen"]]
     assert len(chosen) == 1 and manifest["quantization"]["preset"] == chosen[0]["preset"]
     assert manifest["options"]["quantization"]["tune"] is True
