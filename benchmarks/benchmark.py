@@ -2,6 +2,7 @@
 
     python benchmarks/benchmark.py        # real MiniLM, block-pruned MiniLM, MiniLM + QA / classification heads
     python benchmarks/benchmark.py --kinds nonorm-relu,roberta,distilbert --no-peers --no-memory
+    python benchmarks/benchmark.py --compare-preset cpu-avx512-vnni-static   # a second INT8 recipe, same rounds
 
 For each model kind it builds the checkpoint, runs the export-model pipeline, and times, round-robin so that
 machine noise hits every variant alike: torch eager FP32, optimum's ONNX export on onnxruntime FP32 and
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from calibration.corpus import builtin_texts, split_texts  # noqa: E402
 from calibration.metrics import get_metric  # noqa: E402
+from calibration.quantize import QuantizationConfig  # noqa: E402
 from exporter.config import ExportConfig  # noqa: E402
 from exporter.loading import load_checkpoint  # noqa: E402
 from exporter.pipeline import export_model  # noqa: E402
@@ -144,20 +146,19 @@ print(json.dumps({{"texts": len(texts), "rss_before_mb": before, "peak_rss_mb": 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-PER_TOKEN = "model_quantized.onnx (per-token FFN)"
-
-
 def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, memory: bool,
-               per_token: bool = False) -> list[dict[str, Any]]:
+               compare_preset: str | None = None) -> list[dict[str, Any]]:
     source = KINDS[kind](work / "checkpoint")
     task = TASKS.get(kind, "feature-extraction")
     artifact = work / "artifact"
     t0 = time.perf_counter()
     result = export_model(ExportConfig(model=str(source), output=str(artifact), task=task))
     export_seconds = time.perf_counter() - t0
-    if per_token:  # the same pipeline with quantization.per_token_ffn, its INT8 file timed beside the default one
-        config = ExportConfig(model=str(source), output=str(work / "per-token"), task=task)
-        per_token_result = export_model(config.replace("quantization.per_token_ffn", True))
+    other = f"model_quantized.onnx ({compare_preset})"
+    if compare_preset:  # the same pipeline with another INT8 preset, its INT8 file timed beside the default one
+        config = ExportConfig(model=str(source), output=str(work / "other"), task=task,
+                              quantization=QuantizationConfig.from_preset(compare_preset))
+        other_result = export_model(config)
     checkpoint = load_checkpoint(source, task)
     arch = checkpoint.architecture
     pairs = task == "question-answering"
@@ -176,8 +177,8 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
         runners |= _optimum_peers(source, work, threads)
     for name in ("model.onnx", "model_optimized.onnx", "model_quantized.onnx"):
         runners[name] = _ort_runner(artifact / name, threads)
-    if per_token:
-        runners[PER_TOKEN] = _ort_runner(work / "per-token" / "model_quantized.onnx", threads)
+    if compare_preset:
+        runners[other] = _ort_runner(work / "other" / "model_quantized.onnx", threads)
 
     reference = [runners["torch eager fp32"](batch) for batch in eval_batches]
     times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in BATCHES} for n in runners}
@@ -192,7 +193,7 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
                 times[name][b].append((time.perf_counter() - start) * 1e3)
     rows = []
     sizes = {"model.onnx": artifact / "model.onnx", "model_optimized.onnx": artifact / "model_optimized.onnx",
-             "model_quantized.onnx": artifact / "model_quantized.onnx", PER_TOKEN: work / "per-token" / "model_quantized.onnx"}
+             "model_quantized.onnx": artifact / "model_quantized.onnx", other: work / "other" / "model_quantized.onnx"}
     for name, run in runners.items():
         row = {"kind": kind, "variant": name}
         for b in BATCHES:
@@ -209,8 +210,8 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
                  "compaction": result.manifest["compaction"]["summary"], "fusion": result.manifest["fusion"]["summary"],
                  "int8": f"INT8 {quantization['graph']} graph, {quantization['quantized_nodes']} nodes, "
                          f"{len(quantization['fallback_nodes'])} back in FP32" + (
-                             f"; per-token: {len(per_token_result.manifest['quantization']['fallback_nodes'])} back "
-                             "in FP32" if per_token else "")})
+                             f"; {compare_preset}: {len(other_result.manifest['quantization']['fallback_nodes'])} back "
+                             "in FP32" if compare_preset else "")})
     if kind == "minilm" and memory:
         rows.append({"kind": kind, "variant": "(calibration memory)",
                      **calibration_peak_rss(artifact / "model_optimized.onnx", source)})
@@ -264,8 +265,9 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip torch/optimum peers' optimum parts")
     parser.add_argument("--no-memory", action="store_true", help=f"skip the {CALIBRATION_RSS_TEXTS}-text calibration RSS run")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
-    parser.add_argument("--per-token", action="store_true",
-                        help="also export with quantization.per_token_ffn and time that INT8 file in the same rounds")
+    parser.add_argument("--compare-preset", default=None,
+                        help="also export with this INT8 preset (e.g. cpu-avx512-vnni-static) and time its file in the "
+                             "same rounds")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     import transformers
@@ -276,7 +278,7 @@ def main() -> None:
     for kind in args.kinds.split(","):
         with tempfile.TemporaryDirectory() as work:
             rows += bench_kind(kind.strip(), Path(work), args.rounds, args.threads, not args.no_peers, not args.no_memory,
-                               args.per_token)
+                               args.compare_preset)
         print(render(rows, args.threads, args.rounds), flush=True)
     (args.out / "results.md").write_text(render(rows, args.threads, args.rounds))
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))

@@ -32,7 +32,7 @@ from exporter.architectures import TASK_OUTPUTS, Architecture
 from exporter.compaction import compact_model, mask_heads, parse_drop_heads
 from exporter.config import ExportConfig
 from exporter.divergence import boundaries, locate, torch_boundaries
-from exporter.errors import CalibrationDataError, OutputError, ParityError, UsageError
+from exporter.errors import CalibrationDataError, ExportError, OutputError, ParityError, UsageError
 from exporter.latency import latency_feeds, measure_latency, peak_memory_mb, throughput_modes
 from exporter.loading import load_checkpoint, resolve_checkpoint
 from exporter.manifest import checkpoint_hash, write_manifest
@@ -85,7 +85,17 @@ class _Stages:
         self.current = name
         note: dict[str, str] = {"detail": ""}
         start = time.perf_counter()
-        yield note
+        try:
+            yield note
+        except Exception as error:
+            if not type(error).__module__.startswith("onnxruntime"):
+                raise
+            # onnxruntime's own exceptions (pybind Fail, InvalidGraph, ...) are a stage failure, not a crash.
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ExportError(
+                f"onnxruntime failed in the {name} stage ({type(error).__name__}: {first[:300]}); "
+                "rerun with --debug for the traceback, or report it with the manifest options"
+            ) from error
         self.timings[name] = round(time.perf_counter() - start, 3)
         log.info("[%d/%d] %-9s %s (%.1f s)", self._index, STAGES, name, note["detail"], self.timings[name])
 

@@ -179,3 +179,22 @@ def test_tune_records_every_candidate_and_writes_the_chosen_one(tmp_path: Path) 
     chosen = [row for row in rows if row["chosen"]]
     assert len(chosen) == 1 and manifest["quantization"]["preset"] == chosen[0]["preset"]
     assert manifest["options"]["quantization"]["tune"] is True
+
+
+def test_onnxruntime_failure_in_a_stage_exits_4_naming_it_with_nothing_on_disk(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    import exporter.pipeline as pipeline
+
+    def broken(*args: object, **kwargs: object) -> list:
+        raise Fail("[ONNXRuntimeError] : 1 : FAIL : kernel exploded\nsecond line")
+
+    monkeypatch.setattr(pipeline, "check_file", broken)
+    out = tmp_path / "out"
+    code = main(["--model", str(tiny_bert(tmp_path / "ckpt")), "--output", str(out), "--calibration-samples", "8"])
+    err = capsys.readouterr().err
+    assert code == 4 and "onnxruntime failed in the parity stage (Fail: [ONNXRuntimeError] : 1 : FAIL : kernel" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and _siblings(out) == []
