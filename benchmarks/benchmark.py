@@ -123,7 +123,7 @@ def calibration_peak_rss(optimized: Path, source: Path) -> dict[str, float]:
     import subprocess
 
     code = f"""
-import json, resource, sys, tempfile
+import json, sys, tempfile
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 from pathlib import Path
 from calibration.corpus import builtin_texts
@@ -135,11 +135,15 @@ from transformers import AutoTokenizer
 names = [i.name for i in onnx.load(Path({str(optimized)!r}), load_external_data=False).graph.input]
 tokenize = make_tokenize(AutoTokenizer.from_pretrained(Path({str(source)!r})), names, {SEQ})
 texts = builtin_texts()[:{CALIBRATION_RSS_TEXTS}]
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def status_mb(field):
+    # VmHWM belongs to this process's address space, so unlike ru_maxrss it does not inherit the parent's peak
+    # through fork + exec (the benchmark process holds GBs of models when it starts this child).
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":")) / 1024
+before = status_mb("VmRSS")
 with tempfile.TemporaryDirectory() as work:
     report = quantize_model(Path({str(optimized)!r}), Path(work) / "q.onnx", TextCalibrationReader(texts, tokenize, 8),
                             QuantizationConfig(samples=len(texts)))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = status_mb("VmHWM")
 print(json.dumps({{"texts": len(texts), "rss_before_mb": before, "peak_rss_mb": peak, "seconds": report.seconds}}))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
