@@ -20,7 +20,8 @@ migration strength ``a`` is chosen per tensor from a grid by the output error of
 MatMul on sampled calibration rows (``smooth_alpha=None``), or fixed.
 
 Memory: one calibration pass keeps, per quantized input, per-channel running min/max (and their moving
-averages) plus at most ``max_sample_rows`` sampled rows; one tokenized batch exists at a time.
+averages) plus at most ``max_rows`` sampled rows (2048: about 130 MB for MiniLM; 512 rows chose alphas that gave
+top-1 agreement 0.944 where 1024-2048 gave 0.958); one tokenized batch exists at a time.
 
 Fallback: the smoothed float graph is the FP32 twin of every quantized node (same node names), so putting a node
 back in FP32 is building the graph without quantizing it; :func:`calibration.search.search_fallback` drives it.
@@ -133,7 +134,7 @@ def find_targets(model: onnx.ModelProto, op_types: Sequence[str], exclude: Seque
 
 def collect_stats(
     model: onnx.ModelProto, tensors: Sequence[str], reader: CalibrationDataReader, seed: int = 0,
-    rows_per_batch: int = 32, max_rows: int = 512,
+    rows_per_batch: int = 64, max_rows: int = 2048,
 ) -> dict[str, ActivationStats]:
     """One pass over ``reader``: per-channel ranges and sampled rows of ``tensors`` (see module doc)."""
     augmented = copy.deepcopy(model)
@@ -209,8 +210,10 @@ def plan_inputs(
     for tensor, stat in stats.items():
         amax = np.maximum(np.abs(stat.channel_min), np.abs(stat.channel_max))
         wmax = np.max([np.abs(w).max(1) for w in weights[tensor]], axis=0)
-        grid = ALPHA_GRID if smooth_alpha is None else (smooth_alpha,)
         row_wise = tensor in per_token
+        # A per-token input is not smoothed: its own scale per token does what smoothing would, and no
+        # Mul(1/s) pass runs in front of it (measured on MiniLM: the same error as the best alpha, and faster).
+        grid = (0.0,) if row_wise else ALPHA_GRID if smooth_alpha is None else (smooth_alpha,)
         best: tuple[float, float] | None = None
         if len(grid) > 1:
             rows = np.concatenate(stat.rows).astype(np.float64)
