@@ -54,6 +54,8 @@ FUSED_METHODS = frozenset({"minmax", "moving-average"})
 """Range methods this route computes; entropy and percentile run on the unfused graph (see quantize.py)."""
 _MOVING_AVERAGE = 0.01
 _ROW_EPSILON = 1e-6
+PER_TOKEN_ZERO_POINTS = (4, 8, 16, 24, 32, 48, 64)
+"""Zero points tried for a per-token input that goes negative (GELU: down to about -0.17)."""
 PER_TOKEN_PRODUCERS = frozenset({"BiasGelu", "Gelu", "FastGelu", "Relu"})
 """Ops whose output (bounded below, heavy-tailed per token) is quantized per token with ``per_token_ffn``."""
 
@@ -107,10 +109,9 @@ class InputPlan:
     scale: float
     zero_point: int
     per_token: bool = False
-    """Quantized with one scale per token (row) computed at run time, see :func:`_per_token_matmul`; scale
-    and zero_point are then unused."""
-    shift: np.ndarray | None = None
-    """Per-token only: per-channel shift making the (smoothed) activation non-negative, folded out again."""
+    """Quantized with one step per token computed at run time, see :func:`_per_token_matmul`; then
+    ``zero_point`` is the fixed u8 zero point and ``scale`` the smallest step (so values down to
+    ``-zero_point * scale``, the calibrated minimum, always fit)."""
 
 
 def find_targets(model: onnx.ModelProto, op_types: Sequence[str], exclude: Sequence[str]) -> list[Target]:
@@ -189,11 +190,18 @@ def _smoothing(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(s, 1e-4, 1e4).astype(np.float32)
 
 
-def _per_token(rows: np.ndarray, smooth: np.ndarray, shift: np.ndarray) -> np.ndarray:
+def _per_token(rows: np.ndarray, zero: int, min_step: float) -> np.ndarray:
     """Emulate :func:`_per_token_matmul`'s per-token u8 quantization of ``rows`` (float64)."""
-    shifted = rows / smooth + shift
-    step = np.maximum(shifted.max(1, keepdims=True), _ROW_EPSILON) / 255.0
-    return np.clip(np.round(shifted / step), 0, 255) * step - shift
+    step = np.maximum(rows.max(1, keepdims=True) / (255 - zero), max(min_step, _ROW_EPSILON))
+    return (np.clip(np.round(rows / step) + zero, 0, 255) - zero) * step
+
+
+def _per_token_zero(stat: ActivationStats) -> list[tuple[int, float]]:
+    """Candidate (zero point, smallest step) pairs for a per-token input whose minimum is ``stat``'s."""
+    negative = float(max(0.0, -stat.channel_min.min()))
+    if negative == 0.0:
+        return [(0, 0.0)]
+    return [(zero, negative / zero) for zero in PER_TOKEN_ZERO_POINTS]
 
 
 def plan_inputs(
@@ -220,11 +228,8 @@ def plan_inputs(
             exact = [rows @ w.astype(np.float64) for w in weights[tensor]]
             for alpha in grid:
                 s = _smoothing(amax, wmax, alpha).astype(np.float64)
-                if row_wise:
-                    xq = _per_token(rows, s, np.maximum(0.0, -stat.channel_min / s))
-                else:
-                    scale, zero = _u8(*_range(stat, s, method))
-                    xq = (np.clip(np.round(rows / s / scale) + zero, 0, 255) - zero) * scale
+                scale, zero = _u8(*_range(stat, s, method))
+                xq = (np.clip(np.round(rows / s / scale) + zero, 0, 255) - zero) * scale
                 error = 0.0
                 for w, reference in zip(weights[tensor], exact, strict=True):
                     wq, ws = _quantize_weight(w * s[:, None])
@@ -234,8 +239,19 @@ def plan_inputs(
         alpha = grid[0] if best is None else best[1]
         smooth = _smoothing(amax, wmax, alpha)
         scale, zero = _u8(*_range(stat, smooth, method))
-        shift = np.maximum(0.0, -stat.channel_min / smooth).astype(np.float32) if row_wise else None
-        plans[tensor] = InputPlan(smooth, alpha, scale, zero, row_wise, shift)
+        if row_wise:  # the zero point whose emulated product error is smallest
+            rows = np.concatenate(stat.rows).astype(np.float64)
+            exact = [rows @ w.astype(np.float64) for w in weights[tensor]]
+            errors = []
+            for zero, min_step in _per_token_zero(stat):
+                xq = _per_token(rows, zero, min_step)
+                error = 0.0
+                for w, reference in zip(weights[tensor], exact, strict=True):
+                    wq, ws = _quantize_weight(w)
+                    error += float(np.mean((xq @ (wq * ws.astype(np.float64)) - reference) ** 2))
+                errors.append((error, zero, min_step))
+            _, zero, scale = min(errors)
+        plans[tensor] = InputPlan(smooth, alpha, scale, zero, row_wise)
     return plans
 
 
@@ -339,52 +355,48 @@ def build_int8(
 def _per_token_matmul(
     node: onnx.NodeProto, weight: np.ndarray, plan: InputPlan, inits: list[onnx.TensorProto], opset: int = 17
 ) -> list[onnx.NodeProto]:
-    """``x @ W`` with ``x`` quantized to u8 with one scale per token, computed at run time::
+    """``x @ W`` with ``x`` quantized to u8 with one step per token, computed at run time::
 
-        x -> Add(shift) -> ReduceMax(last axis) = r -> Mul(x', 255 / r) -> QuantizeLinear(1, 0)
-          -> MatMulIntegerToFloat(W as int8, column scales / 255) -> Mul(r) -> Add(-shift @ W) -> y
+        x -> ReduceMax(last axis) / (255 - z) -> Max(smallest step) = r -> Mul(x, 1 / r) -> QuantizeLinear(1, z)
+          -> MatMulIntegerToFloat(W as int8, zero point z) -> Mul(r) -> y
 
-    The shift (per channel, from calibration) makes the activation non-negative so zero point 0 loses no level;
-    its product with W is subtracted again. A token's own maximum sets its step, so a token far smaller than
-    the largest calibration token keeps its resolution (a per-tensor static range loses it: GELU outputs, whose
-    per-token maxima vary about 10x, are where MiniLM's INT8 error came from).
+    A token's own maximum sets its step, so a token far smaller than the largest calibration token keeps its
+    resolution (a per-tensor static range loses it: GELU outputs, whose per-token maxima vary about 10x, are
+    where MiniLM's INT8 error came from). The fixed zero point z keeps the small negative values of GELU
+    (down to the calibrated minimum, about -0.17) without a shift pass; z is chosen by emulated error.
     """
     tag = node.name
     wq, ws = _quantize_weight(weight)
-    shift = plan.shift if plan.shift is not None else np.zeros(weight.shape[0], np.float32)
+    zero = plan.zero_point
     inits += [
-        numpy_helper.from_array(shift, f"{tag}_shift"),
-        numpy_helper.from_array(np.array([_ROW_EPSILON], np.float32), f"{tag}_epsilon"),
+        numpy_helper.from_array(np.array([1.0 / (255 - zero)], np.float32), f"{tag}_levels"),
+        numpy_helper.from_array(np.array([max(plan.scale, _ROW_EPSILON)], np.float32), f"{tag}_min_step"),
         numpy_helper.from_array(np.array([-1], np.int64), f"{tag}_axes"),
-        numpy_helper.from_array(np.array([255.0], np.float32), f"{tag}_levels"),
+        numpy_helper.from_array(np.array([1.0], np.float32), f"{tag}_one"),
         numpy_helper.from_array(np.array(1.0, np.float32), f"{tag}_unit"),
-        numpy_helper.from_array(np.array(0, np.uint8), f"{tag}_zero"),
+        numpy_helper.from_array(np.array(zero, np.uint8), f"{tag}_zero"),
         numpy_helper.from_array(wq, f"{tag}_weight_s8"),
-        numpy_helper.from_array((ws / 255.0).astype(np.float32), f"{tag}_weight_scale"),
+        numpy_helper.from_array(ws, f"{tag}_weight_scale"),
         numpy_helper.from_array(np.zeros(ws.shape, np.int8), f"{tag}_weight_zero_point"),
-        numpy_helper.from_array((-(shift.astype(np.float64) @ weight.astype(np.float64))).astype(np.float32),
-                                f"{tag}_unshift"),
     ]
     x = node.input[0]
     reduce = (
-        helper.make_node("ReduceMax", [f"{tag}_shifted", f"{tag}_axes"], [f"{tag}_rowmax"], f"{tag}_rowmax",
-                         keepdims=1)
+        helper.make_node("ReduceMax", [x, f"{tag}_axes"], [f"{tag}_rowmax"], f"{tag}_rowmax", keepdims=1)
         if opset >= 18 else
-        helper.make_node("ReduceMax", [f"{tag}_shifted"], [f"{tag}_rowmax"], f"{tag}_rowmax", axes=[-1], keepdims=1)
+        helper.make_node("ReduceMax", [x], [f"{tag}_rowmax"], f"{tag}_rowmax", axes=[-1], keepdims=1)
     )
     return [
-        helper.make_node("Add", [x, f"{tag}_shift"], [f"{tag}_shifted"], f"{tag}_shift"),
         reduce,
-        helper.make_node("Max", [f"{tag}_rowmax", f"{tag}_epsilon"], [f"{tag}_range"], f"{tag}_range"),
-        helper.make_node("Div", [f"{tag}_levels", f"{tag}_range"], [f"{tag}_inverse"], f"{tag}_inverse"),
-        helper.make_node("Mul", [f"{tag}_shifted", f"{tag}_inverse"], [f"{tag}_scaled"], f"{tag}_scale"),
+        helper.make_node("Mul", [f"{tag}_rowmax", f"{tag}_levels"], [f"{tag}_raw_step"], f"{tag}_raw_step"),
+        helper.make_node("Max", [f"{tag}_raw_step", f"{tag}_min_step"], [f"{tag}_step"], f"{tag}_step"),
+        helper.make_node("Div", [f"{tag}_one", f"{tag}_step"], [f"{tag}_inverse"], f"{tag}_inverse"),
+        helper.make_node("Mul", [x, f"{tag}_inverse"], [f"{tag}_scaled"], f"{tag}_scale"),
         helper.make_node("QuantizeLinear", [f"{tag}_scaled", f"{tag}_unit", f"{tag}_zero"], [f"{tag}_u8"],
                          f"{tag}_quantize"),
         helper.make_node("MatMulIntegerToFloat",
                          [f"{tag}_u8", f"{tag}_weight_s8", f"{tag}_unit", f"{tag}_weight_scale", f"{tag}_zero",
                           f"{tag}_weight_zero_point"], [f"{tag}_integer"], tag, domain="com.microsoft"),
-        helper.make_node("Mul", [f"{tag}_integer", f"{tag}_range"], [f"{tag}_rescaled"], f"{tag}_rescale"),
-        helper.make_node("Add", [f"{tag}_rescaled", f"{tag}_unshift"], list(node.output), f"{tag}_unshift"),
+        helper.make_node("Mul", [f"{tag}_integer", f"{tag}_step"], list(node.output), f"{tag}_rescale"),
     ]
 
 
@@ -402,7 +414,8 @@ class FusedPlan:
     def smoothing_report(self) -> dict[str, Any]:
         """Per quantized input: the chosen alpha and the largest channel division (for the manifest)."""
         return {tensor: {"alpha": plan.alpha, "max_smoothing": round(float(plan.smooth.max()), 4)}
-                | ({"per_token": True} if plan.per_token else {"scale": plan.scale, "zero_point": plan.zero_point})
+                | ({"per_token": True, "zero_point": plan.zero_point, "min_step": plan.scale} if plan.per_token
+                   else {"scale": plan.scale, "zero_point": plan.zero_point})
                 for tensor, plan in self.plans.items()}
 
 
