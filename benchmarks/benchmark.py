@@ -41,6 +41,7 @@ from calibration.metrics import get_metric  # noqa: E402
 from calibration.quantize import QuantizationConfig  # noqa: E402
 from exporter.config import ExportConfig  # noqa: E402
 from exporter.loading import load_checkpoint  # noqa: E402
+from exporter.onnx_export import export_onnx  # noqa: E402
 from exporter.pipeline import export_model  # noqa: E402
 from exporter.text import make_tokenize  # noqa: E402
 from tests import checkpoints  # noqa: E402
@@ -150,6 +151,9 @@ print(json.dumps({{"texts": len(texts), "rss_before_mb": before, "peak_rss_mb": 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+DENSE = "dense MiniLM model.onnx"
+
+
 def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, memory: bool,
                compare_preset: str | None = None) -> list[dict[str, Any]]:
     source = KINDS[kind](work / "checkpoint")
@@ -183,6 +187,12 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
         runners[name] = _ort_runner(artifact / name, threads)
     if compare_preset:
         runners[other] = _ort_runner(work / "other" / "model_quantized.onnx", threads)
+    dense = work / "dense" / "model.onnx"
+    if kind == "pruned-minilm":  # issue 4 compares the pruned INT8 file with the DENSE FP32 model: same rounds
+        dense_checkpoint = load_checkpoint(checkpoints.minilm_path(), task)
+        dense.parent.mkdir()
+        export_onnx(dense_checkpoint.model, dense_checkpoint.architecture, task, dense)
+        runners[DENSE] = _ort_runner(dense, threads)
 
     reference = [runners["torch eager fp32"](batch) for batch in eval_batches]
     times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in BATCHES} for n in runners}
@@ -197,18 +207,26 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
                 times[name][b].append((time.perf_counter() - start) * 1e3)
     rows = []
     sizes = {"model.onnx": artifact / "model.onnx", "model_optimized.onnx": artifact / "model_optimized.onnx",
-             "model_quantized.onnx": artifact / "model_quantized.onnx", other: work / "other" / "model_quantized.onnx"}
+             "model_quantized.onnx": artifact / "model_quantized.onnx", other: work / "other" / "model_quantized.onnx", DENSE: dense}
     for name, run in runners.items():
         row = {"kind": kind, "variant": name}
         for b in BATCHES:
             row[f"b{b}_ms"] = statistics.median(times[name][b])
-        row |= _accuracy(task, reference, [run(batch) for batch in eval_batches], eval_batches)
+        if name == DENSE:  # another model than the pruned reference: no accuracy against it
+            row |= {"cosine": None, "agreement": None, "agreement_name": "-"}
+        else:
+            row |= _accuracy(task, reference, [run(batch) for batch in eval_batches], eval_batches)
         row["size_mb"] = sizes[name].stat().st_size / 1e6 if name in sizes else None
         rows.append(row)
     base = next(r for r in rows if r["variant"] == "model.onnx")
     for row in rows:
         for b in BATCHES:
             row[f"b{b}_vs_model_onnx"] = row[f"b{b}_ms"] / base[f"b{b}_ms"]
+    dense_row = next((r for r in rows if r["variant"] == DENSE), None)
+    if dense_row is not None:
+        for row in rows:
+            for b in BATCHES:
+                row[f"b{b}_vs_dense"] = row[f"b{b}_ms"] / dense_row[f"b{b}_ms"]
     quantization = result.manifest["quantization"]
     rows.append({"kind": kind, "variant": "(export wall time s)", "b1_ms": export_seconds,
                  "compaction": result.manifest["compaction"]["summary"], "fusion": result.manifest["fusion"]["summary"],
@@ -237,10 +255,17 @@ def render(rows: list[dict[str, Any]], threads: int, rounds: int) -> str:
                          "| | | | |")
             continue
         size = f"{r['size_mb']:.1f}" if r["size_mb"] else "-"
-        lines.append(f"| {r['kind']} | {r['variant']} | {r['b1_ms']:.1f} | {r['b8_ms']:.1f} | {r['b1_vs_model_onnx']:.2f}x "
-                     f"| {r['b8_vs_model_onnx']:.2f}x | {r['cosine']:.4f} | {r['agreement']:.3f} ({r['agreement_name']}) "
+        variant = r["variant"] + (f" ({r['b1_vs_dense']:.2f}x / {r['b8_vs_dense']:.2f}x of dense)" if "b1_vs_dense" in r
+                                  and r["variant"] != DENSE else "")
+        lines.append(f"| {r['kind']} | {variant} | {r['b1_ms']:.1f} | {r['b8_ms']:.1f} | {r['b1_vs_model_onnx']:.2f}x "
+                     f"| {r['b8_vs_model_onnx']:.2f}x | {_number(r['cosine'], 4)} | {_number(r['agreement'], 3)} "
+                     f"({r['agreement_name']}) "
                      f"| {size} |")
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -250,7 +275,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for r in (r for r in rows if "b8_ms" in r and "cosine" in r):
+    for r in (r for r in rows if "b8_ms" in r and r.get("cosine") is not None):
         size = r["size_mb"] or 90.0
         ax.scatter(r["b8_ms"], r["cosine"], s=size * 8, alpha=0.5)
         ax.annotate(f"{r['kind']}: {r['variant']}", (r["b8_ms"], r["cosine"]), fontsize=7)
