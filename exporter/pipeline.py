@@ -374,10 +374,14 @@ def measure_files(
 
 def _fp16_variant(config: ExportConfig, built: Path) -> dict[str, Any]:
     """Build model_fp16.onnx from the fused graph when config.fp16 asks for it (see ExportConfig.fp16)."""
+    import onnxruntime as ort
+
     cuda = PROVIDERS["cuda"] in resolve_providers(config.parity.providers)[0]
     if config.fp16 == "never" or (config.fp16 == "auto" and not cuda):
+        where = ("absent here" if PROVIDERS["cuda"] not in ort.get_available_providers()
+                 else "not among the providers checked (--providers)")
         why = ("not requested (--fp16 never)" if config.fp16 == "never" else
-               f"{PROVIDERS['cuda']} absent here, so {FP16_FILE} was not built (float16 is a CUDA variant; "
+               f"{PROVIDERS['cuda']} {where}, so {FP16_FILE} was not built (float16 is a CUDA variant; "
                "--fp16 always builds it anyway)")
         return {"built": False, "reason": why}
     report = to_float16(built / OPTIMIZED_FILE, built / FP16_FILE)
