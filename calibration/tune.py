@@ -3,7 +3,8 @@
 Which INT8 form runs fastest depends on the CPU and the onnxruntime build (VNNI or not, thread count, model
 width), so instead of trusting the default preset this quantizes the model once per candidate preset (each with
 the accuracy search, so every candidate meets the same task-metric bars), times the candidates round-robin on
-the same real-text inputs, and keeps the one with the lowest summed median latency over the timed shapes. A
+the same real-text inputs, and keeps the one whose median latency, relative to the fastest candidate at each
+timed shape, sums lowest (so batch 1 counts as much as batch 8). A
 candidate that fails (onnxruntime refuses it, or the search cannot meet the bars) is recorded with its reason
 and not chosen. The table of candidates goes into the manifest.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import statistics
 import tempfile
 import time
@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 
-from calibration.quantize import PRESETS, QuantizationConfig, QuantizationReport, quantize_model
+from calibration.quantize import PRESETS, QuantizationConfig, QuantizationReport, _save, quantize_model
+from calibration.search import PROTO_LIMIT
 from exporter.errors import QuantizationError
 
 logger = logging.getLogger(__name__)
@@ -33,13 +35,21 @@ CPU_CANDIDATES = ("cpu-avx512-vnni", "cpu-avx512-vnni-static", "cpu-avx512-vnni-
 """Presets tried on the CPU provider (gpu-tensorrt-s8s8 targets TensorRT and is not timed here)."""
 
 
+CARRIED = ("samples", "seed", "batch_size", "exclude_nodes", "calibration_chunk_batches", "max_accuracy_drop",
+           "search_ranking_batches", "validation_samples")
+"""The user's options every candidate keeps; everything else (the recipe) comes from the candidate preset."""
+
+
 def candidate_config(base: QuantizationConfig, preset: str) -> QuantizationConfig:
-    """``base`` (the user's options) with the settings that define ``preset`` (those differing from the default
-    preset) applied, so samples, seed, accuracy bars and the like carry over to every candidate."""
-    default, chosen = QuantizationConfig(), PRESETS[preset]
-    defining = {f.name: getattr(chosen, f.name) for f in dataclasses.fields(QuantizationConfig)
-                if getattr(chosen, f.name) != getattr(default, f.name)}
-    return dataclasses.replace(base, **(defining | {"preset": preset, "tune": False}))
+    """The preset ``preset`` with ``base``'s :data:`CARRIED` options (samples, seed, accuracy bars, ...), so a
+    recipe chosen for the run (``--quantization-preset``, ``--calibration-method``) does not leak into the others."""
+    return dataclasses.replace(PRESETS[preset], **{name: getattr(base, name) for name in CARRIED}, tune=False)
+
+
+def _is_failure(error: Exception) -> bool:
+    """A candidate's own failure: ours, or onnxruntime's (its compiled exceptions subclass plain Exception)."""
+    return isinstance(error, (QuantizationError, RuntimeError, ValueError)) or type(error).__module__.startswith(
+        "onnxruntime")
 
 
 def tune_quantization(
@@ -51,6 +61,9 @@ def tune_quantization(
 ) -> tuple[QuantizationReport, list[dict[str, Any]]]:
     """Quantize ``sources["fused"]`` / ``sources["unfused"]`` with each candidate preset, time them, write the
     fastest to ``output_path``; returns its report and one row per candidate (see module doc)."""
+    if len(candidates) > 1 and not hasattr(reader, "rewind"):
+        raise QuantizationError("--tune calibrates once per candidate preset and needs a reader with rewind(); "
+                                "use calibration.data.TextCalibrationReader")
     rows: list[dict[str, Any]] = []
     reports: dict[str, QuantizationReport] = {}
     with tempfile.TemporaryDirectory(prefix="export-model-tune-") as work:
@@ -65,8 +78,10 @@ def tune_quantization(
             try:
                 report = quantize(sources[row["graph"]], path, reader, config, sample_sha256=sample_sha256,
                                   validation=validation, metric=metric)
-            except QuantizationError as error:
-                reason = str(error).splitlines()[0]
+            except Exception as error:
+                if not _is_failure(error):
+                    raise
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 row |= {"status": "failed", "reason": reason if len(reason) <= 300 else reason[:297] + "..."}
                 logger.info("tune: %s failed: %s", preset, row["reason"])
                 rows.append(row)
@@ -82,38 +97,53 @@ def tune_quantization(
                 f"--tune: every candidate preset failed ({'; '.join(r['preset'] + ': ' + r['reason'] for r in rows)}); "
                 "run without --tune to see the default preset's error"
             )
-        timings = _time_round_robin(files, timing_feeds, rounds)
+        timings, refused = _time_round_robin(files, timing_feeds, rounds)
         for row in rows:
             if row["preset"] in timings:
                 row["median_ms"] = {label: round(ms, 3) for label, ms in timings[row["preset"]].items()}
-        chosen = min(timings, key=lambda preset: sum(timings[preset].values()))
+            if row["preset"] in refused:
+                row |= {"status": "failed", "reason": refused[row["preset"]]}
+        if not timings:
+            raise QuantizationError(f"--tune: no candidate could be timed ({refused})")
+        # Each shape counts alike: a candidate's time per shape relative to the fastest there, summed.
+        fastest = {label: min(per[label] for per in timings.values()) for label in timing_feeds}
+        chosen = min(timings, key=lambda preset: sum(timings[preset][label] / fastest[label] for label in fastest))
         for row in rows:
             row["chosen"] = row["preset"] == chosen
-        shutil.copyfile(files[chosen], output_path)
+        model = onnx.load(str(files[chosen]))  # with its external data, if any: saved again beside output_path
+        _save(model, output_path, model.ByteSize() > PROTO_LIMIT or any(
+            init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer))
     logger.info("tune: chose %s of %s", chosen, [r["preset"] for r in rows])
     return reports[chosen], rows
 
 
 def _time_round_robin(
     files: Mapping[str, Path], feeds: Mapping[str, Mapping[str, np.ndarray]], rounds: int
-) -> dict[str, dict[str, float]]:
-    """Median ms per (candidate, shape); candidates interleaved so machine noise hits them alike."""
-    sessions = {}
+) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """(median ms per candidate and shape, {candidate: why onnxruntime refused to run it}); candidates
+    interleaved so machine noise hits them alike."""
+    sessions, refused = {}, {}
     for preset, path in files.items():
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        names = {i.name for i in session.get_inputs()}
-        sessions[preset] = (session, {label: {k: v for k, v in f.items() if k in names} for label, f in feeds.items()})
-    times: dict[str, dict[str, list[float]]] = {preset: {label: [] for label in feeds} for preset in files}
-    for session, local in sessions.values():  # warm-up
-        for f in local.values():
-            session.run(None, f)
+        try:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            names = {i.name for i in session.get_inputs()}
+            local = {label: {k: v for k, v in f.items() if k in names} for label, f in feeds.items()}
+            for f in local.values():  # warm-up, and the first run that may fail
+                session.run(None, f)
+            sessions[preset] = (session, local)
+        except Exception as error:
+            if not _is_failure(error):
+                raise
+            refused[preset] = f"onnxruntime could not run it: {(str(error).strip().splitlines() or [''])[0][:300]}"
+    times: dict[str, dict[str, list[float]]] = {preset: {label: [] for label in feeds} for preset in sessions}
     for _ in range(rounds):
         for preset, (session, local) in sessions.items():
             for label, f in local.items():
                 start = time.perf_counter()
                 session.run(None, f)
                 times[preset][label].append((time.perf_counter() - start) * 1e3)
-    return {preset: {label: statistics.median(values) for label, values in per.items()} for preset, per in times.items()}
+    medians = {preset: {label: statistics.median(values) for label, values in per.items()} for preset, per in times.items()}
+    return medians, refused

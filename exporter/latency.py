@@ -33,11 +33,11 @@ def measure_latency(
     """{"b1xs128": {"median_ms", "p90_ms", "p99_ms", "samples_per_s"}, ...} per named feed dict.
 
     ``threads``: intra-op threads of the session (0: onnxruntime's default, every core). ``io_binding`` (default:
-    for every provider but CPU) binds inputs and outputs on the provider's device once, so a GPU timing measures
+    for the GPU providers whose device is known, CUDA and TensorRT) binds inputs and outputs on the provider's device once, so a GPU timing measures
     the run, not host-device copies. Peak memory is :func:`peak_memory_mb` (a fresh process).
     """
-    if io_binding is None:
-        io_binding = provider != "CPUExecutionProvider"
+    if io_binding is None:  # only where the provider's device is known; elsewhere binding would copy anyway
+        io_binding = provider != "CPUExecutionProvider" and provider in DEVICES
     session = open_session(path, provider, threads=threads)
     names = {i.name for i in session.get_inputs()}
     result = {}
@@ -62,14 +62,14 @@ def measure_latency(
     return result
 
 
-_DEVICES = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+DEVICES = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
 
 
 def bind(session: Any, provider: str, feeds: Feeds) -> Any:
     """An onnxruntime IOBinding with ``feeds`` copied to the provider's device once and outputs left there."""
     import onnxruntime as ort
 
-    device = _DEVICES.get(provider, "cpu")
+    device = DEVICES.get(provider, "cpu")
     binding = session.io_binding()
     for name, value in feeds.items():
         binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, device, 0))

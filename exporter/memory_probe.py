@@ -1,7 +1,8 @@
 """Child process of :func:`exporter.latency.peak_memory_mb`: ``python -m exporter.memory_probe MODEL PROVIDER FEEDS``.
 
 Imports only numpy and onnxruntime (what a serving process holds), notes the resident memory, opens one session
-on PROVIDER, runs the feeds of FEEDS (an .npz) twice, and prints the peak resident bytes the session added.
+on PROVIDER, runs the feeds of FEEDS (an .npz) twice, and prints the peak resident bytes the session added. This
+is host memory: on a GPU provider it includes the CUDA context and not the device's own memory.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ def status_bytes(field: str) -> int:
 def probe(path: str, provider: str, inputs: str) -> int:
     with np.load(inputs) as data:
         feeds = {name: data[name] for name in data.files}
+    try:  # start the peak mark here, so imports and loading the feeds do not count (Linux clear_refs 5)
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+    except OSError:
+        pass
     baseline = status_bytes("VmRSS")
     options = ort.SessionOptions()
     if provider != "CPUExecutionProvider":

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from calibration.corpus import builtin_texts, split_texts
 from calibration.data import TextCalibrationReader, load_texts, sample_texts
@@ -33,7 +34,7 @@ from exporter.compaction import compact_model, mask_heads, parse_drop_heads
 from exporter.config import ExportConfig
 from exporter.divergence import boundaries, locate, torch_boundaries
 from exporter.errors import CalibrationDataError, ExportError, OutputError, ParityError, UsageError
-from exporter.latency import latency_feeds, measure_latency, peak_memory_mb, throughput_modes
+from exporter.latency import DEVICES, latency_feeds, measure_latency, peak_memory_mb, throughput_modes
 from exporter.loading import load_checkpoint, resolve_checkpoint
 from exporter.manifest import checkpoint_hash, write_manifest
 from exporter.onnx_export import export_onnx
@@ -362,7 +363,7 @@ def measure_files(
         for name in names:  # peak memory at the largest shape, each file in a fresh process
             files[name][f"b{LATENCY_BATCHES[-1]}xs{length}"]["peak_mb"] = peak_memory_mb(built / name, provider, largest)
         result[provider] = {"files": files, "sequence": length, "threads": cores,
-                            "io_binding": provider != "CPUExecutionProvider"}
+                            "io_binding": provider != "CPUExecutionProvider" and provider in DEVICES}
         if provider == "CPUExecutionProvider":
             result[provider]["by_threads"] = {
                 str(threads): {name: measure_latency(built / name, provider, ends, threads=threads) for name in names}
@@ -372,19 +373,33 @@ def measure_files(
     return result
 
 
+def _fp16_wanted(config: ExportConfig) -> bool:
+    """Whether model_fp16.onnx is built: --fp16 always, or auto with CUDA among the providers checked."""
+    if config.fp16 == "never":
+        return False
+    return config.fp16 == "always" or PROVIDERS["cuda"] in resolve_providers(config.parity.providers)[0]
+
+
 def _fp16_variant(config: ExportConfig, built: Path) -> dict[str, Any]:
     """Build model_fp16.onnx from the fused graph when config.fp16 asks for it (see ExportConfig.fp16)."""
     import onnxruntime as ort
 
-    cuda = PROVIDERS["cuda"] in resolve_providers(config.parity.providers)[0]
-    if config.fp16 == "never" or (config.fp16 == "auto" and not cuda):
+    if not _fp16_wanted(config):
         where = ("absent here" if PROVIDERS["cuda"] not in ort.get_available_providers()
                  else "not among the providers checked (--providers)")
         why = ("not requested (--fp16 never)" if config.fp16 == "never" else
                f"{PROVIDERS['cuda']} {where}, so {FP16_FILE} was not built (float16 is a CUDA variant; "
                "--fp16 always builds it anyway)")
         return {"built": False, "reason": why}
-    report = to_float16(built / OPTIMIZED_FILE, built / FP16_FILE)
+    try:
+        report = to_float16(built / OPTIMIZED_FILE, built / FP16_FILE)
+    except (ValueError, RuntimeError, onnx.checker.ValidationError) as error:
+        (built / FP16_FILE).unlink(missing_ok=True)
+        why = f"float16 conversion of {OPTIMIZED_FILE} failed ({type(error).__name__}: {str(error)[:200]})"
+        if config.fp16 == "always":
+            raise ExportError(f"{why}; pass --fp16 auto or never to export without {FP16_FILE}") from error
+        log.warning("%s; %s left out", why, FP16_FILE)  # optional under auto: recorded as a skip row
+        return {"built": False, "reason": why}
     return {"built": True, "source": OPTIMIZED_FILE, **report.to_dict()}
 
 

@@ -17,8 +17,8 @@ and ``c`` into their biases, the branch's output projection divides its columns 
 ``D``, and the NoNorm disappears. The first NoNorm (after the embeddings) starts with ``u = e``,
 ``D = w``, ``c = beta``. Where the walk stops (the encoder output, or any reader it does not know), one
 ``Mul(D)`` + ``Add(c)`` gives back ``h`` under its own name, so every consumer and graph output sees the same
-values as before. Exact in real arithmetic; a stream whose ``D`` has a (near) zero channel is not folded past
-that point, since dividing by it would not be.
+values as before. Exact in real arithmetic; a stream whose ``D`` leaves ``SCALE_RANGE`` (a near-zero channel, or
+a product of many NoNorm weights drifting far from 1) is not folded past that point.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from onnx import NodeProto, helper, numpy_helper
 
 logger = logging.getLogger(__name__)
 
-#: A channel scale smaller than this fraction of the largest one stops the fold (division would amplify noise).
-MIN_RELATIVE_SCALE = 1e-6
+#: The fold stops before a block whose stream scale D has a channel outside this range: dividing by a tiny D,
+#: or carrying a stream u = (h - c) / D far larger than h, would cost precision (float16 tops out at 65504).
+SCALE_RANGE = (1e-2, 1e2)
 #: Fused activations that add their bias (input 1) before the activation, as a bias Add would.
 _BIAS_ACTIVATIONS = ("BiasGelu", "FastGelu")
 
@@ -151,7 +152,8 @@ def _fold_block(
 ) -> tuple[str, str, np.ndarray, np.ndarray] | None:
     """Fold the residual block reading ``h = scale * u + shift`` and the NoNorm ending it; None (nothing
     changed) when the block is not the expected shape, so the caller gives ``h`` back unfolded."""
-    if h in folder.outputs or np.abs(scale).min() <= MIN_RELATIVE_SCALE * np.abs(scale).max():
+    magnitude = np.abs(scale)
+    if h in folder.outputs or magnitude.min() < SCALE_RANGE[0] or magnitude.max() > SCALE_RANGE[1]:
         return None
     readers = folder.consumers.get(h, [])
     residual = [node for node in readers if node.op_type == "Add" and folder.nonorm_at(folder.sole(node.output[0]))]
@@ -162,6 +164,12 @@ def _fold_block(
     nonorm = folder.nonorm_at(folder.sole(residual_add.output[0]))
     branch = folder.biased_matmul(folder.producers.get(residual_add.input[1 if residual_add.input[0] == h else 0]))
     if nonorm is None or branch is None or residual_add.input[0] == residual_add.input[1]:
+        return None
+    width = len(scale)
+    branch_weight = folder.array(branch[0].input[1])
+    # The branch output y is divided by D: only the residual Add may read it, and every width must agree.
+    if (folder.sole(branch[1].output[0]) != residual_add or branch_weight.shape[1] != width
+            or folder.array(branch[1].input[branch[2]]).shape != (width,) or nonorm.weight.shape != (width,)):
         return None
     plans = []  # (node, weight index, bias node, bias index)
     for node in linears:
@@ -182,6 +190,10 @@ def _fold_block(
                 return None
             plans.append((node, 1, found[1], found[2]))
         else:
+            return None
+    for node, w_index, bias_node, b_index in plans:
+        weight, bias = folder.array(node.input[w_index]), folder.array(bias_node.input[b_index])
+        if weight.ndim != 2 or weight.shape[0] != width or bias.shape != (weight.shape[1],):
             return None
     for node, w_index, bias_node, b_index in plans:
         weight = folder.array(node.input[w_index]).astype(np.float64)

@@ -42,6 +42,10 @@ def test_candidate_keeps_the_users_options_and_takes_the_presets_own() -> None:
     assert (config.format, config.quantize_outputs, config.graph) == ("QOperator", True, "unfused")
     assert config.preset == "cpu-qoperator-u8s8" and not config.tune
     assert candidate_config(base, "cpu-avx512-vnni").uses_fused_graph
+    # a recipe chosen for the run does not leak into the other candidates
+    qoperator = QuantizationConfig.from_preset("cpu-qoperator-u8s8", samples=300, tune=True)
+    default = candidate_config(qoperator, "cpu-avx512-vnni")
+    assert default == dataclasses.replace(PRESETS["cpu-avx512-vnni"], samples=300)
     assert set(CPU_CANDIDATES) <= set(PRESETS) and "gpu-tensorrt-s8s8" not in CPU_CANDIDATES
 
 
@@ -56,7 +60,12 @@ def test_tune_times_every_candidate_and_keeps_the_fastest(sources: dict[str, Pat
     assert len(timed) >= 2 and all(set(row["median_ms"]) == {"b1", "b8"} for row in timed)
     chosen = [row for row in rows if row["chosen"]]
     assert len(chosen) == 1 and chosen[0]["preset"] == report.preset
-    assert sum(chosen[0]["median_ms"].values()) == min(sum(row["median_ms"].values()) for row in timed)
+    fastest = {label: min(row["median_ms"][label] for row in timed) for label in ("b1", "b8")}
+
+    def score(row: dict) -> float:
+        return sum(row["median_ms"][label] / fastest[label] for label in fastest)
+
+    assert score(chosen[0]) == min(score(row) for row in timed)
     assert out.is_file() and onnx.load(str(out)).graph.node  # the chosen candidate's graph was written
     assert report.graph == chosen[0]["graph"]
 
@@ -84,3 +93,26 @@ def test_every_candidate_failing_is_one_error(sources: dict[str, Path], tmp_path
         tune_quantization(sources, tmp_path / "q.onnx", _reader(), dataclasses.replace(QuantizationConfig(), tune=True),
                           _timing(), quantize=refuse)
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_an_onnxruntime_failure_in_a_candidate_is_recorded_not_fatal(sources: dict[str, Path], tmp_path: Path) -> None:
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    def quantize(source: Path, output: Path, *args: object, **kwargs: object) -> QuantizationReport:
+        if args[1].preset == "cpu-avx512-vnni-unfused":
+            raise Fail("[ONNXRuntimeError] : 1 : FAIL : for the test")
+        return quantize_model(source, output, *args, **kwargs)
+
+    _, rows = tune_quantization(sources, tmp_path / "q.onnx", _reader(), QuantizationConfig(tune=True), _timing(),
+                                rounds=1, quantize=quantize)
+    failed = next(row for row in rows if row["preset"] == "cpu-avx512-vnni-unfused")
+    assert failed["status"] == "failed" and "for the test" in failed["reason"] and not failed["chosen"]
+
+
+def test_a_reader_without_rewind_is_refused_up_front(sources: dict[str, Path], tmp_path: Path) -> None:
+    class OneShot:
+        def get_next(self) -> None:
+            return None
+
+    with pytest.raises(QuantizationError, match="rewind"):
+        tune_quantization(sources, tmp_path / "q.onnx", OneShot(), QuantizationConfig(tune=True), _timing())

@@ -198,3 +198,24 @@ def test_onnxruntime_failure_in_a_stage_exits_4_naming_it_with_nothing_on_disk(
     assert code == 4 and "onnxruntime failed in the parity stage (Fail: [ONNXRuntimeError] : 1 : FAIL : kernel" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and _siblings(out) == []
+
+
+@pytest.mark.parametrize(("mode", "code"), [("always", 4), ("auto", 0)])
+def test_a_failed_float16_conversion_is_fatal_only_when_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, mode: str, code: int
+) -> None:
+    import exporter.pipeline as pipeline
+
+    def broken(*args: object) -> None:
+        raise ValueError("converter refused for the test")
+
+    monkeypatch.setattr(pipeline, "to_float16", broken)
+    monkeypatch.setattr(pipeline, "_fp16_wanted", lambda config: True)  # as if CUDA were present under auto
+    out = tmp_path / "out"
+    assert main(["--model", str(tiny_bert(tmp_path / "ckpt")), "--output", str(out), "--calibration-samples", "8",
+                 "--fp16", mode]) == code
+    if code:
+        assert "float16 conversion of model_optimized.onnx failed" in capsys.readouterr().err and not out.exists()
+    else:
+        row = next(e for e in json.loads((out / "manifest.json").read_text())["parity"] if e["file"] == "model_fp16.onnx")
+        assert row["status"] == "skip" and "converter refused for the test" in row["reason"]

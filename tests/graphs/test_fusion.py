@@ -416,3 +416,20 @@ def test_float16_variant_keeps_float32_io_and_close_numbers(fused: dict, exporte
     a, b = expected[keep].astype(np.float64), actual[keep].astype(np.float64)
     cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
     assert cosine.min() > 0.999 and 0 < np.abs(a - b).max() < 0.05 * np.abs(a).max()
+
+
+def test_nonorm_fold_stops_where_a_branch_output_has_another_reader(exported: dict, tmp_path: Path) -> None:
+    """The branch output is divided by D when folded: a second reader (here a graph output) must stop the fold."""
+    item = exported["bert_nonorm"]
+    model = onnx.load(str(item.path))
+    branch = "/encoder/layer.1/attention/output/dense/Add_output_0"
+    assert any(branch in node.output for node in model.graph.node)
+    model.graph.output.append(onnx.helper.make_tensor_value_info(branch, onnx.TensorProto.FLOAT, None))
+    path = tmp_path / "tapped.onnx"
+    onnx.save(model, str(path))
+    report = fuse_graph(path, tmp_path / "tapped_fused.onnx", item.plan)  # its numeric check covers the tap too
+    assert report.op_counts["NoNormFolded"] == 3  # embeddings and layer 0; stops before layer 1's attention block
+    feeds = _inputs(item.input_names, batch=2, seq=16, padding=("hole",))
+    session = ort.InferenceSession(str(tmp_path / "tapped_fused.onnx"), providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run([branch], feeds)[0], reference.run([branch], feeds)[0], atol=1e-4)
