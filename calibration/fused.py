@@ -357,8 +357,8 @@ def _per_token_matmul(
 ) -> list[onnx.NodeProto]:
     """``x @ W`` with ``x`` quantized to u8 with one step per token, computed at run time::
 
-        x -> ReduceMax(last axis) / (255 - z) -> Max(smallest step) = r -> Mul(x, 1 / r) -> QuantizeLinear(1, z)
-          -> MatMulIntegerToFloat(W as int8, zero point z) -> Mul(r) -> y
+        x -> ReduceMax(last axis) -> Max(smallest range) = m -> Mul(x, (255 - z) / m) -> QuantizeLinear(1, z)
+          -> MatMulIntegerToFloat(W as int8 / (255 - z), zero point z) -> Mul(m) -> y     (step r = m / (255 - z))
 
     A token's own maximum sets its step, so a token far smaller than the largest calibration token keeps its
     resolution (a per-tensor static range loses it: GELU outputs, whose per-token maxima vary about 10x, are
@@ -368,15 +368,16 @@ def _per_token_matmul(
     tag = node.name
     wq, ws = _quantize_weight(weight)
     zero = plan.zero_point
+    levels = 255 - zero
     inits += [
-        numpy_helper.from_array(np.array([1.0 / (255 - zero)], np.float32), f"{tag}_levels"),
-        numpy_helper.from_array(np.array([max(plan.scale, _ROW_EPSILON)], np.float32), f"{tag}_min_step"),
+        # step = max(rowmax, levels * smallest step) / levels; the 1 / levels goes into the weight scales
+        numpy_helper.from_array(np.array([levels * max(plan.scale, _ROW_EPSILON)], np.float32), f"{tag}_min_range"),
+        numpy_helper.from_array(np.array([float(levels)], np.float32), f"{tag}_levels"),
         numpy_helper.from_array(np.array([-1], np.int64), f"{tag}_axes"),
-        numpy_helper.from_array(np.array([1.0], np.float32), f"{tag}_one"),
         numpy_helper.from_array(np.array(1.0, np.float32), f"{tag}_unit"),
         numpy_helper.from_array(np.array(zero, np.uint8), f"{tag}_zero"),
         numpy_helper.from_array(wq, f"{tag}_weight_s8"),
-        numpy_helper.from_array(ws, f"{tag}_weight_scale"),
+        numpy_helper.from_array((ws / levels).astype(np.float32), f"{tag}_weight_scale"),
         numpy_helper.from_array(np.zeros(ws.shape, np.int8), f"{tag}_weight_zero_point"),
     ]
     x = node.input[0]
@@ -387,16 +388,15 @@ def _per_token_matmul(
     )
     return [
         reduce,
-        helper.make_node("Mul", [f"{tag}_rowmax", f"{tag}_levels"], [f"{tag}_raw_step"], f"{tag}_raw_step"),
-        helper.make_node("Max", [f"{tag}_raw_step", f"{tag}_min_step"], [f"{tag}_step"], f"{tag}_step"),
-        helper.make_node("Div", [f"{tag}_one", f"{tag}_step"], [f"{tag}_inverse"], f"{tag}_inverse"),
+        helper.make_node("Max", [f"{tag}_rowmax", f"{tag}_min_range"], [f"{tag}_range"], f"{tag}_range"),
+        helper.make_node("Div", [f"{tag}_levels", f"{tag}_range"], [f"{tag}_inverse"], f"{tag}_inverse"),
         helper.make_node("Mul", [x, f"{tag}_inverse"], [f"{tag}_scaled"], f"{tag}_scale"),
         helper.make_node("QuantizeLinear", [f"{tag}_scaled", f"{tag}_unit", f"{tag}_zero"], [f"{tag}_u8"],
                          f"{tag}_quantize"),
         helper.make_node("MatMulIntegerToFloat",
                          [f"{tag}_u8", f"{tag}_weight_s8", f"{tag}_unit", f"{tag}_weight_scale", f"{tag}_zero",
                           f"{tag}_weight_zero_point"], [f"{tag}_integer"], tag, domain="com.microsoft"),
-        helper.make_node("Mul", [f"{tag}_integer", f"{tag}_step"], list(node.output), f"{tag}_rescale"),
+        helper.make_node("Mul", [f"{tag}_integer", f"{tag}_range"], list(node.output), f"{tag}_rescale"),
     ]
 
 
