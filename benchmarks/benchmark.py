@@ -40,6 +40,7 @@ from calibration.corpus import builtin_texts, split_texts  # noqa: E402
 from calibration.metrics import get_metric  # noqa: E402
 from calibration.quantize import QuantizationConfig  # noqa: E402
 from exporter.config import ExportConfig  # noqa: E402
+from exporter.errors import ExportError  # noqa: E402
 from exporter.loading import load_checkpoint  # noqa: E402
 from exporter.onnx_export import export_onnx  # noqa: E402
 from exporter.pipeline import export_model  # noqa: E402
@@ -160,13 +161,21 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
     task = TASKS.get(kind, "feature-extraction")
     artifact = work / "artifact"
     t0 = time.perf_counter()
-    result = export_model(ExportConfig(model=str(source), output=str(artifact), task=task))
+    try:
+        result = export_model(ExportConfig(model=str(source), output=str(artifact), task=task))
+    except ExportError as error:  # e.g. no INT8 node can stay within the accuracy bar: say so, go on
+        return [{"kind": kind, "variant": "(export failed)", "error": f"exit {error.exit_code}: {error}"}]
     export_seconds = time.perf_counter() - t0
     other = f"model_quantized.onnx ({compare_preset})"
+    other_error = ""
     if compare_preset:  # the same pipeline with another INT8 preset, its INT8 file timed beside the default one
         config = ExportConfig(model=str(source), output=str(work / "other"), task=task,
                               quantization=QuantizationConfig.from_preset(compare_preset))
-        other_result = export_model(config)
+        try:
+            other_result = export_model(config)
+        except ExportError as error:
+            compare_preset = None  # shown as the export row's note instead of a timed variant
+            other_error = f"{config.quantization.preset}: export failed (exit {error.exit_code})"
     checkpoint = load_checkpoint(source, task)
     arch = checkpoint.architecture
     pairs = task == "question-answering"
@@ -233,7 +242,7 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
                  "int8": f"INT8 {quantization['graph']} graph, {quantization['quantized_nodes']} nodes, "
                          f"{len(quantization['fallback_nodes'])} back in FP32" + (
                              f"; {compare_preset}: {len(other_result.manifest['quantization']['fallback_nodes'])} back "
-                             "in FP32" if compare_preset else "")})
+                             "in FP32" if compare_preset else (f"; {other_error}" if other_error else ""))})
     if kind == "minilm" and memory:
         rows.append({"kind": kind, "variant": "(calibration memory)",
                      **calibration_peak_rss(artifact / "model_optimized.onnx", source)})
@@ -246,6 +255,9 @@ def render(rows: list[dict[str, Any]], threads: int, rounds: int) -> str:
              "| model | variant | b1 ms | b8 ms | b1 vs model.onnx | b8 vs model.onnx | cosine | agreement | size MB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['kind']} | export failed | {r['error'].splitlines()[0]} | | | | | | |")
+            continue
         if "peak_rss_mb" in r:
             lines.append(f"| {r['kind']} | calibration of {r['texts']} texts | peak RSS {r['peak_rss_mb']:.0f} MB "
                          f"(process before calibrating: {r['rss_before_mb']:.0f} MB), {r['seconds']:.0f} s | | | | | | |")
