@@ -204,6 +204,17 @@ def _per_token_zero(stat: ActivationStats) -> list[tuple[int, float]]:
     return [(zero, negative / zero) for zero in PER_TOKEN_ZERO_POINTS]
 
 
+def _product_error(
+    xq: np.ndarray, weights: Sequence[np.ndarray], exact: Sequence[np.ndarray], smooth: np.ndarray | None = None
+) -> float:
+    """Summed mean squared error of the emulated products ``xq @ int8(W * s)`` against the float ``exact``."""
+    error = 0.0
+    for w, reference in zip(weights, exact, strict=True):
+        wq, ws = _quantize_weight(w if smooth is None else w * smooth[:, None])
+        error += float(np.mean((xq @ (wq * ws.astype(np.float64)) - reference) ** 2))
+    return error
+
+
 def plan_inputs(
     stats: dict[str, ActivationStats], weights: dict[str, list[np.ndarray]], method: str,
     smooth_alpha: float | None, per_token: frozenset[str] = frozenset(),
@@ -222,35 +233,23 @@ def plan_inputs(
         # A per-token input is not smoothed: its own scale per token does what smoothing would, and no
         # Mul(1/s) pass runs in front of it (measured on MiniLM: the same error as the best alpha, and faster).
         grid = (0.0,) if row_wise else ALPHA_GRID if smooth_alpha is None else (smooth_alpha,)
-        best: tuple[float, float] | None = None
-        if len(grid) > 1:
+        if len(grid) > 1 or row_wise:  # choices made by emulated error on the sampled rows
             rows = np.concatenate(stat.rows).astype(np.float64)
             exact = [rows @ w.astype(np.float64) for w in weights[tensor]]
-            for alpha in grid:
-                s = _smoothing(amax, wmax, alpha).astype(np.float64)
+        alpha = grid[0]
+        if len(grid) > 1:
+            errors = []
+            for candidate in grid:
+                s = _smoothing(amax, wmax, candidate).astype(np.float64)
                 scale, zero = _u8(*_range(stat, s, method))
                 xq = (np.clip(np.round(rows / s / scale) + zero, 0, 255) - zero) * scale
-                error = 0.0
-                for w, reference in zip(weights[tensor], exact, strict=True):
-                    wq, ws = _quantize_weight(w * s[:, None])
-                    error += float(np.mean((xq @ (wq * ws.astype(np.float64)) - reference) ** 2))
-                if best is None or error < best[0]:
-                    best = (error, alpha)
-        alpha = grid[0] if best is None else best[1]
+                errors.append((_product_error(xq, weights[tensor], exact, s), candidate))
+            alpha = min(errors)[1]
         smooth = _smoothing(amax, wmax, alpha)
         scale, zero = _u8(*_range(stat, smooth, method))
         if row_wise:  # the zero point whose emulated product error is smallest
-            rows = np.concatenate(stat.rows).astype(np.float64)
-            exact = [rows @ w.astype(np.float64) for w in weights[tensor]]
-            errors = []
-            for zero, min_step in _per_token_zero(stat):
-                xq = _per_token(rows, zero, min_step)
-                error = 0.0
-                for w, reference in zip(weights[tensor], exact, strict=True):
-                    wq, ws = _quantize_weight(w)
-                    error += float(np.mean((xq @ (wq * ws.astype(np.float64)) - reference) ** 2))
-                errors.append((error, zero, min_step))
-            _, zero, scale = min(errors)
+            _, zero, scale = min((_product_error(_per_token(rows, zero, min_step), weights[tensor], exact), zero,
+                                  min_step) for zero, min_step in _per_token_zero(stat))
         plans[tensor] = InputPlan(smooth, alpha, scale, zero, row_wise)
     return plans
 
