@@ -41,7 +41,7 @@ from onnxruntime.quantization import (
 
 from calibration.fused import FUSED_METHODS, plan_fused
 from calibration.metrics import TaskMetric, get_metric
-from calibration.search import PROTO_LIMIT, search_fallback
+from calibration.search import PROTO_LIMIT, SearchReport, search_fallback
 from exporter.errors import QuantizationError
 
 logger = logging.getLogger(__name__)
@@ -237,6 +237,23 @@ class QuantizationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def of(
+        cls, config: QuantizationConfig, counts: Mapping[str, int], kept: list[str], reader: CalibrationDataReader,
+        sample_sha256: str, seconds: float, search: SearchReport | None, graph: str = "unfused",
+        smoothing: dict[str, Any] | None = None,
+    ) -> QuantizationReport:
+        """The report of either route: the recipe from ``config``, what was quantized and what stayed float."""
+        return cls(
+            preset=config.preset, method=config.method, format=config.format, activation_type=config.activation_type,
+            weight_type=config.weight_type, per_channel=config.per_channel, op_types=list(config.op_types),
+            quantized_nodes=sum(counts.values()), float_nodes_kept=kept,
+            samples=len(reader.texts) if hasattr(reader, "texts") else 0,  # type: ignore[attr-defined]
+            sample_sha256=sample_sha256, seconds=round(seconds, 3), quantized_op_counts=dict(counts),
+            config=config.to_dict(), fallback_nodes=[] if search is None else search.fallback_nodes,
+            graph=graph, smoothing=smoothing or {}, search=None if search is None else search.to_dict(),
+        )
 
 
 _ACTIVATIONS = frozenset({"Erf", "Gelu", "FastGelu", "BiasGelu", "Relu", "Tanh", "Sigmoid"})
@@ -465,25 +482,7 @@ def quantize_model(
             )
         _save(quantized_model, output_path, large)
     seconds = time.perf_counter() - start
-    samples = len(reader.texts) if hasattr(reader, "texts") else 0  # type: ignore[attr-defined]
-    report = QuantizationReport(
-        preset=config.preset,
-        method=config.method,
-        format=config.format,
-        activation_type=config.activation_type,
-        weight_type=config.weight_type,
-        per_channel=config.per_channel,
-        op_types=list(config.op_types),
-        quantized_nodes=sum(counts.values()),
-        float_nodes_kept=kept,
-        samples=samples,
-        sample_sha256=sample_sha256,
-        seconds=round(seconds, 3),
-        quantized_op_counts=dict(counts),
-        config=config.to_dict(),
-        fallback_nodes=[] if search is None else search.fallback_nodes,
-        search=None if search is None else search.to_dict(),
-    )
+    report = QuantizationReport.of(config, counts, kept, reader, sample_sha256, seconds, search)
     logger.info(
         "quantized %d nodes (%s), kept %d float, in %.1f s -> %s",
         report.quantized_nodes,
@@ -541,16 +540,8 @@ def _quantize_fused(
     kept = [node.name for node in model.graph.node if node.op_type in config.op_types and node.name not in targeted]
     _save(quantized_model, output_path, large)
     seconds = time.perf_counter() - start
-    report = QuantizationReport(
-        preset=config.preset, method=config.method, format=config.format, activation_type=config.activation_type,
-        weight_type=config.weight_type, per_channel=config.per_channel, op_types=list(config.op_types),
-        quantized_nodes=sum(counts.values()), float_nodes_kept=kept + sorted(fallen),
-        samples=len(reader.texts) if hasattr(reader, "texts") else 0,  # type: ignore[attr-defined]
-        sample_sha256=sample_sha256, seconds=round(seconds, 3), quantized_op_counts=dict(counts),
-        config=config.to_dict(), fallback_nodes=[] if search is None else search.fallback_nodes,
-        graph="fused", smoothing=plan.smoothing_report(),
-        search=None if search is None else search.to_dict(),
-    )
+    report = QuantizationReport.of(config, counts, kept + sorted(fallen), reader, sample_sha256, seconds, search,
+                                   graph="fused", smoothing=plan.smoothing_report())
     logger.info("quantized %d nodes of the fused graph (%s), %d back in FP32, in %.1f s -> %s",
                 report.quantized_nodes, dict(counts), len(fallen), seconds, output_path)
     return report
