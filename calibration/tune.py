@@ -27,7 +27,7 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from calibration.quantize import PRESETS, QuantizationConfig, QuantizationReport, _save, quantize_model
 from calibration.search import PROTO_LIMIT
-from exporter.errors import QuantizationError
+from exporter.errors import QuantizationError, from_onnxruntime
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +47,8 @@ def candidate_config(base: QuantizationConfig, preset: str) -> QuantizationConfi
 
 
 def _is_failure(error: Exception) -> bool:
-    """A candidate's own failure: ours, or onnxruntime's (its compiled exceptions subclass plain Exception)."""
-    return isinstance(error, (QuantizationError, RuntimeError, ValueError)) or type(error).__module__.startswith(
-        "onnxruntime")
+    """A candidate's own failure: ours, or onnxruntime's."""
+    return isinstance(error, (QuantizationError, RuntimeError, ValueError)) or from_onnxruntime(error)
 
 
 def tune_quantization(

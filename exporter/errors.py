@@ -48,3 +48,9 @@ class ParityError(ExportError):
     """An artifact does not compute what the PyTorch reference computes (exit code 3; artifact kept)."""
 
     exit_code = 3
+
+
+def from_onnxruntime(error: BaseException) -> bool:
+    """True for onnxruntime's own exceptions (its compiled ``Fail``, ``InvalidGraph``, ... subclass plain
+    ``Exception``, so only their module tells them apart)."""
+    return type(error).__module__.startswith("onnxruntime")

@@ -33,7 +33,14 @@ from exporter.architectures import TASK_OUTPUTS, Architecture
 from exporter.compaction import compact_model, mask_heads, parse_drop_heads
 from exporter.config import ExportConfig
 from exporter.divergence import boundaries, locate, torch_boundaries
-from exporter.errors import CalibrationDataError, ExportError, OutputError, ParityError, UsageError
+from exporter.errors import (
+    CalibrationDataError,
+    ExportError,
+    OutputError,
+    ParityError,
+    UsageError,
+    from_onnxruntime,
+)
 from exporter.latency import DEVICES, latency_feeds, measure_latency, peak_memory_mb, throughput_modes
 from exporter.loading import load_checkpoint, resolve_checkpoint
 from exporter.manifest import checkpoint_hash, write_manifest
@@ -89,7 +96,7 @@ class _Stages:
         try:
             yield note
         except Exception as error:
-            if not type(error).__module__.startswith("onnxruntime"):
+            if not from_onnxruntime(error):
                 raise
             # onnxruntime's own exceptions (pybind Fail, InvalidGraph, ...) are a stage failure, not a crash.
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
