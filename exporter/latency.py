@@ -36,8 +36,8 @@ def measure_latency(
     for the GPU providers whose device is known, CUDA and TensorRT) binds inputs and outputs on the provider's device once, so a GPU timing measures
     the run, not host-device copies. Peak memory is :func:`peak_memory_mb` (a fresh process).
     """
-    if io_binding is None:  # only where the provider's device is known; elsewhere binding would copy anyway
-        io_binding = provider != "CPUExecutionProvider" and provider in DEVICES
+    if io_binding is None:
+        io_binding = binds_io(provider)
     session = open_session(path, provider, threads=threads)
     names = {i.name for i in session.get_inputs()}
     result = {}
@@ -63,6 +63,12 @@ def measure_latency(
 
 
 DEVICES = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+
+
+def binds_io(provider: str) -> bool:
+    """Whether latency is timed with IOBinding on ``provider``: GPU providers whose device is known (elsewhere
+    binding would copy anyway, and on CPU there is nothing to save)."""
+    return provider != "CPUExecutionProvider" and provider in DEVICES
 
 
 def bind(session: Any, provider: str, feeds: Feeds) -> Any:

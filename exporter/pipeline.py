@@ -41,7 +41,7 @@ from exporter.errors import (
     UsageError,
     from_onnxruntime,
 )
-from exporter.latency import DEVICES, latency_feeds, measure_latency, peak_memory_mb, throughput_modes
+from exporter.latency import binds_io, latency_feeds, measure_latency, peak_memory_mb, throughput_modes
 from exporter.loading import load_checkpoint, resolve_checkpoint
 from exporter.manifest import checkpoint_hash, write_manifest
 from exporter.onnx_export import export_onnx
@@ -370,7 +370,7 @@ def measure_files(
         for name in names:  # peak memory at the largest shape, each file in a fresh process
             files[name][f"b{LATENCY_BATCHES[-1]}xs{length}"]["peak_mb"] = peak_memory_mb(built / name, provider, largest)
         result[provider] = {"files": files, "sequence": length, "threads": cores,
-                            "io_binding": provider != "CPUExecutionProvider" and provider in DEVICES}
+                            "io_binding": binds_io(provider)}
         if provider == "CPUExecutionProvider":
             result[provider]["by_threads"] = {
                 str(threads): {name: measure_latency(built / name, provider, ends, threads=threads) for name in names}
