@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import NodeProto, helper, numpy_helper
 
+from graphs.graph_view import GraphView
+
 logger = logging.getLogger(__name__)
 
 #: The fold stops before a block whose stream scale D has a channel outside this range: dividing by a tiny D,
@@ -47,23 +49,15 @@ class _NoNorm:
     bias: np.ndarray
 
 
-class _Folder:
+class _Folder(GraphView):
     def __init__(self, model: object) -> None:
-        self.model = model
-        self.graph = model.model.graph  # type: ignore[attr-defined]
-        self.consumers = model.input_name_to_nodes()  # type: ignore[attr-defined]
-        self.producers = model.output_name_to_node()  # type: ignore[attr-defined]
-        self.outputs = {output.name for output in self.graph.output}
+        super().__init__(model)
         self.uses: dict[str, int] = {}
         for node in self.graph.node:
             for name in node.input:
                 self.uses[name] = self.uses.get(name, 0) + 1
         self.remove: list[NodeProto] = []
         self.add: list[NodeProto] = []
-
-    def array(self, name: str) -> np.ndarray | None:
-        init = self.model.get_initializer(name)  # type: ignore[attr-defined]
-        return None if init is None else numpy_helper.to_array(init)
 
     def set_array(self, node: NodeProto, index: int, value: np.ndarray) -> None:
         """Give ``node.input[index]`` the new value, copying the initializer when another node reads it too."""
@@ -76,10 +70,6 @@ class _Folder:
             self.uses[name] = 1
             return
         self.model.get_initializer(name).CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))  # type: ignore[attr-defined]
-
-    def sole(self, tensor: str) -> NodeProto | None:
-        readers = self.consumers.get(tensor, [])
-        return readers[0] if len(readers) == 1 and tensor not in self.outputs else None
 
     def nonorm_at(self, mul: NodeProto | None) -> _NoNorm | None:
         """``Mul(x, w) -> Add(., beta)`` with 1-D initializers of one width, the Mul read only by the Add."""

@@ -25,23 +25,16 @@ import logging
 import numpy as np
 from onnx import NodeProto, helper, numpy_helper
 
+from graphs.graph_view import GraphView
+
 logger = logging.getLogger(__name__)
 
 
 def fuse_relu_gemm(model: object) -> int:
     """Rewrite every ``MatMul -> Add(bias) -> Relu -> MatMul`` feed-forward of ``model`` (an onnxruntime
     ``OnnxModel``) as above, in place; returns how many were rewritten."""
-    consumers = model.input_name_to_nodes()  # type: ignore[attr-defined]
-    producers = model.output_name_to_node()  # type: ignore[attr-defined]
-    outputs = {output.name for output in model.model.graph.output}  # type: ignore[attr-defined]
-
-    def sole(tensor: str) -> NodeProto | None:
-        readers = consumers.get(tensor, [])
-        return readers[0] if len(readers) == 1 and tensor not in outputs else None
-
-    def weight(name: str) -> np.ndarray | None:
-        init = model.get_initializer(name)  # type: ignore[attr-defined]
-        return None if init is None else numpy_helper.to_array(init)
+    view = GraphView(model)
+    sole, weight, producers = view.sole, view.array, view.producers
 
     remove: list[NodeProto] = []
     add: list[NodeProto] = []
