@@ -33,8 +33,8 @@ def measure_latency(
     """{"b1xs128": {"median_ms", "p90_ms", "p99_ms", "samples_per_s"}, ...} per named feed dict.
 
     ``threads``: intra-op threads of the session (0: onnxruntime's default, every core). ``io_binding`` (default:
-    for the GPU providers whose device is known, CUDA and TensorRT) binds inputs and outputs on the provider's device once, so a GPU timing measures
-    the run, not host-device copies. Peak memory is :func:`peak_memory_mb` (a fresh process).
+    :func:`binds_io`) binds inputs and outputs on the provider's device once, so a GPU timing measures the run,
+    not host-device copies. Peak memory is :func:`peak_memory_mb` (a fresh process).
     """
     if io_binding is None:
         io_binding = binds_io(provider)
@@ -142,4 +142,3 @@ def latency_feeds(tokenize: Any, texts: Sequence[str], shapes: Sequence[tuple[in
     """Full-length feeds (no padding) of real text per (batch, sequence) shape."""
     long_text = " ".join(texts)
     return {f"b{b}xs{s}": tokenize([long_text] * b, max_length=s) for b, s in shapes}
-

@@ -150,4 +150,3 @@ def render_report(manifest: dict[str, Any]) -> str:
     lines += ["", "## Stage timings (s)", "", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v:.1f} |" for k, v in manifest["timings"].items()]
     return "\n".join(lines) + "\n"
-

@@ -361,22 +361,19 @@ def measure_files(
     """Per provider: latency percentiles and peak memory of each file over batch 1-8 with all threads; on CPU also
     one thread per session at batch 1 and 8 (the thread-settings grid) and the best throughput mode."""
     feeds = latency_feeds(tokenize, texts, [(b, length) for b in LATENCY_BATCHES])
-    ends = {label: feeds[label] for label in (f"b{LATENCY_BATCHES[0]}xs{length}", f"b{LATENCY_BATCHES[-1]}xs{length}")}
+    smallest, largest = f"b{LATENCY_BATCHES[0]}xs{length}", f"b{LATENCY_BATCHES[-1]}xs{length}"
     cores = os.cpu_count() or 1
     result: dict[str, Any] = {}
     for provider in resolve_providers(providers)[0]:
         files = {name: measure_latency(built / name, provider, feeds) for name in names}
-        largest = feeds[f"b{LATENCY_BATCHES[-1]}xs{length}"]
         for name in names:  # peak memory at the largest shape, each file in a fresh process
-            files[name][f"b{LATENCY_BATCHES[-1]}xs{length}"]["peak_mb"] = peak_memory_mb(built / name, provider, largest)
-        result[provider] = {"files": files, "sequence": length, "threads": cores,
-                            "io_binding": binds_io(provider)}
+            files[name][largest]["peak_mb"] = peak_memory_mb(built / name, provider, feeds[largest])
+        result[provider] = {"files": files, "sequence": length, "threads": cores, "io_binding": binds_io(provider)}
         if provider == "CPUExecutionProvider":
-            result[provider]["by_threads"] = {
-                str(threads): {name: measure_latency(built / name, provider, ends, threads=threads) for name in names}
-                for threads in sorted({1, cores}) if threads != cores}
-            result[provider]["throughput"] = {
-                name: throughput_modes(built / name, feeds[f"b8xs{length}"]) for name in names}
+            ends = {label: feeds[label] for label in (smallest, largest)}
+            result[provider]["by_threads"] = {"1": {
+                name: measure_latency(built / name, provider, ends, threads=1) for name in names}} if cores > 1 else {}
+            result[provider]["throughput"] = {name: throughput_modes(built / name, feeds[largest]) for name in names}
     return result
 
 
