@@ -41,7 +41,7 @@ from onnxruntime.quantization import (
 
 from calibration.fused import FUSED_METHODS, plan_fused
 from calibration.metrics import TaskMetric, get_metric
-from calibration.search import PROTO_LIMIT, SearchReport, search_fallback
+from calibration.search import SearchReport, is_large, search_fallback
 from exporter.errors import QuantizationError
 
 logger = logging.getLogger(__name__)
@@ -402,9 +402,7 @@ def quantize_model(
         return _quantize_fused(model_path, output_path, reader, config, sample_sha256, validation, metric, start)
     model = onnx.load(str(model_path), load_external_data=False)
     excluded = _excluded_nodes(model, config)
-    large = model.ByteSize() > PROTO_LIMIT or any(
-        init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer
-    )
+    large = is_large(model)
     del model
     extra: dict[str, Any] = {
         "ActivationSymmetric": config.activation_symmetric,
@@ -480,7 +478,7 @@ def quantize_model(
                 f"no node of {list(config.op_types)} was quantized in {model_path.name} "
                 f"({len(excluded)} excluded); check op_types and exclude_nodes"
             )
-        _save(quantized_model, output_path, large)
+        save_quantized(quantized_model, output_path, large)
     seconds = time.perf_counter() - start
     report = QuantizationReport.of(config, counts, kept, reader, sample_sha256, seconds, search)
     logger.info(
@@ -502,7 +500,7 @@ def _all_fell_back(config: QuantizationConfig, nodes: int) -> QuantizationError:
     )
 
 
-def _save(model: onnx.ModelProto, output_path: Path, large: bool) -> None:
+def save_quantized(model: onnx.ModelProto, output_path: Path, large: bool) -> None:
     # A fixed data-file name: onnx's default is a random uuid, which would make two runs' artifacts differ.
     onnx.save_model(model, str(output_path), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=output_path.name + ".data")
@@ -515,7 +513,7 @@ def _quantize_fused(
 ) -> QuantizationReport:
     """The ``graph="fused"`` route (:mod:`calibration.fused`): plan, build with every target INT8, search."""
     model = onnx.load(str(model_path))
-    large = model.ByteSize() > PROTO_LIMIT
+    large = is_large(model)
     try:
         plan = plan_fused(model, reader, config.op_types, config.exclude_nodes, config.method, config.smooth_alpha,
                           config.seed, config.per_token_ffn)
@@ -538,7 +536,7 @@ def _quantize_fused(
         raise _all_fell_back(config, len(names))
     targeted = set(names)
     kept = [node.name for node in model.graph.node if node.op_type in config.op_types and node.name not in targeted]
-    _save(quantized_model, output_path, large)
+    save_quantized(quantized_model, output_path, large)
     seconds = time.perf_counter() - start
     report = QuantizationReport.of(config, counts, kept + sorted(fallen), reader, sample_sha256, seconds, search,
                                    graph="fused", smoothing=plan.smoothing_report())

@@ -47,6 +47,13 @@ _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 PROTO_LIMIT = 1_900_000_000  # protobuf cannot serialize 2 GB; larger graphs go through a temporary file
 
 
+def is_large(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` must be saved with external data: past protobuf's limit, or loaded without its external
+    data (``load_external_data=False``)."""
+    return model.ByteSize() > PROTO_LIMIT or any(
+        init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+
+
 @dataclass
 class FallbackStep:
     """One node put back in FP32: its harm from the ranking trial and the task scores after the step."""

@@ -25,8 +25,14 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 
-from calibration.quantize import PRESETS, QuantizationConfig, QuantizationReport, _save, quantize_model
-from calibration.search import PROTO_LIMIT
+from calibration.quantize import (
+    PRESETS,
+    QuantizationConfig,
+    QuantizationReport,
+    quantize_model,
+    save_quantized,
+)
+from calibration.search import is_large
 from exporter.errors import QuantizationError, from_onnxruntime
 
 logger = logging.getLogger(__name__)
@@ -110,8 +116,7 @@ def tune_quantization(
         for row in rows:
             row["chosen"] = row["preset"] == chosen
         model = onnx.load(str(files[chosen]))  # with its external data, if any: saved again beside output_path
-        _save(model, output_path, model.ByteSize() > PROTO_LIMIT or any(
-            init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer))
+        save_quantized(model, output_path, is_large(model))
     logger.info("tune: chose %s of %s", chosen, [r["preset"] for r in rows])
     return reports[chosen], rows
 
