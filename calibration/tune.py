@@ -33,7 +33,7 @@ from calibration.quantize import (
     save_quantized,
 )
 from calibration.search import is_large
-from exporter.errors import QuantizationError, from_onnxruntime
+from exporter.errors import QuantizationError, first_line, from_onnxruntime
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +86,7 @@ def tune_quantization(
             except Exception as error:
                 if not _is_failure(error):
                     raise
-                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                row |= {"status": "failed", "reason": reason if len(reason) <= 300 else reason[:297] + "..."}
+                row |= {"status": "failed", "reason": first_line(error)}
                 logger.info("tune: %s failed: %s", preset, row["reason"])
                 rows.append(row)
                 continue
@@ -141,7 +140,7 @@ def _time_round_robin(
         except Exception as error:
             if not _is_failure(error):
                 raise
-            refused[preset] = f"onnxruntime could not run it: {(str(error).strip().splitlines() or [''])[0][:300]}"
+            refused[preset] = f"onnxruntime could not run it: {first_line(error)}"
     times: dict[str, dict[str, list[float]]] = {preset: {label: [] for label in feeds} for preset in sessions}
     for _ in range(rounds):
         for preset, (session, local) in sessions.items():

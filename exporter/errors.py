@@ -54,3 +54,10 @@ def from_onnxruntime(error: BaseException) -> bool:
     """True for onnxruntime's own exceptions (its compiled ``Fail``, ``InvalidGraph``, ... subclass plain
     ``Exception``, so only their module tells them apart)."""
     return type(error).__module__.startswith("onnxruntime")
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of ``error``'s message (its type name when the message is empty), cut to ``limit``."""
+    lines = str(error).strip().splitlines()
+    line = lines[0] if lines else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -39,6 +39,7 @@ from exporter.errors import (
     OutputError,
     ParityError,
     UsageError,
+    first_line,
     from_onnxruntime,
 )
 from exporter.latency import binds_io, latency_feeds, measure_latency, peak_memory_mb, throughput_modes
@@ -99,9 +100,8 @@ class _Stages:
             if not from_onnxruntime(error):
                 raise
             # onnxruntime's own exceptions (pybind Fail, InvalidGraph, ...) are a stage failure, not a crash.
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ExportError(
-                f"onnxruntime failed in the {name} stage ({type(error).__name__}: {first[:300]}); "
+                f"onnxruntime failed in the {name} stage ({type(error).__name__}: {first_line(error)}); "
                 "rerun with --debug for the traceback, or report it with the manifest options"
             ) from error
         self.timings[name] = round(time.perf_counter() - start, 3)
