@@ -200,18 +200,18 @@ def fuse_graph(
         fuse_distilbert_attention(optimizer)
     elif plan.layer_norm == "no_norm":
         fuse_nonorm_attention(optimizer)
-    folded = fold_nonorm(optimizer) if plan.layer_norm == "no_norm" and config.fold_nonorm else 0
-    relu_gemms = fuse_relu_gemm(optimizer) if config.relu_gemm and plan.activation == "relu" else 0
+    layers = len(plan.heads_per_layer)
+    rewrites: dict[str, tuple[int, int]] = {}  # report name: (done, expected)
+    if plan.layer_norm == "no_norm":
+        rewrites[NONORM_FOLDED] = (fold_nonorm(optimizer) if config.fold_nonorm else 0, 2 * layers + 1)
+    if config.relu_gemm and plan.activation == "relu":
+        rewrites[RELU_GEMM] = (fuse_relu_gemm(optimizer), layers)
     if not config.enable_skip_layer_norm:
         sum_residuals(optimizer)
     fused = optimizer.model
     report = _verify(fused, plan)
-    if plan.layer_norm == "no_norm":
-        report.op_counts[NONORM_FOLDED] = folded
-        report.expected[NONORM_FOLDED] = 2 * len(plan.heads_per_layer) + 1
-    if config.relu_gemm and plan.activation == "relu":
-        report.op_counts[RELU_GEMM] = relu_gemms
-        report.expected[RELU_GEMM] = len(plan.heads_per_layer)
+    for name, (done, expected) in rewrites.items():
+        report.op_counts[name], report.expected[name] = done, expected
 
     with tempfile.TemporaryDirectory(prefix="fusion-") as work:
         candidate = Path(work) / output_path.name
