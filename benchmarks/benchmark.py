@@ -167,15 +167,17 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
         return [{"kind": kind, "variant": "(export failed)", "error": f"exit {error.exit_code}: {error}"}]
     export_seconds = time.perf_counter() - t0
     other = f"model_quantized.onnx ({compare_preset})"
-    other_error = ""
+    other_result, other_note = None, ""
     if compare_preset:  # the same pipeline with another INT8 preset, its INT8 file timed beside the default one
         config = ExportConfig(model=str(source), output=str(work / "other"), task=task,
                               quantization=QuantizationConfig.from_preset(compare_preset))
         try:
             other_result = export_model(config)
-        except ExportError as error:
-            compare_preset = None  # shown as the export row's note instead of a timed variant
-            other_error = f"{config.quantization.preset}: export failed (exit {error.exit_code})"
+        except ExportError as error:  # shown in the export row instead of a timed variant
+            other_note = f"; {compare_preset}: export failed (exit {error.exit_code})"
+        else:
+            other_note = (f"; {compare_preset}: {len(other_result.manifest['quantization']['fallback_nodes'])} back "
+                          "in FP32")
     checkpoint = load_checkpoint(source, task)
     arch = checkpoint.architecture
     pairs = task == "question-answering"
@@ -194,7 +196,7 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
         runners |= _optimum_peers(source, work, threads)
     for name in ("model.onnx", "model_optimized.onnx", "model_quantized.onnx"):
         runners[name] = _ort_runner(artifact / name, threads)
-    if compare_preset:
+    if other_result is not None:
         runners[other] = _ort_runner(work / "other" / "model_quantized.onnx", threads)
     dense = work / "dense" / "model.onnx"
     if kind == "pruned-minilm":  # issue 4 compares the pruned INT8 file with the DENSE FP32 model: same rounds
@@ -227,26 +229,25 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
             row |= _accuracy(task, reference, [run(batch) for batch in eval_batches], eval_batches)
         row["size_mb"] = sizes[name].stat().st_size / 1e6 if name in sizes else None
         rows.append(row)
-    base = next(r for r in rows if r["variant"] == "model.onnx")
-    for row in rows:
-        for b in BATCHES:
-            row[f"b{b}_vs_model_onnx"] = row[f"b{b}_ms"] / base[f"b{b}_ms"]
-    dense_row = next((r for r in rows if r["variant"] == DENSE), None)
-    if dense_row is not None:
-        for row in rows:
-            for b in BATCHES:
-                row[f"b{b}_vs_dense"] = row[f"b{b}_ms"] / dense_row[f"b{b}_ms"]
+    _add_ratios(rows, "model.onnx", "model_onnx")
+    _add_ratios(rows, DENSE, "dense")
     quantization = result.manifest["quantization"]
     rows.append({"kind": kind, "variant": "(export wall time s)", "b1_ms": export_seconds,
                  "compaction": result.manifest["compaction"]["summary"], "fusion": result.manifest["fusion"]["summary"],
                  "int8": f"INT8 {quantization['graph']} graph, {quantization['quantized_nodes']} nodes, "
-                         f"{len(quantization['fallback_nodes'])} back in FP32" + (
-                             f"; {compare_preset}: {len(other_result.manifest['quantization']['fallback_nodes'])} back "
-                             "in FP32" if compare_preset else (f"; {other_error}" if other_error else ""))})
+                         f"{len(quantization['fallback_nodes'])} back in FP32{other_note}"})
     if kind == "minilm" and memory:
         rows.append({"kind": kind, "variant": "(calibration memory)",
                      **calibration_peak_rss(artifact / "model_optimized.onnx", source)})
     return rows
+
+
+def _add_ratios(rows: list[dict[str, Any]], variant: str, name: str) -> None:
+    """``b{batch}_vs_{name}``: each row's latency over ``variant``'s, when that variant was timed."""
+    base = next((r for r in rows if r["variant"] == variant), None)
+    for row in rows if base is not None else []:
+        for b in BATCHES:
+            row[f"b{b}_vs_{name}"] = row[f"b{b}_ms"] / base[f"b{b}_ms"]
 
 
 def render(rows: list[dict[str, Any]], threads: int, rounds: int) -> str:
