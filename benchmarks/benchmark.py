@@ -36,8 +36,9 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing tests/
 
-from calibration.corpus import builtin_texts, split_texts  # noqa: E402
-from calibration.metrics import get_metric  # noqa: E402
+from benchmarks.finetune import finetune, topic_label  # noqa: E402
+from calibration.corpus import builtin_passages, builtin_texts, split_texts  # noqa: E402
+from calibration.metrics import ClassificationMetric, get_metric  # noqa: E402
 from calibration.quantize import QuantizationConfig  # noqa: E402
 from exporter.config import ExportConfig  # noqa: E402
 from exporter.errors import ExportError  # noqa: E402
@@ -49,16 +50,20 @@ from tests import checkpoints  # noqa: E402
 
 SEQ = 128
 BATCHES = (1, 8)
-KINDS: dict[str, Callable[[Path], Path]] = {
-    "minilm": lambda folder: checkpoints.minilm_path(),
-    "pruned-minilm": lambda folder: checkpoints.block_pruned_minilm(folder).path,
-    "nonorm-relu": lambda folder: checkpoints.nonorm_relu_bert(folder).path,
-    "roberta": lambda folder: checkpoints.tiny_checkpoint(folder, "roberta", "feature-extraction").path,
-    "distilbert": lambda folder: checkpoints.tiny_checkpoint(folder, "distilbert", "feature-extraction").path,
-    "minilm-qa": lambda folder: checkpoints.minilm_with_head(folder, "question-answering"),
-    "minilm-cls": lambda folder: checkpoints.minilm_with_head(folder, "text-classification"),
+FINETUNE_STEPS = 300
+KINDS: dict[str, Callable[[Path, Path], Path]] = {  # (scratch folder, folder of reusable fine-tuned models)
+    "minilm": lambda folder, cache: checkpoints.minilm_path(),
+    "pruned-minilm": lambda folder, cache: checkpoints.block_pruned_minilm(folder).path,
+    "nonorm-relu": lambda folder, cache: checkpoints.nonorm_relu_bert(folder).path,
+    "roberta": lambda folder, cache: checkpoints.tiny_checkpoint(folder, "roberta", "feature-extraction").path,
+    "distilbert": lambda folder, cache: checkpoints.tiny_checkpoint(folder, "distilbert", "feature-extraction").path,
+    "minilm-qa": lambda folder, cache: finetune(cache / "minilm-qa", "question-answering", FINETUNE_STEPS),
+    "minilm-cls": lambda folder, cache: finetune(cache / "minilm-cls", "text-classification", FINETUNE_STEPS),
+    "minilm-qa-random": lambda folder, cache: checkpoints.minilm_with_head(folder, "question-answering"),
+    "minilm-cls-random": lambda folder, cache: checkpoints.minilm_with_head(folder, "text-classification"),
 }
-TASKS = {"minilm-qa": "question-answering", "minilm-cls": "text-classification"}
+TASKS = {"minilm-qa": "question-answering", "minilm-cls": "text-classification",
+         "minilm-qa-random": "question-answering", "minilm-cls-random": "text-classification"}
 CALIBRATION_RSS_TEXTS = 1000
 
 
@@ -102,10 +107,11 @@ def _optimum_peers(source: Path, work: Path, threads: int) -> dict[str, Callable
 
 
 def _accuracy(task: str, reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]],
-              batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+              batches: list[dict[str, np.ndarray]], labels: list[int] | None = None) -> dict[str, float]:
     """The task metric of calibration.metrics (the one the INT8 search uses), candidate vs the FP32 reference,
-    plus ``cosine``: mean cosine of the flattened first output per example (pooled embedding for features)."""
-    metric = get_metric(task)
+    plus ``cosine``: mean cosine of the flattened first output per example (pooled embedding for features), and
+    with ``labels`` (classification) ``gold_accuracy``: the candidate's accuracy against them."""
+    metric = ClassificationMetric(labels) if labels is not None else get_metric(task)
     ref = [metric.summarize(r, f) for r, f in zip(reference, batches, strict=True)]
     cand = [metric.summarize(c, f) for c, f in zip(candidate, batches, strict=True)]
     scores = metric.scores(ref, cand)
@@ -116,7 +122,10 @@ def _accuracy(task: str, reference: list[list[np.ndarray]], candidate: list[list
     b = np.concatenate([np.nan_to_num(c).reshape(len(c), -1) for c in cand])
     cosine = float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).mean())
     name = "span_match" if task == "question-answering" else "argmax_agreement"
-    return {"cosine": cosine, "agreement": scores[name], "agreement_name": name.replace("_", " ")}
+    result = {"cosine": cosine, "agreement": scores[name], "agreement_name": name.replace("_", " ")}
+    if labels is not None:
+        result["gold_accuracy"] = float((np.concatenate(cand).argmax(-1) == np.asarray(labels)).mean())
+    return result
 
 
 def calibration_peak_rss(optimized: Path, source: Path) -> dict[str, float]:
@@ -156,8 +165,8 @@ DENSE = "dense MiniLM model.onnx"
 
 
 def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, memory: bool,
-               compare_preset: str | None = None) -> list[dict[str, Any]]:
-    source = KINDS[kind](work / "checkpoint")
+               compare_preset: str | None = None, cache: Path = Path("bench-out/finetuned")) -> list[dict[str, Any]]:
+    source = KINDS[kind](work / "checkpoint", cache)
     task = TASKS.get(kind, "feature-extraction")
     artifact = work / "artifact"
     t0 = time.perf_counter()
@@ -186,9 +195,11 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
     long_text = " ".join(heldout[:50])
     feeds = {b: tokenize([(long_text, long_text) if pairs else long_text] * b) for b in BATCHES}
     # Accuracy on the held-out half that neither calibration nor the INT8 search saw (the pipeline's report pool).
-    report_pool = heldout[1::2]
-    if pairs:  # question = the passage's first sentence, context = the passage
-        report_pool = [(text.split(".")[0][:200], text) for text in report_pool]
+    report_pool = heldout[1::2]  # QA: tokenize asks as the pipeline does (exporter.text.as_pair)
+    labels = None
+    if kind == "minilm-cls":  # trained on these classes: accuracy against the gold topic group too
+        topics = dict((text, topic) for topic, text in builtin_passages())
+        labels = [topic_label(topics[text]) for text in report_pool]
     eval_batches = [tokenize(report_pool[i : i + 16]) for i in range(0, len(report_pool), 16)]
 
     runners: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]] = {"torch eager fp32": _torch_runner(checkpoint.model, threads)}
@@ -226,7 +237,7 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
         if name == DENSE:  # another model than the pruned reference: no accuracy against it
             row |= {"cosine": None, "agreement": None, "agreement_name": "-"}
         else:
-            row |= _accuracy(task, reference, [run(batch) for batch in eval_batches], eval_batches)
+            row |= _accuracy(task, reference, [run(batch) for batch in eval_batches], eval_batches, labels)
         row["size_mb"] = sizes[name].stat().st_size / 1e6 if name in sizes else None
         rows.append(row)
     _add_ratios(rows, "model.onnx", "model_onnx")
@@ -268,11 +279,12 @@ def render(rows: list[dict[str, Any]], threads: int, rounds: int) -> str:
                          "| | | | |")
             continue
         size = f"{r['size_mb']:.1f}" if r["size_mb"] else "-"
+        gold = f"; gold accuracy {r['gold_accuracy']:.3f}" if "gold_accuracy" in r else ""
         variant = r["variant"] + (f" ({r['b1_vs_dense']:.2f}x / {r['b8_vs_dense']:.2f}x of dense)" if "b1_vs_dense" in r
                                   and r["variant"] != DENSE else "")
         lines.append(f"| {r['kind']} | {variant} | {r['b1_ms']:.1f} | {r['b8_ms']:.1f} | {r['b1_vs_model_onnx']:.2f}x "
                      f"| {r['b8_vs_model_onnx']:.2f}x | {_number(r['cosine'], 4)} | {_number(r['agreement'], 3)} "
-                     f"({r['agreement_name']}) "
+                     f"({r['agreement_name']}{gold}) "
                      f"| {size} |")
     return "\n".join(lines) + "\n"
 
@@ -320,7 +332,7 @@ def main() -> None:
     for kind in args.kinds.split(","):
         with tempfile.TemporaryDirectory() as work:
             rows += bench_kind(kind.strip(), Path(work), args.rounds, args.threads, not args.no_peers, not args.no_memory,
-                               args.compare_preset)
+                               args.compare_preset, args.out / "finetuned")
         print(render(rows, args.threads, args.rounds), flush=True)
     (args.out / "results.md").write_text(render(rows, args.threads, args.rounds))
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))

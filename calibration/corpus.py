@@ -35,17 +35,18 @@ def _is_prose(passage: str) -> bool:
     return letters >= MIN_LETTER_FRACTION * len(passage)
 
 
-def builtin_texts() -> list[str]:
-    """Return the built-in corpus: prose paragraphs of CPython's ``pydoc_data.topics``.
+def builtin_passages() -> list[tuple[str, str]]:
+    """The built-in corpus as ``(topic, passage)`` pairs: prose paragraphs of CPython's ``pydoc_data.topics``.
 
     Paragraphs are split on blank lines and whitespace-normalised (one space); those shorter than
     ``MIN_PASSAGE_WORDS`` words or with less than ``MIN_LETTER_FRACTION`` letters are dropped. The order is
-    deterministic: topics sorted by name, paragraphs in document order, exact duplicates kept once.
+    deterministic: topics sorted by name, paragraphs in document order, exact duplicates kept once (under the
+    first topic, by name, that holds them).
     """
     from pydoc_data.topics import topics  # stdlib, but only needed here
 
     logger.debug("building built-in corpus from pydoc_data.topics (%d documents)", len(topics))
-    passages: list[str] = []
+    passages: list[tuple[str, str]] = []
     seen: set[str] = set()
     for name in sorted(topics):
         for paragraph in _PARAGRAPH_BREAK.split(topics[name]):
@@ -53,9 +54,14 @@ def builtin_texts() -> list[str]:
             if passage in seen or not _is_prose(passage):
                 continue
             seen.add(passage)
-            passages.append(passage)
+            passages.append((name, passage))
     logger.debug("built-in corpus: %d passages", len(passages))
     return passages
+
+
+def builtin_texts() -> list[str]:
+    """Return the built-in corpus: the passages of :func:`builtin_passages`, in its order."""
+    return [passage for _, passage in builtin_passages()]
 
 
 def _bucket(text: str) -> float:

