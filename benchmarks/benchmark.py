@@ -14,7 +14,10 @@ and the search half beyond the search's 64): for embeddings mean cosine of mean-
 nearest-neighbour agreement; for QA span exact match; for classification argmax agreement (and accuracy against
 the gold topic group), each agreement with its 95% bootstrap interval over the texts. The QA and classification
 models are MiniLM fine-tuned here on tasks built from the calibration texts (benchmarks/finetune.py, about 5
-minutes each on 2 cores, reused from bench-out/finetuned/); *-random kinds put a seeded random head on it.
+minutes each on 2 cores, reused from bench-out/finetuned/); *-random kinds put a seeded random head on it. The
+block-pruned MiniLM is tests.checkpoints.block_pruned_minilm distilled from the dense MiniLM with its zero pattern
+held (benchmarks/finetune.distill_pruned), as block-pruning trainers distil while they prune; pruned-minilm-raw
+is the undistilled checkpoint (random heads and FFN units cut out of the trained model).
 For MiniLM it also calibrates 1,000 real texts in a fresh process and reports that process's peak RSS.
 Writes bench-out/results.md, results.json and latency_vs_accuracy.png.
 """
@@ -40,7 +43,7 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing tests/
 
-from benchmarks.finetune import finetune, topic_label  # noqa: E402
+from benchmarks.finetune import distill_pruned, finetune, topic_label  # noqa: E402
 from calibration.corpus import builtin_passages, builtin_texts, split_texts  # noqa: E402
 from calibration.metrics import ClassificationMetric, get_metric  # noqa: E402
 from calibration.quantize import QuantizationConfig  # noqa: E402
@@ -57,7 +60,8 @@ BATCHES = (1, 8)
 FINETUNE_STEPS = 300
 KINDS: dict[str, Callable[[Path, Path], Path]] = {  # (scratch folder, folder of reusable fine-tuned models)
     "minilm": lambda folder, cache: checkpoints.minilm_path(),
-    "pruned-minilm": lambda folder, cache: checkpoints.block_pruned_minilm(folder).path,
+    "pruned-minilm": lambda folder, cache: distill_pruned(cache / "pruned-minilm", FINETUNE_STEPS),
+    "pruned-minilm-raw": lambda folder, cache: checkpoints.block_pruned_minilm(folder).path,
     "nonorm-relu": lambda folder, cache: checkpoints.nonorm_relu_bert(folder).path,
     "roberta": lambda folder, cache: checkpoints.tiny_checkpoint(folder, "roberta", "feature-extraction").path,
     "distilbert": lambda folder, cache: checkpoints.tiny_checkpoint(folder, "distilbert", "feature-extraction").path,
@@ -237,7 +241,7 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
     if other_result is not None:
         runners[other] = _ort_runner(work / "other" / "model_quantized.onnx", threads)
     dense = work / "dense" / "model.onnx"
-    if kind == "pruned-minilm":  # issue 4 compares the pruned INT8 file with the DENSE FP32 model: same rounds
+    if kind.startswith("pruned-minilm"):  # issue 4 compares the pruned INT8 file with the DENSE FP32 model: same rounds
         dense_checkpoint = load_checkpoint(checkpoints.minilm_path(), task)
         dense.parent.mkdir()
         export_onnx(dense_checkpoint.model, dense_checkpoint.architecture, task, dense)

@@ -23,7 +23,9 @@ from __future__ import annotations
 import json
 import random
 import re
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from typing import Any
 import torch
 import transformers
 
-from calibration.corpus import builtin_passages, split_texts
+from calibration.corpus import builtin_passages, builtin_texts, split_texts
 from tests.checkpoints import minilm_path
 
 QUESTION_WORDS = 8
@@ -114,6 +116,28 @@ class Settings:
     version: int = 1  # bump when the tasks or the training change
 
 
+def _train(model: torch.nn.Module, loss: Callable[[], torch.Tensor], settings: Settings, label: str, log: bool,
+           after_step: Callable[[], None] | None = None) -> list[float]:
+    """AdamW with a linearly decaying learning rate for ``settings.steps`` steps of ``loss()``; the losses."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / settings.steps)
+    model.train()
+    losses = []
+    for step in range(settings.steps):
+        value = loss()
+        value.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if after_step is not None:
+            after_step()
+        losses.append(value.item())
+        if log and (step + 1) % 50 == 0:
+            print(f"{label}: step {step + 1}/{settings.steps}, loss {sum(losses[-50:]) / 50:.4f}", flush=True)
+    model.eval()
+    return losses
+
+
 def finetune(out: Path, task: str, steps: int = 300, seed: int = 0, log: bool = True) -> Path:
     """Train MiniLM for ``task`` (see module doc) and save model and tokenizer to ``out``; reuse ``out`` when it
     holds a model trained with the same settings. Returns ``out``."""
@@ -154,20 +178,9 @@ def finetune(out: Path, task: str, steps: int = 300, seed: int = 0, log: bool = 
                              padding="max_length", return_tensors="pt")
         return {**encoding, "labels": torch.tensor([label for _, label in examples])}
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
-    model.train()
-    start, losses = time.perf_counter(), []
-    for step in range(steps):
-        loss = model(**batch(rng.sample(train, settings.batch_size))).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-        if log and (step + 1) % 50 == 0:
-            print(f"fine-tuning {task}: step {step + 1}/{steps}, loss {sum(losses[-50:]) / 50:.3f}", flush=True)
-    model.eval()
+    start = time.perf_counter()
+    losses = _train(model, lambda: model(**batch(rng.sample(train, settings.batch_size))).loss, settings,
+                    f"fine-tuning {task}", log)
     if task == "question-answering":
         test: list[Any] = qa_examples(heldout, sentences=1)
     else:
@@ -190,6 +203,80 @@ def finetune(out: Path, task: str, steps: int = 300, seed: int = 0, log: bool = 
     record.write_text(json.dumps({
         "settings": asdict(settings), "train_examples": len(train), "final_loss": sum(losses[-50:]) / len(losses[-50:]),
         "heldout_examples": len(test), "heldout_gold_accuracy": correct / len(test),
+        "seconds": time.perf_counter() - start,
+    }, indent=2))
+    return out
+
+
+def _pooled(model: torch.nn.Module, encoding: Any) -> torch.Tensor:
+    hidden = model(**encoding).last_hidden_state
+    mask = encoding["attention_mask"][..., None].to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+def distill_pruned(out: Path, steps: int = 300, seed: int = 0, log: bool = True) -> Path:
+    """The block-pruned MiniLM of ``tests.checkpoints.block_pruned_minilm`` (about half its encoder weights zero
+    or removed, as nn_pruning leaves a checkpoint) after ``steps`` steps of distillation from the dense MiniLM on
+    calibration texts: the student's last hidden states are pulled toward the teacher's (masked MSE), and every
+    weight that was zero is put back to zero after each step, so the zero pattern, the ``pruned_heads`` and thus
+    what compaction removes stay exactly those of the undistilled checkpoint.
+
+    Block-pruning trainers distil while they prune; the undistilled checkpoint is a trained model with random
+    heads and FFN units cut out, whose embeddings crowd together (mean cosine between unrelated passages about
+    0.7 where MiniLM's is about 0.2), which makes nearest-neighbour decisions near ties. Reuses ``out`` when it
+    holds a model distilled with the same settings; ``finetune.json`` records the held-out cosine to the dense
+    model's embeddings before and after.
+    """
+    from tests.checkpoints import block_pruned_minilm
+
+    settings = Settings("distill-block-pruned", steps, seed)
+    record = out / "finetune.json"
+    if record.exists() and json.loads(record.read_text()).get("settings") == asdict(settings):
+        return out
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        student = transformers.BertModel.from_pretrained(block_pruned_minilm(Path(scratch) / "pruned", seed).path)
+    teacher = transformers.BertModel.from_pretrained(minilm_path()).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    masks = {name: parameter != 0 for name, parameter in student.named_parameters()
+             if parameter.ndim == 2 and bool((parameter == 0).any())}
+    calibration, heldout = split_texts(builtin_texts())
+
+    def encode(texts: list[str]) -> Any:
+        return tokenizer(texts, truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="pt")
+
+    def loss() -> torch.Tensor:
+        encoding = encode(rng.sample(calibration, settings.batch_size))
+        with torch.no_grad():
+            target = teacher(**encoding).last_hidden_state
+        hidden = student(**encoding).last_hidden_state
+        mask = encoding["attention_mask"][..., None].to(hidden.dtype)
+        return ((hidden - target) ** 2 * mask).sum() / (mask.sum() * hidden.shape[-1])
+
+    def remask() -> None:
+        with torch.no_grad():
+            for name, parameter in student.named_parameters():
+                if name in masks:
+                    parameter.mul_(masks[name])
+
+    def cosine_to_teacher() -> float:
+        with torch.no_grad():
+            scores = [(_pooled(student, e) * _pooled(teacher, e)).sum(-1)
+                      for e in (encode(heldout[i : i + 32]) for i in range(0, len(heldout), 32))]
+        return float(torch.cat(scores).mean())
+
+    student.eval()
+    before = cosine_to_teacher()
+    start = time.perf_counter()
+    losses = _train(student, loss, settings, "distilling the block-pruned MiniLM", log, remask)
+    out.mkdir(parents=True, exist_ok=True)
+    student.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    record.write_text(json.dumps({
+        "settings": asdict(settings), "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "heldout_cosine_to_dense_before": before, "heldout_cosine_to_dense_after": cosine_to_teacher(),
+        "zero_weights_kept": int(sum(int((~m).sum()) for m in masks.values())),
         "seconds": time.perf_counter() - start,
     }, indent=2))
     return out

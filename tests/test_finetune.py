@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 
 from benchmarks.finetune import (
@@ -13,6 +14,7 @@ from benchmarks.finetune import (
     TOPIC_GROUPS,
     Span,
     answer_tokens,
+    distill_pruned,
     finetune,
     qa_examples,
     topic_label,
@@ -80,3 +82,23 @@ def test_finetune_trains_saves_and_reuses_a_folder_with_the_same_settings(tmp_pa
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="not in"):
         finetune(tmp_path / "x", "token-classification")
+
+
+@pytest.mark.slow
+def test_distilled_pruned_minilm_keeps_the_zero_pattern_and_pruned_heads(tmp_path: Path) -> None:
+    from tests.checkpoints import block_pruned_minilm
+
+    raw = transformers.BertModel.from_pretrained(block_pruned_minilm(tmp_path / "raw").path)
+    out = distill_pruned(tmp_path / "distilled", steps=3, log=False)
+    distilled = transformers.BertModel.from_pretrained(out)
+    assert distilled.config.pruned_heads == raw.config.pruned_heads
+    raw_params, changed = dict(raw.named_parameters()), 0
+    for name, parameter in distilled.named_parameters():
+        before = raw_params[name]
+        assert parameter.shape == before.shape, name
+        if parameter.ndim == 2:
+            assert torch.equal(parameter == 0, before == 0), f"{name}: zero pattern changed"
+        changed += int(not torch.equal(parameter, before))
+    assert changed > 50, "three distillation steps must move the weights"
+    record = json.loads((out / "finetune.json").read_text())
+    assert record["zero_weights_kept"] > 1_000_000
