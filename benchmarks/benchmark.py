@@ -43,7 +43,7 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing tests/
 
-from benchmarks.finetune import distill_pruned, finetune, topic_label  # noqa: E402
+from benchmarks.finetune import distill_pruned, finetune, qa_examples, topic_label  # noqa: E402
 from calibration.corpus import builtin_passages, builtin_texts, split_texts  # noqa: E402
 from calibration.metrics import ClassificationMetric, get_metric  # noqa: E402
 from calibration.quantize import QuantizationConfig  # noqa: E402
@@ -115,10 +115,12 @@ def _optimum_peers(source: Path, work: Path, threads: int) -> dict[str, Callable
 
 
 def _accuracy(task: str, reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]],
-              batches: list[dict[str, np.ndarray]], labels: list[int] | None = None) -> dict[str, float]:
+              batches: list[dict[str, np.ndarray]], labels: list[int] | None = None,
+              answerable: np.ndarray | None = None) -> dict[str, Any]:
     """The task metric of calibration.metrics (the one the INT8 search uses), candidate vs the FP32 reference,
     plus ``cosine``: mean cosine of the flattened first output per example (pooled embedding for features), and
-    with ``labels`` (classification) ``gold_accuracy``: the candidate's accuracy against them."""
+    with ``labels`` (classification) ``gold_accuracy``: the candidate's accuracy against them; with
+    ``answerable`` (QA, one flag per example) the span match on the questions that have an answer."""
     metric = ClassificationMetric(labels) if labels is not None else get_metric(task)
     ref = [metric.summarize(r, f) for r, f in zip(reference, batches, strict=True)]
     cand = [metric.summarize(c, f) for c, f in zip(candidate, batches, strict=True)]
@@ -132,6 +134,10 @@ def _accuracy(task: str, reference: list[list[np.ndarray]], candidate: list[list
     name = "span_match" if task == "question-answering" else "argmax_agreement"
     result = {"cosine": cosine, "agreement": scores[name], "agreement_name": name.replace("_", " "),
               "agreement_ci": _interval(_agrees(task, ref, cand))}
+    if answerable is not None:
+        agrees = _agrees(task, ref, cand)[answerable]
+        result["answerable"] = {"count": int(answerable.sum()), "span_match": float(agrees.mean()),
+                                "ci": _interval(agrees)}
     if labels is not None:
         result["gold_accuracy"] = float((np.concatenate(cand).argmax(-1) == np.asarray(labels)).mean())
     return result
@@ -227,7 +233,10 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
     # Every held-out text that neither calibration nor the INT8 search saw: the pipeline's report half and the
     # part of the search half beyond the search's validation_samples. QA: tokenize asks as the pipeline does.
     unseen = heldout[1::2] + heldout[0::2][QuantizationConfig().validation_samples :]
-    labels = None
+    labels, answerable = None, None
+    if pairs:  # questions whose first sentence goes on after the 8 question words: the ones with an answer
+        answered = {example.context for example in qa_examples(unseen, sentences=1)}
+        answerable = np.array([text in answered for text in unseen])
     if kind == "minilm-cls":  # trained on these classes: accuracy against the gold topic group too
         topics = dict((text, topic) for topic, text in builtin_passages())
         labels = [topic_label(topics[text]) for text in unseen]
@@ -268,7 +277,7 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
         if name == DENSE:  # another model than the pruned reference: no accuracy against it
             row |= {"cosine": None, "agreement": None, "agreement_name": "-"}
         else:
-            row |= _accuracy(task, reference, [run(batch) for batch in eval_batches], eval_batches, labels)
+            row |= _accuracy(task, reference, [run(batch) for batch in eval_batches], eval_batches, labels, answerable)
         row["size_mb"] = sizes[name].stat().st_size / 1e6 if name in sizes else None
         rows.append(row)
     _add_ratios(rows, "model.onnx", "model_onnx")
@@ -312,6 +321,9 @@ def render(rows: list[dict[str, Any]], threads: int, rounds: int) -> str:
             continue
         size = f"{r['size_mb']:.1f}" if r["size_mb"] else "-"
         gold = f"; gold accuracy {r['gold_accuracy']:.3f}" if "gold_accuracy" in r else ""
+        if "answerable" in r:
+            a = r["answerable"]
+            gold = f"; the {a['count']} with an answer: {a['span_match']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}]"
         ci = f" [{r['agreement_ci'][0]:.3f}, {r['agreement_ci'][1]:.3f}]" if r.get("agreement_ci") else ""
         variant = r["variant"] + (f" ({r['b1_vs_dense']:.2f}x / {r['b8_vs_dense']:.2f}x of dense)" if "b1_vs_dense" in r
                                   and r["variant"] != DENSE else "")
@@ -346,7 +358,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kinds", default="minilm,pruned-minilm,minilm-qa,minilm-cls", help=f"comma list of {sorted(KINDS)}")
+    parser.add_argument("--kinds", default="minilm,pruned-minilm,pruned-minilm-raw,minilm-qa,minilm-cls", help=f"comma list of {sorted(KINDS)}")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--no-peers", action="store_true", help="skip torch/optimum peers' optimum parts")
