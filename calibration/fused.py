@@ -325,25 +325,59 @@ def bias_corrections(
     return corrections
 
 
-def smooth_graph(model: onnx.ModelProto, targets: Sequence[Target], plans: dict[str, InputPlan]) -> onnx.ModelProto:
-    """The FP32 twin: each smoothed activation divided by ``s`` (one Mul, shared by its readers), each target's
-    weight rows multiplied by ``s``. Equal to ``model`` in exact arithmetic."""
+def foldable_attention(model: onnx.ModelProto, activation: str, readers: set[str]) -> onnx.NodeProto | None:
+    """The fused ``Attention`` that produces ``activation`` when a per-channel division of its output can move
+    into its V projection instead of a ``Mul``: the output (the attention context) is channel j = head mix of
+    V channel j, so dividing V's weight column and bias by ``s_j`` divides context channel j by ``s_j`` exactly.
+    Needs equal Q/K/V widths, weight and bias initializers, and no reader of the output outside ``readers``."""
+    producer = next((node for node in model.graph.node if activation in node.output), None)
+    initializers = {init.name for init in model.graph.initializer}
+    if (producer is None or producer.op_type != "Attention" or producer.output[0] != activation
+            or any(a.name == "qkv_hidden_sizes" for a in producer.attribute) or len(producer.input) < 3
+            or producer.input[1] not in initializers or producer.input[2] not in initializers
+            or activation in {output.name for output in model.graph.output}):
+        return None
+    if any(activation in node.input and node.name not in readers for node in model.graph.node):
+        return None
+    return producer
+
+
+def smooth_graph(
+    model: onnx.ModelProto, targets: Sequence[Target], plans: dict[str, InputPlan]
+) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The FP32 twin: each smoothed activation divided by ``s``, each target's weight rows multiplied by ``s``.
+    Equal to ``model`` in exact arithmetic. The division is folded into the V projection of the Attention that
+    produces the activation where :func:`foldable_attention` allows (the attention output projection's input),
+    else it is one Mul shared by the activation's readers. Returns the twin and, per folded activation, the
+    name of the Attention that now divides it."""
     model = copy.deepcopy(model)
     weights = {init.name: init for init in model.graph.initializer}
     by_name = {node.name: node for node in model.graph.node}
+    readers = {target.name for target in targets}
+    activations = dict.fromkeys(t.activation for t in targets if plans[t.activation].alpha)
+    folded = {activation: attention for activation in activations
+              if (attention := foldable_attention(model, activation, readers)) is not None}
     smoothed: dict[str, str] = {}
-    new_inits = []
+    new_inits: list[onnx.TensorProto] = []
     for target in targets:
         plan = plans[target.activation]
         if plan.alpha == 0.0:
             continue
         node = by_name[target.name]
-        if target.activation not in smoothed:
-            smoothed[target.activation] = f"{target.activation}_smoothed"
-        node.input[0] = smoothed[target.activation]
+        if target.activation not in folded:
+            smoothed.setdefault(target.activation, f"{target.activation}_smoothed")
+            node.input[0] = smoothed[target.activation]
         w = numpy_helper.to_array(weights[target.weight]) * plan.smooth[:, None]
         node.input[1] = f"{target.weight}_smoothed_{len(new_inits)}"
         new_inits.append(numpy_helper.from_array(w.astype(np.float32), node.input[1]))
+    for activation, attention in folded.items():
+        inverse = 1.0 / plans[activation].smooth.astype(np.float64)
+        for slot in (1, 2):  # weight [hidden, 3 * width] and bias [3 * width]: V is the last third
+            current = next(i for i in [*new_inits, *weights.values()] if i.name == attention.input[slot])
+            value = numpy_helper.to_array(current).astype(np.float64)
+            value[..., 2 * (value.shape[-1] // 3) :] *= inverse
+            attention.input[slot] = f"{attention.input[slot]}_v_folded"
+            new_inits.append(numpy_helper.from_array(value.astype(np.float32), attention.input[slot]))
     nodes = []
     for node in model.graph.node:
         nodes.append(node)
@@ -358,7 +392,7 @@ def smooth_graph(model: onnx.ModelProto, targets: Sequence[Target], plans: dict[
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(new_inits)
     drop_unused_initializers(model)
-    return model
+    return model, {activation: attention.name for activation, attention in folded.items()}
 
 
 def _divide(tensor: str, output: str, smooth: np.ndarray, inits: list[onnx.TensorProto]) -> onnx.NodeProto:
@@ -527,4 +561,10 @@ def plan_fused(
         target.weight: numpy_helper.to_array(initializers[target.weight]) for target in targets
     }) if bias_correction else {}
     del stats
-    return FusedPlan(targets, plans, smooth_graph(model, targets, plans), corrections)
+    smoothed, folded = smooth_graph(model, targets, plans)
+    for activation, attention in folded.items():  # its V outputs are now divided by s: so is their correction
+        if attention in corrections:
+            shift = corrections[attention][2].copy()
+            shift[2 * (len(shift) // 3) :] /= plans[activation].smooth
+            corrections[attention] = (*corrections[attention][:2], shift)
+    return FusedPlan(targets, plans, smoothed, corrections)

@@ -14,7 +14,14 @@ import pytest
 
 from calibration.corpus import builtin_texts, split_texts
 from calibration.data import TextCalibrationReader, sample_texts
-from calibration.fused import ActivationStats, _emulated, find_targets, plan_fused, plan_inputs
+from calibration.fused import (
+    ActivationStats,
+    _emulated,
+    find_targets,
+    foldable_attention,
+    plan_fused,
+    plan_inputs,
+)
 from calibration.metrics import EmbeddingMetric
 from calibration.quantize import QuantizationConfig, quantize_model
 from graphs.fusion import FusionConfig, GraphPlan, fuse_graph
@@ -66,7 +73,11 @@ def test_smoothed_twin_is_the_fp32_graph(fused_bert: Path) -> None:
     model = onnx.load(str(fused_bert))
     plan = plan_fused(model, _reader()[0], ("MatMul", "Attention"), (), "minmax", smooth_alpha=0.8)
     feeds = _heldout()
-    assert sum(n.op_type == "Mul" and n.name.endswith("_smooth") for n in plan.smoothed.graph.node) >= 4
+    # Per layer the QKV input, the FFN input and the GELU output get a Mul; the attention context's division is
+    # folded into V.
+    assert sum(n.op_type == "Mul" and n.name.endswith("_smooth") for n in plan.smoothed.graph.node) == 6
+    attention = [n for n in plan.smoothed.graph.node if n.op_type == "Attention"]
+    assert all(n.input[1].endswith("_v_folded") and n.input[2].endswith("_v_folded") for n in attention)
     assert all(p.alpha == 0.8 and p.smooth.max() > 1.0 for p in plan.plans.values())
     np.testing.assert_allclose(_run(plan.smoothed, feeds), _run(fused_bert, feeds), atol=1e-4)
     # Building with no node quantized is the twin itself: what a fallback of every node gives.
@@ -272,3 +283,18 @@ def test_bias_correction_finds_every_bias_of_a_fused_bert(fused_bert: Path) -> N
     reference = _run(fused_bert, feeds)
     names = [t.name for t in plan.targets]
     assert _cosine(_run(plan.build(names), feeds), reference) > 0.99
+
+
+def test_context_division_stays_a_mul_when_the_attention_output_is_read_elsewhere(fused_bert: Path) -> None:
+    model = onnx.load(str(fused_bert))
+    targets = find_targets(model, ("MatMul", "Attention"), ())
+    readers = {t.name for t in targets}
+    context = next(t.activation for t in targets if "attention/output/dense" in t.name)
+    assert foldable_attention(model, context, readers) is not None
+    assert foldable_attention(model, context, readers - {next(t.name for t in targets if t.activation == context)}) is None
+    model.graph.output.append(onnx.helper.make_tensor_value_info(context, onnx.TensorProto.FLOAT, None))
+    assert foldable_attention(model, context, readers) is None
+    plan = plan_fused(model, _reader(16)[0], ("MatMul", "Attention"), (), "minmax", smooth_alpha=0.8)
+    assert sum(n.op_type == "Mul" and n.name.endswith("_smooth") for n in plan.smoothed.graph.node) == 7
+    feeds = _heldout()
+    np.testing.assert_allclose(_run(plan.smoothed, feeds), _run(fused_bert, feeds), atol=1e-4)
