@@ -9,8 +9,8 @@ machine noise hits every variant alike: torch eager FP32, optimum's ONNX export 
 optimum's avx512_vnni dynamic INT8 (peers, feature extraction only), and our model.onnx,
 model_optimized.onnx and model_quantized.onnx. Batch 1 and 8 at sequence 128, medians over rounds.
 Accuracy is the task metric of calibration.metrics against the FP32 PyTorch model, on the held-out real texts
-that neither calibration nor the INT8 search saw (225 passages: the pipeline's report half of the held-out texts
-and the search half beyond the search's 64): for embeddings mean cosine of mean-pooled embeddings and top-1
+that neither calibration nor the INT8 search saw (the pipeline's report half of the held-out texts and the
+search half beyond the search's texts: 225 passages for embeddings, 189 for QA and classification): for embeddings mean cosine of mean-pooled embeddings and top-1
 nearest-neighbour agreement; for QA span exact match; for classification argmax agreement (and accuracy against
 the gold topic group), each agreement with its 95% bootstrap interval over the texts. The QA and classification
 models are MiniLM fine-tuned here on tasks built from the calibration texts (benchmarks/finetune.py, about 5
@@ -232,7 +232,7 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
     feeds = {b: tokenize([(long_text, long_text) if pairs else long_text] * b) for b in BATCHES}
     # Every held-out text that neither calibration nor the INT8 search saw: the pipeline's report half and the
     # part of the search half beyond the search's validation_samples. QA: tokenize asks as the pipeline does.
-    unseen = heldout[1::2] + heldout[0::2][QuantizationConfig().validation_samples :]
+    unseen = heldout[1::2] + heldout[0::2][QuantizationConfig().validation_count(task) :]
     labels, answerable = None, None
     if pairs:  # questions whose first sentence goes on after the 8 question words: the ones with an answer
         answered = {example.context for example in qa_examples(unseen, sentences=1)}

@@ -23,6 +23,7 @@ default ``d = 0.01`` the bars are the project's: cosine >= 0.99 and agreement >=
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 
@@ -49,6 +50,12 @@ class TaskMetric(ABC):
     @abstractmethod
     def bars(self, max_accuracy_drop: float) -> dict[str, float]:
         """Minimum value per score that ``max_accuracy_drop`` (a fraction, 0.01 = 1%) allows."""
+
+    def min_examples(self, max_accuracy_drop: float) -> int:
+        """Held-out examples needed before a bar on a fraction of examples can allow one disagreement (0 when
+        the scores do not count examples). With fewer, a 1% bar means none may change, and a search that falls
+        nodes back until none does is chasing one or two near-tie examples, not the model's accuracy."""
+        return 0
 
 
 def failures(scores: Mapping[str, float], bars: Mapping[str, float]) -> list[str]:
@@ -153,6 +160,9 @@ class ClassificationMetric(TaskMetric):
             result["accuracy_delta"] = float((cand == self.labels).mean() - (ref == self.labels).mean())
         return result
 
+    def min_examples(self, max_accuracy_drop: float) -> int:
+        return math.ceil(1.0 / max_accuracy_drop - 1e-9) if max_accuracy_drop > 0 else 0
+
     def bars(self, max_accuracy_drop: float) -> dict[str, float]:
         bars = {"argmax_agreement": 1.0 - max_accuracy_drop}
         if self.labels is not None:
@@ -192,6 +202,9 @@ class QuestionAnsweringMetric(TaskMetric):
             "end_agreement": float(same[:, 1].mean()),
             "span_match": float(same.all(1).mean()),
         }
+
+    def min_examples(self, max_accuracy_drop: float) -> int:
+        return math.ceil(1.0 / max_accuracy_drop - 1e-9) if max_accuracy_drop > 0 else 0
 
     def bars(self, max_accuracy_drop: float) -> dict[str, float]:
         return {"span_match": 1.0 - max_accuracy_drop}

@@ -100,8 +100,9 @@ class QuantizationConfig:
         max_accuracy_drop: allowed task-metric drop as a fraction (default 0.01 = 1%) when ``quantize_model``
             gets validation batches; see :mod:`calibration.metrics` for the bars it sets per task.
         search_ranking_batches: held-out batches used to rank node harm in the search (default 8).
-        validation_samples: held-out texts the search judges accuracy on (default 64; the pipeline keeps
-            them disjoint from the texts parity reports on).
+        validation_samples: held-out texts the search judges accuracy on (default 64, raised to what the
+            task's bar needs, see ``validation_count``; the pipeline keeps them disjoint from the texts parity
+            reports on).
         tune: quantize with every CPU preset and keep the fastest on this machine (default False; the pipeline
             does it, see :mod:`calibration.tune`).
     """
@@ -183,6 +184,12 @@ class QuantizationConfig:
     def uses_fused_graph(self) -> bool:
         """True when this recipe quantizes ``model_optimized.onnx`` (see ``graph``), else ``model.onnx``."""
         return self.graph == "fused" and self.method in FUSED_METHODS
+
+    def validation_count(self, metric: TaskMetric | str) -> int:
+        """Held-out texts the accuracy search judges on: ``validation_samples``, or more where ``metric``'s bar
+        at ``max_accuracy_drop`` needs more examples to allow a single disagreement (QA and classification at
+        1%: 100; see ``TaskMetric.min_examples``)."""
+        return max(self.validation_samples, get_metric(metric).min_examples(self.max_accuracy_drop))
 
 
 _CPU = QuantizationConfig()

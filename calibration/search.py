@@ -80,6 +80,7 @@ class SearchReport:
     fallbacks: list[FallbackStep] = field(default_factory=list)
     harm: dict[str, float] = field(default_factory=dict)
     validation_batches: int = 0
+    validation_examples: int = 0
     ranking_batches: int = 0
     evaluations: int = 0
     seconds: float = 0.0
@@ -228,6 +229,7 @@ def search_fallback(
         scores_before=before,
         scores_after=before,
         validation_batches=len(validation),
+        validation_examples=sum(len(next(iter(batch.values()))) for batch in validation),
         evaluations=2,
     )
     logger.info("accuracy search (%s, max drop %.3f): INT8 scores %s", metric.name, max_accuracy_drop, _fmt(before))

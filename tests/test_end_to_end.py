@@ -171,3 +171,21 @@ def test_optimum_loads_the_artifact_and_agrees_with_our_parity_run(tmp_path: Pat
             assert np.abs(got[mask] - expected[mask]).max() <= 1e-4
             if file_name == "model.onnx":
                 np.testing.assert_array_equal(got, ours.run(["last_hidden_state"], feeds)[0])
+
+
+def test_the_search_judges_on_as_many_texts_as_the_tasks_bar_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline takes its validation texts from QuantizationConfig.validation_count (QA and classification at
+    1%: 100, see tests/calibration/test_metrics.py); here it is made to ask for 70 of the search half."""
+    from calibration.quantize import QuantizationConfig
+
+    asked = []
+
+    def count(self: QuantizationConfig, metric: str) -> int:
+        asked.append(metric)
+        return 70
+
+    monkeypatch.setattr(QuantizationConfig, "validation_count", count)
+    truth = checkpoints.tiny_checkpoint(tmp_path / "ckpt", "bert", "text-classification")
+    manifest = _export(truth, tmp_path / "out", "--max-accuracy-drop", "0.05")
+    assert asked == ["text-classification"]
+    assert manifest["quantization"]["search"]["validation_examples"] == 70

@@ -14,6 +14,7 @@ from calibration.metrics import (
     get_metric,
     relative_error,
 )
+from calibration.quantize import QuantizationConfig
 
 
 def test_classification_agreement_and_accuracy() -> None:
@@ -80,3 +81,17 @@ def test_get_metric_by_task_name() -> None:
     assert isinstance(get_metric("question-answering"), QuestionAnsweringMetric)
     with pytest.raises(ValueError, match="unknown task metric 'nope'"):
         get_metric("nope")
+
+
+def test_bars_on_a_fraction_of_examples_get_enough_examples_to_allow_one_disagreement() -> None:
+    for task in ("question-answering", "text-classification"):
+        metric = get_metric(task)
+        assert metric.min_examples(0.01) == 100
+        bar = metric.bars(0.01)[next(iter(metric.bars(0.01)))]
+        assert 1 - 1 / metric.min_examples(0.01) >= bar > 1 - 1 / (metric.min_examples(0.01) - 1)
+        assert QuantizationConfig().validation_count(task) == 100
+        assert QuantizationConfig(max_accuracy_drop=0.05).validation_count(task) == 64  # 20 < the default 64
+        assert QuantizationConfig(validation_samples=128).validation_count(task) == 128
+    for task in ("feature-extraction", "token-classification"):
+        assert get_metric(task).min_examples(0.01) == 0
+        assert QuantizationConfig().validation_count(task) == 64
