@@ -232,7 +232,8 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
     feeds = {b: tokenize([(long_text, long_text) if pairs else long_text] * b) for b in BATCHES}
     # Every held-out text that neither calibration nor the INT8 search saw: the pipeline's report half and the
     # part of the search half beyond the search's validation_samples. QA: tokenize asks as the pipeline does.
-    unseen = heldout[1::2] + heldout[0::2][QuantizationConfig().validation_count(task) :]
+    searched = (result.manifest["quantization"].get("search") or {}).get("validation_examples", len(heldout))
+    unseen = heldout[1::2] + heldout[0::2][searched:]
     labels, answerable = None, None
     if pairs:  # questions whose first sentence goes on after the 8 question words: the ones with an answer
         answered = {example.context for example in qa_examples(unseen, sentences=1)}

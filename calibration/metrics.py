@@ -130,6 +130,9 @@ class EmbeddingMetric(TaskMetric):
             scores["token_cosine"] = float((ref[:, 1:] * cand[:, 1:]).sum((1, 2)).mean())
         return scores
 
+    def min_examples(self, max_accuracy_drop: float) -> int:
+        return math.ceil(1.0 / (5.0 * max_accuracy_drop) - 1e-9) if max_accuracy_drop > 0 else 0
+
     def bars(self, max_accuracy_drop: float) -> dict[str, float]:
         # token_cosine is the bar parity's INT8 gate applies to every token-level output.
         return {"mean_cosine": 1.0 - max_accuracy_drop, "neighbour_agreement": 1.0 - 5.0 * max_accuracy_drop,
@@ -157,7 +160,8 @@ class ClassificationMetric(TaskMetric):
             ref, cand = np.concatenate(reference).argmax(-1), np.concatenate(candidate).argmax(-1)
             if len(ref) != len(self.labels):
                 raise ValueError(f"{len(self.labels)} labels for {len(ref)} held-out examples; pass one per example")
-            result["accuracy_delta"] = float((cand == self.labels).mean() - (ref == self.labels).mean())
+            # counts first: one changed decision in 100 is exactly -0.01, not -0.010000000000000009
+            result["accuracy_delta"] = float(((cand == self.labels).sum() - (ref == self.labels).sum()) / len(ref))
         return result
 
     def min_examples(self, max_accuracy_drop: float) -> int:

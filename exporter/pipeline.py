@@ -286,7 +286,12 @@ def _build(
         with stages.stage("quantize") as note:
             calibration_tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, working_length, pairs=pairs)
             reader = TextCalibrationReader(samples, calibration_tokenize, config.quantization.batch_size)
-            search_texts = search_pool[: config.quantization.validation_count(task)]
+            wanted = config.quantization.validation_count(task)
+            search_texts = search_pool[:wanted]
+            if len(search_texts) < wanted:
+                log.warning("the accuracy search judges on %d held-out texts, fewer than the %d its bar at "
+                               "--max-accuracy-drop %g needs to allow one changed decision", len(search_texts),
+                               wanted, config.quantization.max_accuracy_drop)
             validation = [calibration_tokenize(search_texts[i : i + 16]) for i in range(0, len(search_texts), 16)]
             tuning: list[dict[str, Any]] = []
             if config.quantization.tune:

@@ -189,3 +189,17 @@ def test_the_search_judges_on_as_many_texts_as_the_tasks_bar_needs(tmp_path: Pat
     manifest = _export(truth, tmp_path / "out", "--max-accuracy-drop", "0.05")
     assert asked == ["text-classification"]
     assert manifest["quantization"]["search"]["validation_examples"] == 70
+
+
+def test_a_search_that_cannot_get_the_texts_its_bar_needs_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from calibration.quantize import QuantizationConfig
+
+    monkeypatch.setattr(QuantizationConfig, "validation_count", lambda self, metric: 500)
+    truth = checkpoints.tiny_checkpoint(tmp_path / "ckpt", "bert", "feature-extraction")
+    with caplog.at_level("WARNING", logger="exporter.pipeline"):
+        manifest = _export(truth, tmp_path / "out", "--max-accuracy-drop", "0.05")
+    held_out = len(split_texts(builtin_texts())[1][0::2])
+    assert manifest["quantization"]["search"]["validation_examples"] == held_out < 500
+    assert any(f"judges on {held_out} held-out texts, fewer than the 500" in r.getMessage() for r in caplog.records)

@@ -92,6 +92,24 @@ def test_bars_on_a_fraction_of_examples_get_enough_examples_to_allow_one_disagre
         assert QuantizationConfig().validation_count(task) == 100
         assert QuantizationConfig(max_accuracy_drop=0.05).validation_count(task) == 64  # 20 < the default 64
         assert QuantizationConfig(validation_samples=128).validation_count(task) == 128
+    assert get_metric("token-classification").min_examples(0.01) == 0  # counts tokens: thousands in 64 texts
     for task in ("feature-extraction", "token-classification"):
-        assert get_metric(task).min_examples(0.01) == 0
         assert QuantizationConfig().validation_count(task) == 64
+
+
+def test_one_changed_label_in_a_hundred_is_exactly_a_one_percent_accuracy_drop() -> None:
+    labels = np.arange(100) % 3
+    for correct in range(1, 100):  # every reference accuracy
+        reference = np.where(np.arange(100) < correct, labels, (labels + 1) % 3)
+        candidate = reference.copy()
+        candidate[0] = (candidate[0] + 1) % 3  # one right answer made wrong
+        metric = ClassificationMetric(labels)
+        scores = metric.scores([np.eye(3)[reference]], [np.eye(3)[candidate]])
+        assert scores["accuracy_delta"] == -0.01
+        assert not failures({"accuracy_delta": scores["accuracy_delta"]}, {"accuracy_delta": -0.01})
+
+
+def test_embedding_search_size_follows_the_neighbour_bar() -> None:
+    assert get_metric("feature-extraction").min_examples(0.01) == 20
+    assert get_metric("feature-extraction").min_examples(0.002) == 100
+    assert QuantizationConfig(max_accuracy_drop=0.002).validation_count("feature-extraction") == 100
