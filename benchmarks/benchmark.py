@@ -125,36 +125,22 @@ def _accuracy(task: str, reference: list[list[np.ndarray]], candidate: list[list
     ref = [metric.summarize(r, f) for r, f in zip(reference, batches, strict=True)]
     cand = [metric.summarize(c, f) for c, f in zip(candidate, batches, strict=True)]
     scores = metric.scores(ref, cand)
+    agrees = metric.agrees(ref, cand)
     if task == "feature-extraction":
         return {"cosine": scores["mean_cosine"], "agreement": scores["neighbour_agreement"],
-                "agreement_name": "top-1 neighbour", "agreement_ci": _interval(_agrees(task, ref, cand))}
+                "agreement_name": "top-1 neighbour", "agreement_ci": _interval(agrees)}
     a = np.concatenate([np.nan_to_num(r).reshape(len(r), -1) for r in ref])
     b = np.concatenate([np.nan_to_num(c).reshape(len(c), -1) for c in cand])
     cosine = float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).mean())
     name = "span_match" if task == "question-answering" else "argmax_agreement"
     result = {"cosine": cosine, "agreement": scores[name], "agreement_name": name.replace("_", " "),
-              "agreement_ci": _interval(_agrees(task, ref, cand))}
+              "agreement_ci": _interval(agrees)}
     if answerable is not None:
-        agrees = _agrees(task, ref, cand)[answerable]
-        result["answerable"] = {"count": int(answerable.sum()), "span_match": float(agrees.mean()),
-                                "ci": _interval(agrees)}
+        result["answerable"] = {"count": int(answerable.sum()), "span_match": float(agrees[answerable].mean()),
+                                "ci": _interval(agrees[answerable])}
     if labels is not None:
         result["gold_accuracy"] = float((np.concatenate(cand).argmax(-1) == np.asarray(labels)).mean())
     return result
-
-
-def _agrees(task: str, reference: list[np.ndarray], candidate: list[np.ndarray]) -> np.ndarray:
-    """Per example, whether the candidate makes the FP32 decision that the task's agreement score counts (the
-    nearest other text; the argmax class; the start and end position), from calibration.metrics summaries."""
-    ref, cand = np.concatenate(reference), np.concatenate(candidate)
-    if task == "feature-extraction":
-        ref_sim, cand_sim = ref[:, 0] @ ref[:, 0].T, cand[:, 0] @ cand[:, 0].T
-        np.fill_diagonal(ref_sim, -np.inf)
-        np.fill_diagonal(cand_sim, -np.inf)
-        return ref_sim.argmax(1) == cand_sim.argmax(1)
-    valid = np.isfinite(ref)
-    same = np.where(valid, ref, -np.inf).argmax(-1) == np.where(valid, cand, -np.inf).argmax(-1)
-    return same.reshape(len(same), -1).all(1)
 
 
 def _interval(agrees: np.ndarray, draws: int = 2000) -> tuple[float, float]:

@@ -38,6 +38,9 @@ class TaskMetric(ABC):
     """Compares candidate outputs with reference outputs; subclasses define the summary and the scores."""
 
     name: str = ""
+    counted: str | None = None
+    """The score that is the fraction of held-out examples whose decision agrees with FP32 (:meth:`agrees` gives it
+    per example); None when no score counts examples."""
 
     @abstractmethod
     def summarize(self, outputs: Sequence[np.ndarray], feeds: Feeds) -> np.ndarray:
@@ -51,11 +54,18 @@ class TaskMetric(ABC):
     def bars(self, max_accuracy_drop: float) -> dict[str, float]:
         """Minimum value per score that ``max_accuracy_drop`` (a fraction, 0.01 = 1%) allows."""
 
+    def agrees(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> np.ndarray:
+        """Per held-out example, whether the candidate makes the FP32 decision that :attr:`counted` counts."""
+        raise NotImplementedError(f"the {self.name} metric counts no per-example decision")
+
     def min_examples(self, max_accuracy_drop: float) -> int:
-        """Held-out examples needed before a bar on a fraction of examples can allow one disagreement (0 when
-        the scores do not count examples). With fewer, a 1% bar means none may change, and a search that falls
-        nodes back until none does is chasing one or two near-tie examples, not the model's accuracy."""
-        return 0
+        """Held-out examples needed before the bar on :attr:`counted` can allow one disagreement (0 when no
+        score counts examples). With fewer, a 1% bar means none may change, and a search that falls nodes back
+        until none does is chasing one or two near-tie examples, not the model's accuracy."""
+        if self.counted is None:
+            return 0
+        allowance = 1.0 - self.bars(max_accuracy_drop)[self.counted]
+        return math.ceil(1.0 / allowance - 1e-9) if allowance > 0 else 0
 
 
 def failures(scores: Mapping[str, float], bars: Mapping[str, float]) -> list[str]:
@@ -76,16 +86,20 @@ def relative_error(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarr
     return error / max(norm, 1e-30)
 
 
-def _agreement(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], axis: int = -1) -> float:
-    """Fraction of positions whose argmax over ``axis`` agrees; rows that are all NaN (padding) are skipped."""
-    same = total = 0
+def _row_agrees(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> np.ndarray:
+    """Per row of the [rows, classes] summaries, whether the argmax agrees; rows that are all NaN (padding) are
+    left out."""
+    same = []
     for ref, cand in zip(reference, candidate, strict=True):
-        valid = np.isfinite(ref).any(axis=axis)
-        ref_max = np.nanargmax(np.where(np.isfinite(ref), ref, -np.inf), axis=axis)
-        cand_max = np.nanargmax(np.where(np.isfinite(ref), cand, -np.inf), axis=axis)
-        same += int((ref_max == cand_max)[valid].sum())
-        total += int(valid.sum())
-    return same / max(total, 1)
+        valid = np.isfinite(ref).any(axis=-1)
+        ref_max = np.nanargmax(np.where(np.isfinite(ref), ref, -np.inf), axis=-1)
+        cand_max = np.nanargmax(np.where(np.isfinite(ref), cand, -np.inf), axis=-1)
+        same.append((ref_max == cand_max)[valid])
+    return np.concatenate(same) if same else np.zeros(0, bool)
+
+
+def _fraction(agrees: np.ndarray) -> float:
+    return float(agrees.sum()) / max(len(agrees), 1)
 
 
 class EmbeddingMetric(TaskMetric):
@@ -97,6 +111,7 @@ class EmbeddingMetric(TaskMetric):
     """
 
     name = "embedding"
+    counted = "neighbour_agreement"
 
     def __init__(self, mask_input: str = "attention_mask") -> None:
         self.mask_input = mask_input
@@ -117,21 +132,21 @@ class EmbeddingMetric(TaskMetric):
         tokens /= np.maximum(np.sqrt((tokens**2).sum((1, 2), keepdims=True)), 1e-12)
         return np.concatenate([pooled[:, None, :], tokens], axis=1)
 
-    def scores(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> dict[str, float]:
-        ref, cand = np.concatenate(reference), np.concatenate(candidate)
-        ref_pooled, cand_pooled = ref[:, 0], cand[:, 0]
-        cosine = float((ref_pooled * cand_pooled).sum(1).mean())
+    def agrees(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> np.ndarray:
+        """Per text, whether its nearest other held-out text (pooled cosine) is the same under both."""
+        ref_pooled, cand_pooled = np.concatenate(reference)[:, 0], np.concatenate(candidate)[:, 0]
         ref_sim, cand_sim = ref_pooled @ ref_pooled.T, cand_pooled @ cand_pooled.T
         np.fill_diagonal(ref_sim, -np.inf)
         np.fill_diagonal(cand_sim, -np.inf)
-        agreement = float((ref_sim.argmax(1) == cand_sim.argmax(1)).mean())
-        scores = {"mean_cosine": cosine, "neighbour_agreement": agreement}
+        return ref_sim.argmax(1) == cand_sim.argmax(1)
+
+    def scores(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> dict[str, float]:
+        ref, cand = np.concatenate(reference), np.concatenate(candidate)
+        cosine = float((ref[:, 0] * cand[:, 0]).sum(1).mean())
+        scores = {"mean_cosine": cosine, "neighbour_agreement": float(self.agrees(reference, candidate).mean())}
         if ref.shape[1] > 1:
             scores["token_cosine"] = float((ref[:, 1:] * cand[:, 1:]).sum((1, 2)).mean())
         return scores
-
-    def min_examples(self, max_accuracy_drop: float) -> int:
-        return math.ceil(1.0 / (5.0 * max_accuracy_drop) - 1e-9) if max_accuracy_drop > 0 else 0
 
     def bars(self, max_accuracy_drop: float) -> dict[str, float]:
         # token_cosine is the bar parity's INT8 gate applies to every token-level output.
@@ -147,6 +162,7 @@ class ClassificationMetric(TaskMetric):
     """
 
     name = "classification"
+    counted = "argmax_agreement"
 
     def __init__(self, labels: Sequence[int] | np.ndarray | None = None) -> None:
         self.labels = None if labels is None else np.asarray(labels)
@@ -154,8 +170,11 @@ class ClassificationMetric(TaskMetric):
     def summarize(self, outputs: Sequence[np.ndarray], feeds: Feeds) -> np.ndarray:
         return outputs[0].astype(np.float32)
 
+    def agrees(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> np.ndarray:
+        return _row_agrees(reference, candidate)
+
     def scores(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> dict[str, float]:
-        result = {"argmax_agreement": _agreement(reference, candidate)}
+        result = {"argmax_agreement": _fraction(self.agrees(reference, candidate))}
         if self.labels is not None:
             ref, cand = np.concatenate(reference).argmax(-1), np.concatenate(candidate).argmax(-1)
             if len(ref) != len(self.labels):
@@ -163,9 +182,6 @@ class ClassificationMetric(TaskMetric):
             # counts first: one changed decision in 100 is exactly -0.01, not -0.010000000000000009
             result["accuracy_delta"] = float(((cand == self.labels).sum() - (ref == self.labels).sum()) / len(ref))
         return result
-
-    def min_examples(self, max_accuracy_drop: float) -> int:
-        return math.ceil(1.0 / max_accuracy_drop - 1e-9) if max_accuracy_drop > 0 else 0
 
     def bars(self, max_accuracy_drop: float) -> dict[str, float]:
         bars = {"argmax_agreement": 1.0 - max_accuracy_drop}
@@ -183,6 +199,7 @@ class QuestionAnsweringMetric(TaskMetric):
     """
 
     name = "question-answering"
+    counted = "span_match"
 
     def __init__(self, mask_input: str = "attention_mask") -> None:
         self.mask_input = mask_input
@@ -194,21 +211,27 @@ class QuestionAnsweringMetric(TaskMetric):
             logits = np.where(mask[:, None, :] > 0, logits, np.nan)
         return logits
 
-    def scores(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> dict[str, float]:
+    @staticmethod
+    def _same(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> np.ndarray:
+        """[examples, 2]: whether the start / end argmax over unpadded positions agrees."""
+
         def argmax(batch: np.ndarray, like: np.ndarray) -> np.ndarray:
             return np.where(np.isfinite(like), batch, -np.inf).argmax(-1)  # [batch, 2]
 
         ref = np.concatenate([argmax(r, r) for r in reference])
         cand = np.concatenate([argmax(c, r) for r, c in zip(reference, candidate, strict=True)])
-        same = ref == cand
+        return ref == cand
+
+    def agrees(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> np.ndarray:
+        return self._same(reference, candidate).all(1)
+
+    def scores(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> dict[str, float]:
+        same = self._same(reference, candidate)
         return {
             "start_agreement": float(same[:, 0].mean()),
             "end_agreement": float(same[:, 1].mean()),
             "span_match": float(same.all(1).mean()),
         }
-
-    def min_examples(self, max_accuracy_drop: float) -> int:
-        return math.ceil(1.0 / max_accuracy_drop - 1e-9) if max_accuracy_drop > 0 else 0
 
     def bars(self, max_accuracy_drop: float) -> dict[str, float]:
         return {"span_match": 1.0 - max_accuracy_drop}
@@ -229,7 +252,7 @@ class TokenClassificationMetric(TaskMetric):
         return logits if mask is None else logits[mask > 0]  # [tokens, labels]
 
     def scores(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> dict[str, float]:
-        return {"token_agreement": _agreement(reference, candidate)}
+        return {"token_agreement": _fraction(_row_agrees(reference, candidate))}
 
     def bars(self, max_accuracy_drop: float) -> dict[str, float]:
         return {"token_agreement": 1.0 - max_accuracy_drop}
