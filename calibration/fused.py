@@ -42,9 +42,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
+from onnxruntime.transformers.onnx_model import OnnxModel
 
 from calibration.search import cpu_session, drop_unused_initializers
 from exporter.errors import QuantizationError
+from graphs.graph_view import GraphView
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +201,11 @@ def _smoothing(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(s, 1e-4, 1e4).astype(np.float32)
 
 
+def _static(rows: np.ndarray, smooth: np.ndarray, scale: float, zero: int) -> np.ndarray:
+    """Emulate the static u8 quantization of ``rows / smooth`` (float64): QuantizeLinear then dequantize."""
+    return (np.clip(np.round(rows / smooth / scale) + zero, 0, 255) - zero) * scale
+
+
 def _per_token(rows: np.ndarray, zero: int, min_step: float) -> np.ndarray:
     """Emulate :func:`_per_token_matmul`'s per-token u8 quantization of ``rows`` (float64)."""
     step = np.maximum(rows.max(1, keepdims=True) / (255 - zero), max(min_step, _ROW_EPSILON))
@@ -251,7 +258,7 @@ def plan_inputs(
             for candidate in grid:
                 s = _smoothing(amax, wmax, candidate).astype(np.float64)
                 scale, zero = _u8(*_range(stat, s, method))
-                xq = (np.clip(np.round(rows / s / scale) + zero, 0, 255) - zero) * scale
+                xq = _static(rows, s, scale, zero)
                 errors.append((_product_error(xq, weights[tensor], exact, s), candidate))
             alpha = min(errors)[1]
         smooth = _smoothing(amax, wmax, alpha)
@@ -269,25 +276,24 @@ def _emulated(rows: np.ndarray, weight: np.ndarray, plan: InputPlan) -> np.ndarr
         xq, w = _per_token(rows, plan.zero_point, plan.scale), weight.astype(np.float64)
     else:
         s = plan.smooth.astype(np.float64)
-        xq = (np.clip(np.round(rows / s / plan.scale) + plan.zero_point, 0, 255) - plan.zero_point) * plan.scale
-        w = weight * s[:, None]
+        xq, w = _static(rows, s, plan.scale, plan.zero_point), weight * s[:, None]
     wq, ws = _quantize_weight(w)
     return xq @ (wq * ws.astype(np.float64))
 
 
-def _bias_slot(model: onnx.ModelProto, target: Target) -> tuple[str, int] | None:
-    """(node name, input index) of the bias added to ``target``'s output: the QKV bias of an Attention, else the
-    bias input of the one node reading the MatMul's output (SkipLayerNormalization, BiasGelu/FastGelu, an Add
-    or Sum of an initializer); None when there is none to adjust."""
-    nodes = {node.name: node for node in model.graph.node}
-    initializers = {init.name for init in model.graph.initializer}
-    node = nodes[target.name]
+def _view(model: onnx.ModelProto) -> GraphView:
+    return GraphView(OnnxModel(model))
+
+
+def _bias_slot(view: GraphView, node: onnx.NodeProto, initializers: set[str]) -> tuple[str, int] | None:
+    """(node name, input index) of the bias added to target ``node``'s output: the QKV bias of an Attention, else
+    the bias input of the one node reading the MatMul's output (SkipLayerNormalization, BiasGelu/FastGelu, an
+    Add or Sum of an initializer); None when there is none to adjust."""
     if node.op_type == "Attention":
         return (node.name, 2) if len(node.input) > 2 and node.input[2] in initializers else None
-    readers = [n for n in model.graph.node if node.output[0] in n.input]
-    if len(readers) != 1 or node.output[0] in {o.name for o in model.graph.output}:
+    reader = view.sole(node.output[0])
+    if reader is None:
         return None
-    reader = readers[0]
     slot = {"SkipLayerNormalization": 4, "BiasGelu": 1, "FastGelu": 1}.get(reader.op_type)
     if reader.op_type in ("Add", "Sum"):  # Sum: the fused residual (graphs/residual_sum.py)
         slot = next((i for i, name in enumerate(reader.input) if name in initializers), None)
@@ -312,10 +318,12 @@ def bias_corrections(
     measured on rows it was not estimated on.
     """
     corrections = {}
+    view = _view(model)
     nodes = {node.name: node for node in model.graph.node}
     initializers = {init.name: init for init in model.graph.initializer}
+    names = set(initializers)
     for target in targets:
-        slot = _bias_slot(model, target)
+        slot = _bias_slot(view, nodes[target.name], names)
         weight = weights[target.weight].astype(np.float64)
         if slot is None or tuple(initializers[nodes[slot[0]].input[slot[1]]].dims) != (weight.shape[1],):
             continue  # no bias, or a broadcast Add rather than one bias per output column
@@ -325,19 +333,23 @@ def bias_corrections(
     return corrections
 
 
-def foldable_attention(model: onnx.ModelProto, activation: str, readers: set[str]) -> onnx.NodeProto | None:
+def _v_third(packed: int) -> slice:
+    """V's columns in the Q | K | V packing of onnxruntime's Attention weight and bias (equal widths)."""
+    return slice(2 * (packed // 3), packed)
+
+
+def foldable_attention(view: GraphView, activation: str, readers: set[str]) -> onnx.NodeProto | None:
     """The fused ``Attention`` that produces ``activation`` when a per-channel division of its output can move
     into its V projection instead of a ``Mul``: the output (the attention context) is channel j = head mix of
     V channel j, so dividing V's weight column and bias by ``s_j`` divides context channel j by ``s_j`` exactly.
     Needs equal Q/K/V widths, weight and bias initializers, and no reader of the output outside ``readers``."""
-    producer = next((node for node in model.graph.node if activation in node.output), None)
-    initializers = {init.name for init in model.graph.initializer}
+    producer = view.producers.get(activation)
     if (producer is None or producer.op_type != "Attention" or producer.output[0] != activation
             or any(a.name == "qkv_hidden_sizes" for a in producer.attribute) or len(producer.input) < 3
-            or producer.input[1] not in initializers or producer.input[2] not in initializers
-            or activation in {output.name for output in model.graph.output}):
+            or any(view.model.get_initializer(name) is None for name in producer.input[1:3])
+            or activation in view.outputs):
         return None
-    if any(activation in node.input and node.name not in readers for node in model.graph.node):
+    if any(node.name not in readers for node in view.consumers.get(activation, [])):
         return None
     return producer
 
@@ -353,10 +365,10 @@ def smooth_graph(
     model = copy.deepcopy(model)
     weights = {init.name: init for init in model.graph.initializer}
     by_name = {node.name: node for node in model.graph.node}
-    readers = {target.name for target in targets}
+    readers, view = {target.name for target in targets}, _view(model)
     activations = dict.fromkeys(t.activation for t in targets if plans[t.activation].alpha)
     folded = {activation: attention for activation in activations
-              if (attention := foldable_attention(model, activation, readers)) is not None}
+              if (attention := foldable_attention(view, activation, readers)) is not None}
     smoothed: dict[str, str] = {}
     new_inits: list[onnx.TensorProto] = []
     for target in targets:
@@ -372,10 +384,10 @@ def smooth_graph(
         new_inits.append(numpy_helper.from_array(w.astype(np.float32), node.input[1]))
     for activation, attention in folded.items():
         inverse = 1.0 / plans[activation].smooth.astype(np.float64)
-        for slot in (1, 2):  # weight [hidden, 3 * width] and bias [3 * width]: V is the last third
+        for slot in (1, 2):  # weight [hidden, 3 * width] and bias [3 * width]
             current = next(i for i in [*new_inits, *weights.values()] if i.name == attention.input[slot])
             value = numpy_helper.to_array(current).astype(np.float64)
-            value[..., 2 * (value.shape[-1] // 3) :] *= inverse
+            value[..., _v_third(value.shape[-1])] *= inverse
             attention.input[slot] = f"{attention.input[slot]}_v_folded"
             new_inits.append(numpy_helper.from_array(value.astype(np.float32), attention.input[slot]))
     nodes = []
@@ -565,6 +577,6 @@ def plan_fused(
     for activation, attention in folded.items():  # its V outputs are now divided by s: so is their correction
         if attention in corrections:
             shift = corrections[attention][2].copy()
-            shift[2 * (len(shift) // 3) :] /= plans[activation].smooth
+            shift[_v_third(len(shift))] /= plans[activation].smooth
             corrections[attention] = (*corrections[attention][:2], shift)
     return FusedPlan(targets, plans, smoothed, corrections)

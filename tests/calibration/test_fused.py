@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnxruntime.transformers.onnx_model import OnnxModel
 
 from calibration.corpus import builtin_texts, split_texts
 from calibration.data import TextCalibrationReader, sample_texts
@@ -25,6 +26,7 @@ from calibration.fused import (
 from calibration.metrics import EmbeddingMetric
 from calibration.quantize import QuantizationConfig, quantize_model
 from graphs.fusion import FusionConfig, GraphPlan, fuse_graph
+from graphs.graph_view import GraphView
 from tests.calibration.conftest import tokenize
 
 ORT_OPTIMIZED = "optimized.onnx"
@@ -290,10 +292,11 @@ def test_context_division_stays_a_mul_when_the_attention_output_is_read_elsewher
     targets = find_targets(model, ("MatMul", "Attention"), ())
     readers = {t.name for t in targets}
     context = next(t.activation for t in targets if "attention/output/dense" in t.name)
-    assert foldable_attention(model, context, readers) is not None
-    assert foldable_attention(model, context, readers - {next(t.name for t in targets if t.activation == context)}) is None
+    view = GraphView(OnnxModel(model))
+    assert foldable_attention(view, context, readers) is not None
+    assert foldable_attention(view, context, readers - {next(t.name for t in targets if t.activation == context)}) is None
     model.graph.output.append(onnx.helper.make_tensor_value_info(context, onnx.TensorProto.FLOAT, None))
-    assert foldable_attention(model, context, readers) is None
+    assert foldable_attention(GraphView(OnnxModel(model)), context, readers) is None
     plan = plan_fused(model, _reader(16)[0], ("MatMul", "Attention"), (), "minmax", smooth_alpha=0.8)
     assert sum(n.op_type == "Mul" and n.name.endswith("_smooth") for n in plan.smoothed.graph.node) == 7
     feeds = _heldout()
