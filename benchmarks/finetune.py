@@ -34,7 +34,7 @@ import torch
 import transformers
 
 from calibration.corpus import builtin_passages, builtin_texts, split_texts
-from tests.checkpoints import minilm_path
+from tests.checkpoints import block_pruned_minilm, minilm_path
 
 QUESTION_WORDS = 8
 """Words of a sentence that make the question (as in :func:`exporter.text.as_pair`)."""
@@ -138,14 +138,35 @@ def _train(model: torch.nn.Module, loss: Callable[[], torch.Tensor], settings: S
     return losses
 
 
+RECORD = "finetune.json"
+"""What a trained folder holds besides model and tokenizer: its Settings and what training measured."""
+
+
+def _reusable(out: Path, settings: Settings) -> bool:
+    """True when ``out`` holds a model trained with exactly ``settings``."""
+    record = out / RECORD
+    return record.exists() and json.loads(record.read_text()).get("settings") == asdict(settings)
+
+
+def _save(out: Path, model: Any, tokenizer: Any, settings: Settings, losses: list[float], start: float,
+          **measured: float) -> None:
+    """Model, tokenizer and the record (settings, mean loss of the last 50 steps, ``measured``, seconds)."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / RECORD).write_text(json.dumps({
+        "settings": asdict(settings), "final_loss": sum(losses[-50:]) / len(losses[-50:]), **measured,
+        "seconds": time.perf_counter() - start,
+    }, indent=2))
+
+
 def finetune(out: Path, task: str, steps: int = 300, seed: int = 0, log: bool = True) -> Path:
     """Train MiniLM for ``task`` (see module doc) and save model and tokenizer to ``out``; reuse ``out`` when it
     holds a model trained with the same settings. Returns ``out``."""
     if task not in TASKS:
         raise ValueError(f"task {task!r} not in {TASKS}")
     settings = Settings(task, steps, seed)
-    record = out / "finetune.json"
-    if record.exists() and json.loads(record.read_text()).get("settings") == asdict(settings):
+    if _reusable(out, settings):
         return out
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -197,14 +218,8 @@ def finetune(out: Path, task: str, steps: int = 300, seed: int = 0, log: bool = 
             else:
                 gold = inputs.pop("labels")
                 correct += int((model(**inputs).logits.argmax(-1) == gold).sum())
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    record.write_text(json.dumps({
-        "settings": asdict(settings), "train_examples": len(train), "final_loss": sum(losses[-50:]) / len(losses[-50:]),
-        "heldout_examples": len(test), "heldout_gold_accuracy": correct / len(test),
-        "seconds": time.perf_counter() - start,
-    }, indent=2))
+    _save(out, model, tokenizer, settings, losses, start, train_examples=len(train), heldout_examples=len(test),
+          heldout_gold_accuracy=correct / len(test))
     return out
 
 
@@ -227,11 +242,8 @@ def distill_pruned(out: Path, steps: int = 300, seed: int = 0, log: bool = True)
     holds a model distilled with the same settings; ``finetune.json`` records the held-out cosine to the dense
     model's embeddings before and after.
     """
-    from tests.checkpoints import block_pruned_minilm
-
     settings = Settings("distill-block-pruned", steps, seed)
-    record = out / "finetune.json"
-    if record.exists() and json.loads(record.read_text()).get("settings") == asdict(settings):
+    if _reusable(out, settings):
         return out
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -270,13 +282,7 @@ def distill_pruned(out: Path, steps: int = 300, seed: int = 0, log: bool = True)
     before = cosine_to_teacher()
     start = time.perf_counter()
     losses = _train(student, loss, settings, "distilling the block-pruned MiniLM", log, remask)
-    out.mkdir(parents=True, exist_ok=True)
-    student.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    record.write_text(json.dumps({
-        "settings": asdict(settings), "final_loss": sum(losses[-50:]) / len(losses[-50:]),
-        "heldout_cosine_to_dense_before": before, "heldout_cosine_to_dense_after": cosine_to_teacher(),
-        "zero_weights_kept": int(sum(int((~m).sum()) for m in masks.values())),
-        "seconds": time.perf_counter() - start,
-    }, indent=2))
+    _save(out, student, tokenizer, settings, losses, start, heldout_cosine_to_dense_before=before,
+          heldout_cosine_to_dense_after=cosine_to_teacher(),
+          zero_weights_kept=int(sum(int((~m).sum()) for m in masks.values())))
     return out
