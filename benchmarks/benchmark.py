@@ -7,7 +7,10 @@
 For each model kind it builds the checkpoint, runs the export-model pipeline, and times, round-robin so that
 machine noise hits every variant alike: torch eager FP32, optimum's ONNX export on onnxruntime FP32 and
 optimum's avx512_vnni dynamic INT8 (peers, feature extraction only), and our model.onnx,
-model_optimized.onnx and model_quantized.onnx. Batch 1 and 8 at sequence 128, medians over rounds.
+model_optimized.onnx and model_quantized.onnx. Batch 1 and 8 at sequence 128; each timed call follows an untimed
+call of the same model (warm, as a served model runs back to back); latency is the median over rounds, a ratio
+between two variants the median of their per-round ratios (paired, so a slow stretch of the machine, which slows
+both calls of a round, cancels), with its quartiles.
 Accuracy is the task metric of calibration.metrics against the FP32 PyTorch model, on the held-out real texts
 that neither calibration nor the INT8 search saw (the pipeline's report half of the held-out texts and the
 search half beyond the search's texts: 225 passages for embeddings, 189 for QA and classification): for embeddings mean cosine of mean-pooled embeddings and top-1
@@ -251,6 +254,7 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
     for _ in range(rounds):
         for name, run in runners.items():
             for b in BATCHES:
+                run(feeds[b])  # untimed: the timed call runs warm, as a served model runs back to back
                 start = time.perf_counter()
                 run(feeds[b])
                 times[name][b].append((time.perf_counter() - start) * 1e3)
@@ -267,8 +271,8 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
             row |= _accuracy(task, reference, [run(batch) for batch in eval_batches], eval_batches, labels, answerable)
         row["size_mb"] = sizes[name].stat().st_size / 1e6 if name in sizes else None
         rows.append(row)
-    _add_ratios(rows, "model.onnx", "model_onnx")
-    _add_ratios(rows, DENSE, "dense")
+    _add_ratios(rows, times, "model.onnx", "model_onnx")
+    _add_ratios(rows, times, DENSE, "dense")
     quantization = result.manifest["quantization"]
     rows.append({"kind": kind, "variant": "(export wall time s)", "b1_ms": export_seconds,
                  "compaction": result.manifest["compaction"]["summary"], "fusion": result.manifest["fusion"]["summary"],
@@ -280,18 +284,26 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
     return rows
 
 
-def _add_ratios(rows: list[dict[str, Any]], variant: str, name: str) -> None:
-    """``b{batch}_vs_{name}``: each row's latency over ``variant``'s, when that variant was timed."""
-    base = next((r for r in rows if r["variant"] == variant), None)
-    for row in rows if base is not None else []:
+def _add_ratios(rows: list[dict[str, Any]], times: dict[str, dict[int, list[float]]], variant: str, name: str) -> None:
+    """``b{batch}_vs_{name}``: each timed row's latency over ``variant``'s, as the median over rounds of the ratio
+    within each round (paired: a slow stretch of the machine slows both calls of a round), and
+    ``b{batch}_vs_{name}_iqr``, the quartiles of those per-round ratios; nothing when ``variant`` was not timed."""
+    if variant not in times:
+        return
+    for row in rows:
+        if row["variant"] not in times:
+            continue
         for b in BATCHES:
-            row[f"b{b}_vs_{name}"] = row[f"b{b}_ms"] / base[f"b{b}_ms"]
+            ratios = np.array(times[row["variant"]][b]) / np.array(times[variant][b])
+            row[f"b{b}_vs_{name}"] = float(np.median(ratios))
+            row[f"b{b}_vs_{name}_iqr"] = [float(q) for q in np.percentile(ratios, [25, 75])]
 
 
 def render(rows: list[dict[str, Any]], threads: int, rounds: int) -> str:
-    lines = [f"seq {SEQ}, {threads} threads, median of {rounds} interleaved rounds; accuracy against FP32 PyTorch on "
-             "the held-out real texts that neither calibration nor the INT8 search saw; [95% bootstrap interval of "
-             "the agreement over those texts]", "",
+    lines = [f"seq {SEQ}, {threads} threads, {rounds} interleaved rounds, each timed call right after an untimed one of "
+             "the same model; ms: medians; ratios: median (quartiles) of the per-round ratios; accuracy against FP32 "
+             "PyTorch on the held-out real texts that neither calibration nor the INT8 search saw; [95% bootstrap "
+             "interval of the agreement over those texts]", "",
              "| model | variant | b1 ms | b8 ms | b1 vs model.onnx | b8 vs model.onnx | cosine | agreement | size MB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -312,13 +324,19 @@ def render(rows: list[dict[str, Any]], threads: int, rounds: int) -> str:
             a = r["answerable"]
             gold = f"; the {a['count']} with an answer: {a['span_match']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}]"
         ci = f" [{r['agreement_ci'][0]:.3f}, {r['agreement_ci'][1]:.3f}]" if r.get("agreement_ci") else ""
-        variant = r["variant"] + (f" ({r['b1_vs_dense']:.2f}x / {r['b8_vs_dense']:.2f}x of dense)" if "b1_vs_dense" in r
-                                  and r["variant"] != DENSE else "")
-        lines.append(f"| {r['kind']} | {variant} | {r['b1_ms']:.1f} | {r['b8_ms']:.1f} | {r['b1_vs_model_onnx']:.2f}x "
-                     f"| {r['b8_vs_model_onnx']:.2f}x | {_number(r['cosine'], 4)} | {_number(r['agreement'], 3)}{ci} "
+        variant = r["variant"] + (f" ({_ratio(r, 'b1_vs_dense')} / {_ratio(r, 'b8_vs_dense')} of dense)"
+                                  if "b1_vs_dense" in r and r["variant"] != DENSE else "")
+        lines.append(f"| {r['kind']} | {variant} | {r['b1_ms']:.1f} | {r['b8_ms']:.1f} | {_ratio(r, 'b1_vs_model_onnx')} "
+                     f"| {_ratio(r, 'b8_vs_model_onnx')} | {_number(r['cosine'], 4)} | {_number(r['agreement'], 3)}{ci} "
                      f"({r['agreement_name']}{gold}) "
                      f"| {size} |")
     return "\n".join(lines) + "\n"
+
+
+def _ratio(row: dict[str, Any], key: str) -> str:
+    """``0.47x (0.45-0.49)``: the median per-round ratio and its quartiles; just the ratio for the baseline."""
+    low, high = row[f"{key}_iqr"]
+    return f"{row[key]:.2f}x" if low == high == row[key] else f"{row[key]:.2f}x ({low:.2f}-{high:.2f})"
 
 
 def _number(value: float | None, digits: int) -> str:

@@ -1,10 +1,10 @@
-"""The benchmark's bootstrap interval of an agreement (benchmarks/benchmark.py)."""
+"""The benchmark's bootstrap interval of an agreement and its paired latency ratios (benchmarks/benchmark.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.benchmark import _interval
+from benchmarks.benchmark import _add_ratios, _interval, _ratio
 
 
 def test_interval_brackets_the_mean_and_is_exact_when_all_agree() -> None:
@@ -13,3 +13,23 @@ def test_interval_brackets_the_mean_and_is_exact_when_all_agree() -> None:
     low, high = _interval(agrees)
     assert 0.84 < low < 0.9 < high < 0.95
     assert _interval(agrees) == (low, high)  # seeded
+
+
+def test_ratios_pair_the_calls_of_each_round() -> None:
+    # the machine slows down 3x for the last rounds: per round, the candidate always takes half the baseline's time
+    base = [10.0, 10.0, 10.0, 30.0, 30.0]
+    times = {"model.onnx": {1: base, 8: base}, "int8": {1: [b / 2 for b in base], 8: [b / 2 for b in base]}}
+    rows = [{"variant": "model.onnx"}, {"variant": "int8"}, {"variant": "(export wall time s)"}]
+    _add_ratios(rows, times, "model.onnx", "model_onnx")
+    assert rows[1]["b1_vs_model_onnx"] == 0.5 and rows[1]["b8_vs_model_onnx_iqr"] == [0.5, 0.5]
+    assert rows[0]["b1_vs_model_onnx"] == 1.0 and _ratio(rows[0], "b1_vs_model_onnx") == "1.00x"
+    assert "b1_vs_model_onnx" not in rows[2]
+    # one slow call of the candidate alone: the ratio of the medians would read 15 / 10 = 1.5x, the paired one 0.5x
+    times["int8"][1] = [5.0, 5.0, 15.0, 15.0, 15.0]
+    _add_ratios(rows, times, "model.onnx", "model_onnx")
+    assert rows[1]["b1_vs_model_onnx"] == 0.5 and rows[1]["b1_vs_model_onnx_iqr"] == [0.5, 0.5]
+    times["int8"][1] = [4.0, 5.0, 6.0, 15.0, 18.0]
+    _add_ratios(rows, times, "model.onnx", "model_onnx")
+    assert _ratio(rows[1], "b1_vs_model_onnx") == "0.50x (0.50-0.60)"
+    _add_ratios(rows, times, "dense MiniLM model.onnx", "dense")  # not timed: no ratio
+    assert "b1_vs_dense" not in rows[1]
