@@ -7,15 +7,19 @@
 For each model kind it builds the checkpoint, runs the export-model pipeline, and times, round-robin so that
 machine noise hits every variant alike: torch eager FP32, optimum's ONNX export on onnxruntime FP32 and
 optimum's avx512_vnni dynamic INT8 (peers, feature extraction only), and our model.onnx,
-model_optimized.onnx and model_quantized.onnx. Batch 1 and 8 at sequence 128; each timed call follows an untimed
-call of the same model (warm, as a served model runs back to back); latency is the median over rounds, a ratio
-between two variants the median of their per-round ratios (paired, so a slow stretch of the machine, which slows
-both calls of a round, cancels), with its quartiles.
+model_optimized.onnx and model_quantized.onnx. Batch 1 and 8 at sequence 128, onnxruntime's default session
+options; each variant's calls start after a 50 ms pause (the previous session's threads stop spinning) and each
+timed call follows an untimed call of the same model (warm, as a served model runs back to back); latency is the
+median over rounds, a ratio between two variants the median of their per-round ratios (paired, so a slow stretch
+of the machine, which slows both calls of a round, cancels), with its quartiles.
 Accuracy is the task metric of calibration.metrics against the FP32 PyTorch model, on the held-out real texts
 that neither calibration nor the INT8 search saw (the pipeline's report half of the held-out texts and the
-search half beyond the search's texts: 225 passages for embeddings, 189 for QA and classification): for embeddings mean cosine of mean-pooled embeddings and top-1
-nearest-neighbour agreement; for QA span exact match; for classification argmax agreement (and accuracy against
-the gold topic group), each agreement with its 95% bootstrap interval over the texts. The QA and classification
+search half beyond the search's texts: 225 passages for embeddings, 189 for QA and classification): for
+embeddings mean cosine of mean-pooled embeddings and top-1 nearest-neighbour agreement; for QA span exact match
+on every question of the kind the model was trained on (benchmarks.finetune.qa_examples: the first 8 words of one
+of a passage's first 3 sentences ask, the rest of it answers) and on the pipeline's one question per passage
+(exporter.text.as_pair); for classification argmax agreement (and accuracy against the gold topic group), each
+agreement with its 95% bootstrap interval over the examples. The QA and classification
 models are MiniLM fine-tuned here on tasks built from the calibration texts (benchmarks/finetune.py, about 5
 minutes each on 2 cores, reused from bench-out/finetuned/); *-random kinds put a seeded random head on it. The
 block-pruned MiniLM is tests.checkpoints.block_pruned_minilm distilled from the dense MiniLM with its zero pattern
@@ -46,7 +50,7 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing tests/
 
-from benchmarks.finetune import distill_pruned, finetune, qa_examples, topic_label  # noqa: E402
+from benchmarks.finetune import SENTENCES_PER_PASSAGE, distill_pruned, finetune, qa_examples, topic_label  # noqa: E402
 from calibration.corpus import builtin_passages, builtin_texts, split_texts  # noqa: E402
 from calibration.metrics import ClassificationMetric, get_metric  # noqa: E402
 from calibration.quantize import QuantizationConfig  # noqa: E402
@@ -60,6 +64,9 @@ from tests import checkpoints  # noqa: E402
 
 SEQ = 128
 BATCHES = (1, 8)
+PAUSE_S = 0.05
+"""Pause before each variant's calls: onnxruntime's worker threads spin about 30 ms after a run (measured here as
+process CPU time while idle), and one session's spinning threads must not take the cores of the next one."""
 FINETUNE_STEPS = 300
 KINDS: dict[str, Callable[[Path, Path], Path]] = {  # (scratch folder, folder of reusable fine-tuned models)
     "minilm": lambda folder, cache: checkpoints.minilm_path(),
@@ -81,9 +88,8 @@ CALIBRATION_RSS_TEXTS = 1000
 def _ort_runner(path: Path, threads: int) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    options = ort.SessionOptions()  # onnxruntime's defaults (worker threads spin briefly after a run), as served
     options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
     return lambda feeds: session.run(None, {k: v for k, v in feeds.items() if k in names})
@@ -118,12 +124,10 @@ def _optimum_peers(source: Path, work: Path, threads: int) -> dict[str, Callable
 
 
 def _accuracy(task: str, reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]],
-              batches: list[dict[str, np.ndarray]], labels: list[int] | None = None,
-              answerable: np.ndarray | None = None) -> dict[str, Any]:
+              batches: list[dict[str, np.ndarray]], labels: list[int] | None = None) -> dict[str, Any]:
     """The task metric of calibration.metrics (the one the INT8 search uses), candidate vs the FP32 reference,
     plus ``cosine``: mean cosine of the flattened first output per example (pooled embedding for features), and
-    with ``labels`` (classification) ``gold_accuracy``: the candidate's accuracy against them; with
-    ``answerable`` (QA, one flag per example) the span match on the questions that have an answer."""
+    with ``labels`` (classification) ``gold_accuracy``: the candidate's accuracy against them."""
     metric = ClassificationMetric(labels) if labels is not None else get_metric(task)
     ref = [metric.summarize(r, f) for r, f in zip(reference, batches, strict=True)]
     cand = [metric.summarize(c, f) for c, f in zip(candidate, batches, strict=True)]
@@ -138,9 +142,7 @@ def _accuracy(task: str, reference: list[list[np.ndarray]], candidate: list[list
     name = "span_match" if task == "question-answering" else "argmax_agreement"
     result = {"cosine": cosine, "agreement": scores[name], "agreement_name": name.replace("_", " "),
               "agreement_ci": _interval(agrees)}
-    if answerable is not None:
-        result["answerable"] = {"count": int(answerable.sum()), "span_match": float(agrees[answerable].mean()),
-                                "ci": _interval(agrees[answerable])}
+    result["count"] = len(agrees)
     if labels is not None:
         result["gold_accuracy"] = float((np.concatenate(cand).argmax(-1) == np.asarray(labels)).mean())
     return result
@@ -223,14 +225,15 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
     # part of the search half beyond the search's validation_samples. QA: tokenize asks as the pipeline does.
     searched = (result.manifest["quantization"].get("search") or {}).get("validation_examples", len(heldout))
     unseen = heldout[1::2] + heldout[0::2][searched:]
-    labels, answerable = None, None
-    if pairs:  # questions whose first sentence goes on after the 8 question words: the ones with an answer
-        answered = {example.context for example in qa_examples(unseen, sentences=1)}
-        answerable = np.array([text in answered for text in unseen])
+    labels = None
     if kind == "minilm-cls":  # trained on these classes: accuracy against the gold topic group too
         topics = dict((text, topic) for topic, text in builtin_passages())
         labels = [topic_label(topics[text]) for text in unseen]
     eval_batches = [tokenize(unseen[i : i + 16]) for i in range(0, len(unseen), 16)]
+    asked: list[dict[str, np.ndarray]] = []  # QA: the pipeline's one question per passage (as_pair) as well
+    if pairs:  # every question of the kind the model was trained on, on the unseen passages' first sentences
+        asked, questions = eval_batches, [(q.question, q.context) for q in qa_examples(unseen, SENTENCES_PER_PASSAGE)]
+        eval_batches = [tokenize(questions[i : i + 16]) for i in range(0, len(questions), 16)]
 
     runners: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]] = {"torch eager fp32": _torch_runner(checkpoint.model, threads)}
     if peers and kind == "minilm" and task == "feature-extraction":
@@ -247,6 +250,7 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
         runners[DENSE] = _ort_runner(dense, threads)
 
     reference = [runners["torch eager fp32"](batch) for batch in eval_batches]
+    asked_reference = [runners["torch eager fp32"](batch) for batch in asked]
     times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in BATCHES} for n in runners}
     for run in runners.values():  # warm-up
         for b in BATCHES:
@@ -254,6 +258,7 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
     for _ in range(rounds):
         for name, run in runners.items():
             for b in BATCHES:
+                time.sleep(PAUSE_S)  # the previous session's threads stop spinning before this one runs
                 run(feeds[b])  # untimed: the timed call runs warm, as a served model runs back to back
                 start = time.perf_counter()
                 run(feeds[b])
@@ -268,7 +273,9 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
         if name == DENSE:  # another model than the pruned reference: no accuracy against it
             row |= {"cosine": None, "agreement": None, "agreement_name": "-"}
         else:
-            row |= _accuracy(task, reference, [run(batch) for batch in eval_batches], eval_batches, labels, answerable)
+            row |= _accuracy(task, reference, [run(batch) for batch in eval_batches], eval_batches, labels)
+            if asked:
+                row["as_pair"] = _accuracy(task, asked_reference, [run(batch) for batch in asked], asked)
         row["size_mb"] = sizes[name].stat().st_size / 1e6 if name in sizes else None
         rows.append(row)
     _add_ratios(rows, times, "model.onnx", "model_onnx")
@@ -320,9 +327,10 @@ def render(rows: list[dict[str, Any]], threads: int, rounds: int) -> str:
             continue
         size = f"{r['size_mb']:.1f}" if r["size_mb"] else "-"
         gold = f"; gold accuracy {r['gold_accuracy']:.3f}" if "gold_accuracy" in r else ""
-        if "answerable" in r:
-            a = r["answerable"]
-            gold = f"; the {a['count']} with an answer: {a['span_match']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}]"
+        if "as_pair" in r:
+            a = r["as_pair"]
+            gold = (f" on {r['count']} questions; the pipeline's one question per passage on {a['count']}: "
+                    f"{a['agreement']:.3f} [{a['agreement_ci'][0]:.3f}, {a['agreement_ci'][1]:.3f}]")
         ci = f" [{r['agreement_ci'][0]:.3f}, {r['agreement_ci'][1]:.3f}]" if r.get("agreement_ci") else ""
         variant = r["variant"] + (f" ({_ratio(r, 'b1_vs_dense')} / {_ratio(r, 'b8_vs_dense')} of dense)"
                                   if "b1_vs_dense" in r and r["variant"] != DENSE else "")
