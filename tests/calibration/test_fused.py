@@ -317,7 +317,7 @@ def test_gptq_rounding_lowers_the_product_error_on_unseen_inputs() -> None:
     weight = rng.normal(size=(48, 16))
     rows = np.concatenate([_correlated_batch(seed)["x"].reshape(-1, 48) for seed in range(8)]).astype(np.float64)
     unseen = _correlated_batch(99)["x"].reshape(-1, 48).astype(np.float64)
-    (nearest, scale), (gptq, gptq_scale) = _quantize_weight(weight), _gptq(weight, rows)
+    (nearest, scale), (gptq, gptq_scale) = _quantize_weight(weight), _gptq(weight, rows.T @ rows)
     np.testing.assert_array_equal(scale, gptq_scale)  # same levels, other rounding
     assert gptq.dtype == np.int8 and np.abs(gptq.astype(int)).max() <= 127 and (gptq != nearest).any()
     assert np.abs(gptq.astype(int) - nearest).max() <= 3  # a rounding choice, not another weight
@@ -326,7 +326,7 @@ def test_gptq_rounding_lowers_the_product_error_on_unseen_inputs() -> None:
     assert error["gptq"] < 0.5 * error["nearest"], error
     # an input channel that is always zero (a pruned unit) leaves the rest well defined
     rows[:, 7] = 0.0
-    assert np.isfinite(_gptq(weight, rows)[0].astype(float)).all()
+    assert np.isfinite(_gptq(weight, rows.T @ rows)[0].astype(float)).all()
 
 
 def test_gptq_weights_are_what_the_int8_graph_computes() -> None:
