@@ -345,3 +345,17 @@ def test_gptq_weights_are_what_the_int8_graph_computes() -> None:
                                    atol=2e-3)
         error[rounding] = float(np.mean((got - reference) ** 2))
     assert error["gptq"] < 0.9 * error["nearest"], error  # 0.83x here: the input's own u8 rounding is the rest
+
+
+def test_gram_sums_every_real_token_of_every_batch() -> None:
+    batches = [np.random.default_rng(seed).normal(size=(2, 5, 3)).astype(np.float32) for seed in range(3)]
+    masks = [np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]) for _ in batches]
+    stat = ActivationStats.first(batches[0])
+    for x, mask in zip(batches, masks, strict=True):
+        stat.update(x, np.random.default_rng(0), 4, 100, mask, gram_rows=64)
+    real = np.concatenate([x.reshape(-1, 3)[mask.reshape(-1) > 0] for x, mask in zip(batches, masks, strict=True)])
+    np.testing.assert_allclose(stat.gram, real.T.astype(np.float64) @ real, rtol=1e-5)
+    assert stat.sampled == 12  # the sampled rows are drawn as before: 4 per batch
+    no_gram = ActivationStats.first(batches[0])
+    no_gram.update(batches[0], np.random.default_rng(0), 4, 100, masks[0])
+    assert no_gram.gram is None
