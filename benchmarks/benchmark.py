@@ -307,8 +307,9 @@ def _add_ratios(rows: list[dict[str, Any]], times: dict[str, dict[int, list[floa
 
 
 def render(rows: list[dict[str, Any]], threads: int, rounds: int) -> str:
-    lines = [f"seq {SEQ}, {threads} threads, {rounds} interleaved rounds, each timed call right after an untimed one of "
-             "the same model; ms: medians; ratios: median (quartiles) of the per-round ratios; accuracy against FP32 "
+    lines = [f"seq {SEQ}, {threads} threads, onnxruntime's default session options, {rounds} interleaved rounds, each "
+             f"variant's calls after a {PAUSE_S * 1e3:.0f} ms pause, each timed call right after an untimed one of the "
+             "same model; ms: medians; ratios: median (quartiles) of the per-round ratios; accuracy against FP32 "
              "PyTorch on the held-out real texts that neither calibration nor the INT8 search saw; [95% bootstrap "
              "interval of the agreement over those texts]", "",
              "| model | variant | b1 ms | b8 ms | b1 vs model.onnx | b8 vs model.onnx | cosine | agreement | size MB |",
