@@ -27,7 +27,8 @@ held-out passages: 1 - cosine 0.00078 -> 0.00051; from the 1024 sampled rows alo
 
 Memory: one calibration pass keeps, per quantized input, per-channel running min/max (and their moving
 averages) plus at most ``max_rows`` sampled rows (2048: about 130 MB for MiniLM; 512 rows chose alphas that gave
-top-1 agreement 0.944 where 1024-2048 gave 0.958); one tokenized batch exists at a time.
+top-1 agreement 0.944 where 1024-2048 gave 0.958) and, for GPTQ, one running ``X^T X`` (about 130 MB for MiniLM,
+whatever the number of texts); one tokenized batch exists at a time.
 
 Fallback: the smoothed float graph is the FP32 twin of every quantized node (same node names), so putting a node
 back in FP32 is building the graph without quantizing it; :func:`calibration.search.search_fallback` drives it.
@@ -69,8 +70,9 @@ MASK_INPUT = "attention_mask"
 WEIGHT_ROUNDINGS = ("gptq", "nearest")
 """How int8 weights are rounded: GPTQ on the calibration rows (:func:`_gptq`) or to the nearest level."""
 GRAM_ROWS = 256
-"""Real tokens per calibration batch that GPTQ's ``X^T X`` sums over (every batch; far more rows than the 2048
-sampled for the other choices, which leave ``X^T X`` of a 1536-wide input rank-deficient)."""
+"""Real tokens per calibration batch that GPTQ's ``X^T X`` sums over, every batch: far more rows than those sampled
+for the other choices (64 per batch up to 2048; 1024 from 128 texts), which leave ``X^T X`` of a 1536-wide input
+rank-deficient."""
 GPTQ_DAMPING = 0.01
 """Added to the diagonal of ``X^T X`` as a fraction of its mean (the GPTQ paper's value)."""
 PER_TOKEN_PRODUCERS = frozenset({"BiasGelu", "Gelu", "FastGelu", "Relu"})
