@@ -14,12 +14,14 @@ median over rounds, a ratio between two variants the median of their per-round r
 of the machine, which slows both calls of a round, cancels), with its quartiles.
 Accuracy is the task metric of calibration.metrics against the FP32 PyTorch model, on the held-out real texts
 that neither calibration nor the INT8 search saw (the pipeline's report half of the held-out texts and the
-search half beyond the search's texts: 225 passages for embeddings, 189 for QA and classification): for
+search half beyond the search's texts: 225 passages for embeddings, 189 for QA and classification, which ask 290
+QA questions): for
 embeddings mean cosine of mean-pooled embeddings and top-1 nearest-neighbour agreement; for QA span exact match
 on every question of the kind the model was trained on (benchmarks.finetune.qa_examples: the first 8 words of one
 of a passage's first 3 sentences ask, the rest of it answers) and on the pipeline's one question per passage
 (exporter.text.as_pair); for classification argmax agreement (and accuracy against the gold topic group), each
-agreement with its 95% bootstrap interval over the examples. The QA and classification
+agreement with its 95% bootstrap interval over the examples (over the passages for QA questions, which come up
+to 3 from one passage). The QA and classification
 models are MiniLM fine-tuned here on tasks built from the calibration texts (benchmarks/finetune.py, about 5
 minutes each on 2 cores, reused from bench-out/finetuned/); *-random kinds put a seeded random head on it. The
 block-pruned MiniLM is tests.checkpoints.block_pruned_minilm distilled from the dense MiniLM with its zero pattern
@@ -124,10 +126,12 @@ def _optimum_peers(source: Path, work: Path, threads: int) -> dict[str, Callable
 
 
 def _accuracy(task: str, reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]],
-              batches: list[dict[str, np.ndarray]], labels: list[int] | None = None) -> dict[str, Any]:
+              batches: list[dict[str, np.ndarray]], labels: list[int] | None = None,
+              groups: np.ndarray | None = None) -> dict[str, Any]:
     """The task metric of calibration.metrics (the one the INT8 search uses), candidate vs the FP32 reference,
     plus ``cosine``: mean cosine of the flattened first output per example (pooled embedding for features), and
-    with ``labels`` (classification) ``gold_accuracy``: the candidate's accuracy against them."""
+    with ``labels`` (classification) ``gold_accuracy``: the candidate's accuracy against them. ``groups``: the
+    passage of each example, for the interval (see :func:`_interval`)."""
     metric = ClassificationMetric(labels) if labels is not None else get_metric(task)
     ref = [metric.summarize(r, f) for r, f in zip(reference, batches, strict=True)]
     cand = [metric.summarize(c, f) for c, f in zip(candidate, batches, strict=True)]
@@ -141,17 +145,25 @@ def _accuracy(task: str, reference: list[list[np.ndarray]], candidate: list[list
     cosine = float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).mean())
     name = "span_match" if task == "question-answering" else "argmax_agreement"
     result = {"cosine": cosine, "agreement": scores[name], "agreement_name": name.replace("_", " "),
-              "agreement_ci": _interval(agrees)}
+              "agreement_ci": _interval(agrees, groups=groups)}
     result["count"] = len(agrees)
     if labels is not None:
         result["gold_accuracy"] = float((np.concatenate(cand).argmax(-1) == np.asarray(labels)).mean())
     return result
 
 
-def _interval(agrees: np.ndarray, draws: int = 2000) -> tuple[float, float]:
-    """95% bootstrap interval of the mean of ``agrees`` over resampled examples (seeded)."""
+def _interval(agrees: np.ndarray, draws: int = 2000, groups: np.ndarray | None = None) -> tuple[float, float]:
+    """95% bootstrap interval of the mean of ``agrees`` over resampled examples (seeded). With ``groups`` (one
+    label per example, e.g. the passage a question is asked on) whole groups are resampled: examples of one
+    group are not independent, and resampling them one by one would narrow the interval."""
     rng = np.random.default_rng(0)
-    means = agrees[rng.integers(0, len(agrees), size=(draws, len(agrees)))].mean(1)
+    if groups is None:
+        means = agrees[rng.integers(0, len(agrees), size=(draws, len(agrees)))].mean(1)
+    else:
+        labels, index = np.unique(groups, return_inverse=True)
+        hits, sizes = np.bincount(index, weights=agrees.astype(float)), np.bincount(index)
+        picks = rng.integers(0, len(labels), size=(draws, len(labels)))
+        means = hits[picks].sum(1) / sizes[picks].sum(1)
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
@@ -231,9 +243,11 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
         labels = [topic_label(topics[text]) for text in unseen]
     eval_batches = [tokenize(unseen[i : i + 16]) for i in range(0, len(unseen), 16)]
     asked: list[dict[str, np.ndarray]] = []  # QA: the pipeline's one question per passage (as_pair) as well
+    passages = None  # QA: the unseen passage each question is asked on
     if pairs:  # every question of the kind the model was trained on, on the unseen passages' first sentences
         asked, questions = eval_batches, [(q.question, q.context) for q in qa_examples(unseen, SENTENCES_PER_PASSAGE)]
         eval_batches = [tokenize(questions[i : i + 16]) for i in range(0, len(questions), 16)]
+        passages = np.array([unseen.index(context) for _, context in questions])
 
     runners: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]] = {"torch eager fp32": _torch_runner(checkpoint.model, threads)}
     if peers and kind == "minilm" and task == "feature-extraction":
@@ -273,7 +287,7 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
         if name == DENSE:  # another model than the pruned reference: no accuracy against it
             row |= {"cosine": None, "agreement": None, "agreement_name": "-"}
         else:
-            row |= _accuracy(task, reference, [run(batch) for batch in eval_batches], eval_batches, labels)
+            row |= _accuracy(task, reference, [run(batch) for batch in eval_batches], eval_batches, labels, passages)
             if asked:
                 row["as_pair"] = _accuracy(task, asked_reference, [run(batch) for batch in asked], asked)
         row["size_mb"] = sizes[name].stat().st_size / 1e6 if name in sizes else None

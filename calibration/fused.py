@@ -90,7 +90,8 @@ class ActivationStats:
     rows: list[np.ndarray] = field(default_factory=list)
     sampled: int = 0
     gram: np.ndarray | None = None
-    """``X^T X`` (float64) of up to ``gram_rows`` real tokens per batch, every batch: GPTQ's Hessian."""
+    """``X^T X`` (float64) of up to ``gram_rows`` tokens per batch, every batch: GPTQ's Hessian. Real tokens only
+    where the batch carries an attention mask (as for the sampled rows)."""
 
     def update(self, x: np.ndarray, rng: np.random.Generator, rows_per_batch: int, max_rows: int,
                mask: np.ndarray | None = None, gram_rows: int = 0, gram_rng: np.random.Generator | None = None) -> None:
@@ -113,7 +114,10 @@ class ActivationStats:
             picked = x[(gram_rng or rng).choice(candidates, min(gram_rows, len(candidates)), replace=False)]
             picked = picked.astype(np.float32)
             product = (picked.T @ picked).astype(np.float64)
-            self.gram = product if self.gram is None else self.gram + product
+            if self.gram is None:
+                self.gram = product
+            else:
+                self.gram += product
 
     @classmethod
     def first(cls, x: np.ndarray) -> ActivationStats:

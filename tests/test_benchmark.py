@@ -33,3 +33,12 @@ def test_ratios_pair_the_calls_of_each_round() -> None:
     assert _ratio(rows[1], "b1_vs_model_onnx") == "0.50x (0.50-0.60)"
     _add_ratios(rows, times, "dense MiniLM model.onnx", "dense")  # not timed: no ratio
     assert "b1_vs_dense" not in rows[1]
+
+
+def test_interval_resamples_whole_passages_when_questions_share_them() -> None:
+    # 3 questions per passage that agree or fail together: 30 passages, not 90 independent examples
+    agrees = np.repeat(np.arange(30) % 10 != 0, 3)
+    passages = np.repeat(np.arange(30), 3)
+    by_question, by_passage = _interval(agrees), _interval(agrees, groups=passages)
+    assert by_passage[0] < by_question[0] and by_passage[1] >= by_question[1]
+    assert _interval(np.ones(12, bool), groups=np.repeat(np.arange(4), 3)) == (1.0, 1.0)

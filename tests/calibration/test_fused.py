@@ -258,7 +258,7 @@ def test_bias_correction_removes_the_systematic_shift_of_int8_weights() -> None:
     assert (reader_name, slot) == ("bias", 1) and shift.shape == (16,)
     # The shift is what the emulated INT8 product misses on average, and onnxruntime computes that product.
     rows = test["x"].reshape(-1, 48).astype(np.float64)
-    emulated = (_emulated(rows, corrected.plans["x"], corrected.int8["linear"])
+    emulated = (_emulated(rows, plain.plans["x"], plain.int8["linear"])
                 + onnx.numpy_helper.to_array(model.graph.initializer[1]))
     np.testing.assert_allclose(_run(plain.build(["linear"]), test).reshape(-1, 16), emulated, atol=2e-3)
     error = {name: float(np.mean((_run(plan.build(["linear"]), test) - reference) ** 2))
@@ -267,6 +267,23 @@ def test_bias_correction_removes_the_systematic_shift_of_int8_weights() -> None:
     # Back in FP32 the node keeps its own bias: the correction belongs to the INT8 node only.
     np.testing.assert_allclose(_run(corrected.build([]), test), reference, atol=1e-5)
     assert not any("corrected" in init.name for init in corrected.build([]).graph.initializer)
+
+
+def test_gptq_already_removes_the_shift_that_bias_correction_removes_after_nearest_rounding() -> None:
+    """GPTQ minimises ``||X W - X Wq||`` with the uncentred ``X^T X``: the mean of ``X`` is part of it, so the
+    systematic shift bias correction removes after rounding to nearest is mostly gone before any correction."""
+    model = _linear_model()
+    reader = _Feeds([_offset_batch(seed) for seed in range(8)])
+    test = _offset_batch(99)
+    reference = _run(model, test)
+    error = {}
+    for rounding in ("nearest", "gptq"):
+        for correct in (False, True):
+            plan = plan_fused(model, reader, ("MatMul",), (), "minmax", 0.0, bias_correction=correct,
+                              weight_rounding=rounding)
+            error[rounding, correct] = float(np.mean((_run(plan.build(["linear"]), test) - reference) ** 2))
+    assert error["gptq", False] < 0.5 * error["nearest", False], error
+    assert error["gptq", True] <= 1.01 * error["gptq", False], error  # the correction does not undo GPTQ's choice
 
 
 def test_bias_correction_leaves_a_matmul_whose_output_is_read_elsewhere() -> None:
@@ -347,15 +364,48 @@ def test_gptq_weights_are_what_the_int8_graph_computes() -> None:
     assert error["gptq"] < 0.9 * error["nearest"], error  # 0.83x here: the input's own u8 rounding is the rest
 
 
-def test_gram_sums_every_real_token_of_every_batch() -> None:
+def test_gram_sums_real_tokens_of_every_batch_and_leaves_the_sampled_rows_alone() -> None:
     batches = [np.random.default_rng(seed).normal(size=(2, 5, 3)).astype(np.float32) for seed in range(3)]
     masks = [np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]) for _ in batches]
-    stat = ActivationStats.first(batches[0])
-    for x, mask in zip(batches, masks, strict=True):
-        stat.update(x, np.random.default_rng(0), 4, 100, mask, gram_rows=64)
-    real = np.concatenate([x.reshape(-1, 3)[mask.reshape(-1) > 0] for x, mask in zip(batches, masks, strict=True)])
-    np.testing.assert_allclose(stat.gram, real.T.astype(np.float64) @ real, rtol=1e-5)
-    assert stat.sampled == 12  # the sampled rows are drawn as before: 4 per batch
-    no_gram = ActivationStats.first(batches[0])
-    no_gram.update(batches[0], np.random.default_rng(0), 4, 100, masks[0])
-    assert no_gram.gram is None
+
+    def fold(gram_rows: int) -> ActivationStats:
+        stat = ActivationStats.first(batches[0])
+        rng, gram_rng = np.random.default_rng(0), np.random.default_rng(1)  # as collect_stats: two streams
+        for x, mask in zip(batches, masks, strict=True):
+            stat.update(x, rng, 4, 100, mask, gram_rows, gram_rng)
+        return stat
+
+    every, capped, none = fold(64), fold(5), fold(0)
+    real = [x.reshape(-1, 3)[mask.reshape(-1) > 0] for x, mask in zip(batches, masks, strict=True)]
+    whole = np.concatenate(real).astype(np.float64)
+    np.testing.assert_allclose(every.gram, whole.T @ whole, rtol=1e-5)
+    # 5 of the 8 real tokens of each batch: the draws of the Gram's own stream
+    gram_rng = np.random.default_rng(1)
+    picked = np.concatenate([r[gram_rng.choice(len(r), 5, replace=False)] for r in real]).astype(np.float64)
+    np.testing.assert_allclose(capped.gram, picked.T @ picked, rtol=1e-5)
+    assert none.gram is None
+    for stat in (every, capped):  # the rows sampled for the other choices are the same with or without a Gram
+        np.testing.assert_array_equal(np.concatenate(stat.rows), np.concatenate(none.rows))
+
+
+def test_gptq_on_a_fused_bert_with_per_token_inputs_folded_v_and_corrections(fused_bert: Path) -> None:
+    """Every kind of target at once: QAttention (its V columns divided by the next smoothing), static and
+    per-token MatMuls, bias corrections; the built graph carries exactly the GPTQ weights of the plan."""
+    model = onnx.load(str(fused_bert))
+    plans = {rounding: plan_fused(model, _reader(16)[0], ("MatMul", "Attention"), (), "minmax", None,
+                                  per_token_ffn=True, bias_correction=True, weight_rounding=rounding)
+             for rounding in ("nearest", "gptq")}
+    plan = plans["gptq"]
+    assert any(p.per_token for p in plan.plans.values()) and any(p.alpha > 0 for p in plan.plans.values())
+    assert any(init.name.endswith("_v_folded") for init in plan.smoothed.graph.initializer)
+    names = [t.name for t in plan.targets]
+    assert set(plan.int8) == set(names) and len(plan.corrections) == 8
+    built = {init.name: init for init in plan.build(names).graph.initializer}
+    for name in names:
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(built[f"{name}_weight_s8"]), plan.int8[name][0])
+    differs = [name for name in names if (plan.int8[name][0] != plans["nearest"].int8[name][0]).any()]
+    assert len(differs) == len(names)
+    feeds = _heldout()
+    reference = _run(fused_bert, feeds)
+    error = {rounding: 1.0 - _cosine(_run(p.build(names), feeds), reference) for rounding, p in plans.items()}
+    assert error["gptq"] < error["nearest"], error
