@@ -336,28 +336,29 @@ def _emulated(rows: np.ndarray, plan: InputPlan, weight: tuple[np.ndarray, np.nd
     return xq @ (weight[0] * weight[1].astype(np.float64))
 
 
-def int8_weights(
-    smoothed: onnx.ModelProto, targets: Sequence[Target], plans: dict[str, InputPlan],
-    stats: dict[str, ActivationStats], rounding: str = "gptq",
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per target: its int8 weight and per-column scales, from the weight the smoothed graph gives it (rows
-    times ``s``, V columns divided by the next smoothing where folded), rounded by ``rounding``."""
-    if rounding not in WEIGHT_ROUNDINGS:
-        raise QuantizationError(f"weight rounding {rounding!r} not in {list(WEIGHT_ROUNDINGS)}")
+def target_weights(smoothed: onnx.ModelProto, targets: Sequence[Target]) -> dict[str, np.ndarray]:
+    """Per target: the float weight the smoothed graph gives it (rows times ``s``, V columns divided by the next
+    smoothing where folded): what its int8 weight stands for."""
     initializers = {init.name: init for init in smoothed.graph.initializer}
     nodes = {node.name: node for node in smoothed.graph.node}
+    return {target.name: numpy_helper.to_array(initializers[nodes[target.name].input[1]]) for target in targets}
+
+
+def int8_weights(
+    weights: dict[str, np.ndarray], targets: Sequence[Target], plans: dict[str, InputPlan],
+    stats: dict[str, ActivationStats], rounding: str = "gptq",
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per target: its int8 weight and per-column scales, its float weight (:func:`target_weights`) rounded by
+    ``rounding``; GPTQ reads the ``gram`` of ``stats`` (collected with ``gram_rows``)."""
+    if rounding not in WEIGHT_ROUNDINGS:
+        raise QuantizationError(f"weight rounding {rounding!r} not in {list(WEIGHT_ROUNDINGS)}")
     result = {}
     for target in targets:
-        weight = numpy_helper.to_array(initializers[nodes[target.name].input[1]])
+        weight = weights[target.name]
         if rounding == "nearest":
             result[target.name] = _quantize_weight(weight)
             continue
-        plan, stat = plans[target.activation], stats[target.activation]
-        if stat.gram is None:
-            rows = np.concatenate(stat.rows).astype(np.float64)
-            gram = rows.T @ rows
-        else:
-            gram = stat.gram
+        plan, gram = plans[target.activation], stats[target.activation].gram
         if not plan.per_token:  # the node reads x / s
             inverse = 1.0 / plan.smooth.astype(np.float64)
             gram = gram * np.outer(inverse, inverse)
@@ -391,11 +392,11 @@ def _bias_slot(view: GraphView, node: onnx.NodeProto, initializers: set[str]) ->
 
 def bias_corrections(
     smoothed: onnx.ModelProto, targets: Sequence[Target], plans: dict[str, InputPlan],
-    stats: dict[str, ActivationStats], weights: dict[str, tuple[np.ndarray, np.ndarray]],
+    stats: dict[str, ActivationStats], weights: dict[str, np.ndarray], int8: dict[str, tuple[np.ndarray, np.ndarray]],
 ) -> dict[str, tuple[str, int, np.ndarray]]:
-    """Per target: where its bias is in the smoothed graph and the mean error of its INT8 product (int8
-    ``weights`` of :func:`int8_weights`) on the sampled calibration rows (float product minus emulated INT8
-    product), to be added to that bias when the node runs in INT8.
+    """Per target: where its bias is in the smoothed graph and the mean error of its INT8 product (float
+    ``weights`` of :func:`target_weights` rounded as ``int8`` of :func:`int8_weights`) on the sampled calibration
+    rows (float product minus emulated INT8 product), to be added to that bias when the node runs in INT8.
 
     Rounding weights to int8 shifts each output by ``mean(x) @ (W - Wq)`` on average, and BERT's activations
     have channels with large means (the LayerNorm outliers), so the shift is systematic; adding it back is
@@ -409,12 +410,12 @@ def bias_corrections(
     names = set(initializers)
     for target in targets:
         slot = _bias_slot(view, nodes[target.name], names)
-        weight = numpy_helper.to_array(initializers[nodes[target.name].input[1]]).astype(np.float64)
+        weight = weights[target.name].astype(np.float64)
         if slot is None or tuple(initializers[nodes[slot[0]].input[slot[1]]].dims) != (weight.shape[1],):
             continue  # no bias, or a broadcast Add rather than one bias per output column
         plan = plans[target.activation]
         rows = np.concatenate(stats[target.activation].rows).astype(np.float64)
-        shift = (_smoothed_rows(rows, plan) @ weight - _emulated(rows, plan, weights[target.name])).mean(0)
+        shift = (_smoothed_rows(rows, plan) @ weight - _emulated(rows, plan, int8[target.name])).mean(0)
         corrections[target.name] = (*slot, shift.astype(np.float32))
     return corrections
 
@@ -442,12 +443,11 @@ def foldable_attention(view: GraphView, activation: str, readers: set[str]) -> o
 
 def smooth_graph(
     model: onnx.ModelProto, targets: Sequence[Target], plans: dict[str, InputPlan]
-) -> tuple[onnx.ModelProto, dict[str, str]]:
+) -> onnx.ModelProto:
     """The FP32 twin: each smoothed activation divided by ``s``, each target's weight rows multiplied by ``s``.
     Equal to ``model`` in exact arithmetic. The division is folded into the V projection of the Attention that
     produces the activation where :func:`foldable_attention` allows (the attention output projection's input),
-    else it is one Mul shared by the activation's readers. Returns the twin and, per folded activation, the
-    name of the Attention that now divides it."""
+    else it is one Mul shared by the activation's readers."""
     model = copy.deepcopy(model)
     weights = {init.name: init for init in model.graph.initializer}
     by_name = {node.name: node for node in model.graph.node}
@@ -490,7 +490,7 @@ def smooth_graph(
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(new_inits)
     drop_unused_initializers(model)
-    return model, {activation: attention.name for activation, attention in folded.items()}
+    return model
 
 
 def _divide(tensor: str, output: str, smooth: np.ndarray, inits: list[onnx.TensorProto]) -> onnx.NodeProto:
@@ -501,12 +501,11 @@ def _divide(tensor: str, output: str, smooth: np.ndarray, inits: list[onnx.Tenso
 
 def build_int8(
     smoothed: onnx.ModelProto, targets: Sequence[Target], plans: dict[str, InputPlan], quantize: Sequence[str],
-    corrections: dict[str, tuple[str, int, np.ndarray]] | None = None,
-    int8: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    int8: dict[str, tuple[np.ndarray, np.ndarray]], corrections: dict[str, tuple[str, int, np.ndarray]] | None = None,
 ) -> onnx.ModelProto:
-    """The smoothed graph with the targets named in ``quantize`` in INT8 (the others stay FP32); the bias of
-    each INT8 target with an entry in ``corrections`` (see :func:`bias_corrections`) gets its shift added.
-    ``int8``: each target's int8 weight and scales (:func:`int8_weights`); rounded to nearest where absent."""
+    """The smoothed graph with the targets named in ``quantize`` in INT8 (the others stay FP32), each with its
+    int8 weight and scales from ``int8`` (:func:`int8_weights`); the bias of each INT8 target with an entry in
+    ``corrections`` (see :func:`bias_corrections`) gets its shift added."""
     model = copy.deepcopy(smoothed)
     chosen = set(quantize)
     by_name = {target.name: target for target in targets}
@@ -528,7 +527,7 @@ def build_int8(
         target = by_name[node.name]
         plan = plans[target.activation]
         x = node.input[0]
-        wq, ws = (int8 or {}).get(node.name) or _quantize_weight(numpy_helper.to_array(weights[node.input[1]]))
+        wq, ws = int8[node.name]
         if plan.per_token and node.op_type == "MatMul":
             nodes += _per_token_matmul(node, wq, ws, plan, inits, opset)
             continue
@@ -620,11 +619,11 @@ class FusedPlan:
     targets: list[Target]
     plans: dict[str, InputPlan]
     smoothed: onnx.ModelProto
+    int8: dict[str, tuple[np.ndarray, np.ndarray]]
     corrections: dict[str, tuple[str, int, np.ndarray]] = field(default_factory=dict)
-    int8: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def build(self, quantize: Sequence[str]) -> onnx.ModelProto:
-        return build_int8(self.smoothed, self.targets, self.plans, quantize, self.corrections, self.int8)
+        return build_int8(self.smoothed, self.targets, self.plans, quantize, self.int8, self.corrections)
 
     def smoothing_report(self) -> dict[str, Any]:
         """Per quantized input: the chosen alpha and the largest channel division (for the manifest)."""
@@ -658,8 +657,9 @@ def plan_fused(
         tensor for tensor in tensors if per_token_ffn and producers.get(tensor) in PER_TOKEN_PRODUCERS
         and all(target.op_type == "MatMul" for target in targets if target.activation == tensor))
     plans = plan_inputs(stats, weights, method, smooth_alpha, per_token)
-    smoothed, _ = smooth_graph(model, targets, plans)
-    int8 = int8_weights(smoothed, targets, plans, stats, weight_rounding)
-    corrections = bias_corrections(smoothed, targets, plans, stats, int8) if bias_correction else {}
+    smoothed = smooth_graph(model, targets, plans)
+    weights_smoothed = target_weights(smoothed, targets)
+    int8 = int8_weights(weights_smoothed, targets, plans, stats, weight_rounding)
+    corrections = bias_corrections(smoothed, targets, plans, stats, weights_smoothed, int8) if bias_correction else {}
     del stats
-    return FusedPlan(targets, plans, smoothed, corrections, int8)
+    return FusedPlan(targets, plans, smoothed, int8, corrections)
