@@ -1,36 +1,46 @@
 """Find a checkpoint, load it as its trainer defined it, and hand back the model, tokenizer and facts.
 
-What "as defined" means here, beyond `from_pretrained`:
+The same code path on transformers 4.57 and 5.x: the stock model class is built by this project (not by
+`from_pretrained`) and the tensors copied in from the weight files, read by `exporter.weights`.
+- `config.pruned_heads` (int or string keys, uneven per layer): the narrower attention is built here; transformers
+  5 removed head pruning. A `pruned_heads` that disagrees with the weights is named as such.
 - `layer_norm_type: "no_norm"` (nn_pruning): every LayerNorm is `x * weight + bias`. transformers loads a
   real LayerNorm without complaint, so the modules are swapped for `NoNorm` after loading.
-- Weights load through transformers 4.57, which reads `.bin` files with `torch.load(weights_only=True)`:
-  a pickle that carries code is refused, never run.
+- Untrusted input: checkpoint code never runs (`trust_remote_code=False`; a tokenizer `auto_map` is refused, a
+  config `auto_map` ignored and not shipped); `.bin` files load with `torch.load(weights_only=True)`; weight
+  files must lie inside the folder; the config's sizes are checked against the weight headers before the model
+  is built; the tokenizer must tokenize a test pair into ids the embeddings hold.
 - Every weight the model needs must come from the checkpoint; a task head that would be freshly initialised
   (the checkpoint does not fit the task) is an error, not a silently random output.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import pickle
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
 
 from exporter.architectures import TASKS, Architecture, architecture_for, infer_task
 from exporter.errors import CheckpointError, UsageError
+from exporter.weights import WeightFiles, read_json, regular_file
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # Any one of these means the folder carries a tokenizer (fast, WordPiece, BPE or SentencePiece).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+# What a tokenizer may also read from the folder (hashed into the manifest's source when present).
+TOKENIZER_EXTRA = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt")
+MAX_TOKENIZER_BYTES = 64 * 2**20  # BERT's tokenizer.json is 0.7 MB, XLM-R's 17 MB
+# Encoder layer index in a tensor name (BERT/RoBERTa encoder.layer.N., DistilBERT transformer.layer.N.).
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:encoder|transformer)\.layer\.(\d+)\.")
+_TOKENIZER_PROBE = ("export-model tokenizer check: naïve café, 42 \u2603 zqxjv!", "a second text")
 # Module names of task heads (and BERT's pooler, which text-classification uses): weights missing only there
 # mean the checkpoint was trained for another task.
 _HEAD_PARTS = {"classifier", "qa_outputs", "pre_classifier", "pooler"}
@@ -63,6 +73,7 @@ class Checkpoint:
     architecture: Architecture
     task: str
     layer_norm: str  # "layer_norm" | "no_norm"
+    files_read: list[Path] = field(default_factory=list)  # every checkpoint file the load read (source hash)
 
 
 def default_model_path() -> Path:
@@ -111,13 +122,15 @@ def _snapshot(repo_id: str, cache_dir: Path | None) -> Path:
 
 def read_config(path: Path) -> dict[str, Any]:
     config_file = path / "config.json"
-    if not config_file.is_file():
+    if not config_file.exists():
         raise CheckpointError(f"{path} has no config.json; expected a transformers checkpoint folder")
-    try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{config_file} is not valid JSON ({error}); re-save the checkpoint's config") from error
-    if not isinstance(raw, dict) or "model_type" not in raw:
+    raw = read_json(config_file, "config.json", "re-save the checkpoint's config (or restore the config.json saved with the weights)")
+    if not isinstance(raw, dict):
+        raise CheckpointError(
+            f"{config_file} is a JSON {type(raw).__name__.replace('NoneType', 'null')}, not an object; expected a "
+            "transformers config ({\"model_type\": ..., ...}): restore the config.json saved with the weights"
+        )
+    if "model_type" not in raw:
         raise CheckpointError(f"{config_file} has no model_type; expected a transformers config")
     return raw
 
@@ -139,44 +152,39 @@ def resolve_task(raw_config: dict[str, Any], task: str | None) -> str:
 
 
 def load_checkpoint(path: Path, task: str | None = None) -> Checkpoint:
-    """Load the checkpoint at `path` for `task` (inferred from `config.architectures` when None)."""
+    """Load the checkpoint at `path` for `task` (inferred from `config.architectures` when None).
+
+    The model is built by this project, not by `from_pretrained`: the config is checked against the weight
+    files' headers first (so a config that describes a far larger model than the weights is refused before any
+    memory is spent), heads listed in `config.pruned_heads` are removed from the attention modules here (the
+    same on transformers 4.57 and 5.x, which removed head pruning), and then the tensors are copied in.
+    """
     import transformers
 
     raw = read_config(path)
     architecture = architecture_for(str(raw["model_type"]))
     task = resolve_task(raw, task)
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
-        raise CheckpointError(
-            f"{path} has no weights ({' or '.join(WEIGHT_FILES[::2])}); copy the weight file next to config.json"
-        )
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-    except (ValueError, OSError, TypeError, KeyError, AttributeError) as error:
-        raise CheckpointError(
-            f"{path / 'config.json'} cannot be read by transformers ({_one_line(error)}); "
-            "restore the config.json saved with the weights"
-        ) from error
+    weights = WeightFiles(path)
+    if "auto_map" in raw:
+        # Never executed (the model class is the stock one for model_type) and never shipped.
+        log.warning("config.json auto_map %s ignored: export-model builds the stock %s classes and never runs "
+                    "checkpoint code; the artifact's config.json leaves it out", sorted(raw["auto_map"])
+                    if isinstance(raw["auto_map"], dict) else raw["auto_map"], architecture.name)
+    config = _build_config(path, raw)
     check_config_values(path, config, architecture)
+    check_against_weights(path, config, architecture, weights)
     model_class = getattr(transformers, architecture.class_name(task))
     kwargs = architecture.model_kwargs(task)
     try:
-        model, info = model_class.from_pretrained(
-            path,
-            config=config,
-            attn_implementation="eager",  # the TorchScript graph onnxruntime's fusion recognises
-            output_loading_info=True,
-            **kwargs,
-        )
-    except (RuntimeError, ValueError, OSError, SafetensorError, pickle.UnpicklingError) as error:
-        raise _weights_error(path, error, model_class, config, kwargs) from error
-    except (TypeError, KeyError, IndexError, AttributeError) as error:
+        model = _build_model(model_class, config, kwargs, architecture)
+    except (TypeError, KeyError, IndexError, AttributeError, ValueError) as error:
         # transformers builds the modules from config values it does not type-check (a string layer count,
         # a list where a number belongs): the config is at fault, not this tool.
         raise CheckpointError(
             f"{path / 'config.json'} does not describe a buildable {model_class.__name__} "
             f"({type(error).__name__}: {_one_line(error)}); restore the config.json saved with the weights"
         ) from error
-    _check_loading_info(path, task, info)
+    _load_weights(path, model, task, config, weights)
     layer_norm = str(raw.get("layer_norm_type", "layer_norm"))
     if layer_norm not in ("layer_norm", "no_norm"):
         raise CheckpointError(f"config.json layer_norm_type {layer_norm!r} is not supported; expected layer_norm or no_norm")
@@ -185,9 +193,39 @@ def load_checkpoint(path: Path, task: str | None = None) -> Checkpoint:
         log.info("layer_norm_type=no_norm: %d LayerNorm modules replaced by NoNorm (x*w+b)", swapped)
     model.eval()
     _check_finite(model)
-    tokenizer = _load_tokenizer(path)
+    tokenizer, tokenizer_files = _load_tokenizer(path, architecture.vocab_size(config))
     log.info("loaded %s (%s, task %s) from %s", model_class.__name__, architecture.name, task, path)
-    return Checkpoint(path, model, tokenizer, config, architecture, task, layer_norm)
+    files = [path / "config.json", *weights.files, *tokenizer_files]
+    return Checkpoint(path, model, tokenizer, config, architecture, task, layer_norm, files)
+
+
+def _build_config(path: Path, raw: dict[str, Any]) -> Any:
+    """The transformers config of `raw` (config.json), built from the stock class for its model_type, with
+    `pruned_heads` keys as ints (transformers 5 keeps the JSON strings) and no `auto_map`."""
+    import transformers
+
+    values = {k: v for k, v in raw.items() if k != "auto_map"}
+    pruned = values.get("pruned_heads")
+    if isinstance(pruned, dict):
+        values["pruned_heads"] = {_layer_key(k): v for k, v in pruned.items()}
+    try:
+        config_class = transformers.CONFIG_MAPPING[str(raw["model_type"])]
+        config = config_class.from_dict(values)
+    except (ValueError, OSError, TypeError, KeyError, AttributeError, OverflowError) as error:
+        raise CheckpointError(
+            f"{path / 'config.json'} cannot be read by transformers ({_one_line(error)}); "
+            "restore the config.json saved with the weights"
+        ) from error
+    config._attn_implementation = "eager"  # the graph onnxruntime's fusion recognises
+    config.name_or_path = str(path)
+    return config
+
+
+def _layer_key(key: Any) -> Any:
+    """A pruned_heads key as an int where it is one ("3" and 3 alike); anything else is left for the check."""
+    if isinstance(key, str) and key.strip().isdigit():
+        return int(key)
+    return key
 
 
 def check_config_values(path: Path, config: Any, architecture: Architecture) -> None:
@@ -245,60 +283,173 @@ def check_config_values(path: Path, config: Any, architecture: Architecture) -> 
     _check_pruned_heads(where, getattr(config, "pruned_heads", None) or {}, architecture.num_layers(config), heads)
 
 
+def check_against_weights(path: Path, config: Any, architecture: Architecture, weights: WeightFiles) -> None:
+    """Refuse, before any module is built, a config whose sizes the weight headers contradict: the layer count,
+    the embedding tables, and the parameter count it implies (bounded by what the weights hold)."""
+    where = path / "config.json"
+    fix = "restore the config.json saved with the weights"
+    names = architecture.config_names
+    layers = sorted({int(m.group(1)) for name in weights.tensors if (m := _LAYER_INDEX.search(name))})
+    wanted = architecture.num_layers(config)
+    if layers and (wanted != len(layers) or layers[-1] != len(layers) - 1):
+        raise CheckpointError(
+            f"{where}: {names['layers']} is {wanted} but the weights hold {len(layers)} layers "
+            f"({layers[0]}-{layers[-1]}): {fix}"
+        )
+    hidden = architecture.hidden_size(config)
+    for table, label, value in (("word_embeddings", names["vocab"], architecture.vocab_size(config)),
+                                ("position_embeddings", names["positions"], int(config.max_position_embeddings))):
+        stored = next((info for name, info in weights.tensors.items()
+                       if name.endswith(f"embeddings.{table}.weight")), None)
+        if stored is None or len(stored.shape) != 2:
+            continue
+        if stored.shape[0] != value:
+            raise CheckpointError(
+                f"{where}: {label} is {value} but the weights' {table} table holds {stored.shape[0]} rows: {fix}")
+        if stored.shape[1] != hidden:
+            raise CheckpointError(
+                f"{where}: {names['hidden']} is {hidden} but the weights' {table} table is {stored.shape[1]} wide: {fix}")
+    estimate = architecture.parameter_estimate(config)
+    held = weights.total_numel
+    if estimate > 2 * held + 1_000_000:
+        raise CheckpointError(
+            f"{where} describes a model of about {estimate:,} parameters but the weights hold {held:,}: {fix}"
+        )
+
+
 def _check_pruned_heads(where: Path, pruned: Any, layers: int, heads: int) -> None:
     expected = f"expected {{layer: [head, ...]}} with layers 0-{layers - 1} and heads 0-{heads - 1}"
     if not isinstance(pruned, dict):
         raise CheckpointError(f"{where}: pruned_heads is {pruned!r}; {expected}")
     for layer, removed in pruned.items():
-        if not isinstance(layer, int) or not 0 <= layer < layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < layers:
             raise CheckpointError(f"{where}: pruned_heads names layer {layer!r}; the model has layers 0-{layers - 1}")
         if not isinstance(removed, (list, tuple)) or not all(
             isinstance(h, int) and not isinstance(h, bool) and 0 <= h < heads for h in removed
         ):
             raise CheckpointError(f"{where}: pruned_heads for layer {layer} is {removed!r}; {expected}")
+        if len(set(removed)) >= heads:
+            raise CheckpointError(f"{where}: pruned_heads removes every head of layer {layer}; at least one must remain")
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
     return " ".join(str(error).split())[:limit] or type(error).__name__
 
 
-def _weights_error(path: Path, error: BaseException, model_class: Any, config: Any, kwargs: dict[str, Any]) -> CheckpointError:
-    """One line for a weight load failure: refused pickle, config/weight shape disagreement, or a damaged file.
+def _build_model(model_class: Any, config: Any, kwargs: dict[str, Any], architecture: Architecture) -> nn.Module:
+    """`model_class` at full width with uninitialised weights, then narrowed where `config.pruned_heads` says.
 
-    transformers 4.57 reports a refused `.bin` pickle as "set from_tf=True" (an OSError whose context holds
-    the UnpicklingError) and a shape clash as "size mismatch for bias" without the tensor's full name.
+    The model is built with `pruned_heads` empty (transformers 4.57 would prune in `__init__`, 5.x no longer
+    can) and the heads are removed by this project: the Q/K/V rows and output columns of the pruned heads go,
+    and the attention module's head count follows, so the modules have the shapes the weights were saved with.
     """
-    chain = []
-    cause: BaseException | None = error
-    while cause is not None and len(chain) < 8:
-        chain.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    refused = [c for c in chain if isinstance(c, pickle.UnpicklingError) and "weights only" in str(c).lower()]
-    if refused:
-        detail = next((_one_line(c, 160) for c in chain if "Unsupported global" in str(c)), "not plain tensors")
-        return CheckpointError(
-            f"the .bin weights in {path} carry pickled code or objects ({detail}); refused without running it: "
-            "convert the checkpoint to safetensors where you trust its source, or use its safetensors file"
+    pruned = dict(getattr(config, "pruned_heads", None) or {})
+    config.pruned_heads = {}
+    try:
+        with _no_init_weights():
+            model = model_class(config, **kwargs)
+    finally:
+        config.pruned_heads = pruned
+    model = model.float()
+    with torch.no_grad():
+        for view in architecture.layers(model):
+            removed = set(pruned.get(view.index, ()))
+            if not removed:
+                continue
+            size = architecture.head_size(view.attention)
+            keep = [h for h in range(architecture.heads(view.attention)) if h not in removed]
+            rows = len(keep) * size
+            for part in ("query", "key", "value"):
+                old = getattr(view, part)
+                view.replace(part, nn.Linear(old.in_features, rows, bias=old.bias is not None))
+            view.replace("output", nn.Linear(rows, view.output.out_features, bias=view.output.bias is not None))
+            architecture.set_heads(view.attention, len(keep))
+    return model
+
+
+@contextmanager
+def _no_init_weights() -> Iterator[None]:
+    """Skip random initialisation (every weight is overwritten from the checkpoint; a missing one is an error)."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights  # transformers 4.57
+    with no_init_weights():
+        yield
+
+
+def _stored_name(name: str, prefix: str, stored: dict[str, Any]) -> str | None:
+    """The weight-file name of model tensor `name`: as is, with or without the base model prefix (a checkpoint
+    saved from a task model loads into the bare encoder and back), or with LayerNorm's legacy gamma/beta."""
+    candidates = [name, name.removeprefix(f"{prefix}.") if name.startswith(f"{prefix}.") else f"{prefix}.{name}"]
+    candidates += [c.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+                   for c in candidates]
+    return next((c for c in candidates if c in stored), None)
+
+
+def _load_weights(path: Path, model: nn.Module, task: str, config: Any, weights: WeightFiles) -> None:
+    """Copy every parameter (and stored buffer) of `model` from `weights`, after checking all shapes."""
+    state = model.state_dict()
+    buffers = {name for name, _ in model.named_buffers()}
+    mapping: dict[str, str] = {}
+    missing: list[str] = []
+    clashes: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
+    for name, tensor in state.items():
+        stored = _stored_name(name, model.base_model_prefix, weights.tensors)
+        if stored is None:
+            if name not in buffers:
+                missing.append(name)
+            continue
+        shape = weights.tensors[stored].shape
+        if shape != tuple(tensor.shape):
+            if name in buffers:
+                continue  # e.g. an old checkpoint's position_ids of another length: the model's own is kept
+            clashes.append((name.removeprefix(f"{model.base_model_prefix}."), shape, tuple(tensor.shape)))
+            continue
+        mapping[name] = stored
+    if clashes:
+        raise _shape_error(path, config, sorted(clashes))
+    if not mapping:
+        raise CheckpointError(
+            f"none of the {len(weights.tensors)} tensors in {path} belongs to a {type(model).__name__} (e.g. "
+            f"{sorted(weights.tensors)[:2]}); export a checkpoint of the architecture config.json names"
         )
-    if any("size mismatch" in str(c) for c in chain):
-        clashes = _shape_clashes(path, model_class, config, kwargs)
-        if clashes:
-            shown = "; ".join(f"{name} is {list(found)} in the weights but {list(want)} by config.json"
-                              for name, found, want in clashes[:3])
-            more = f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""
-            pruned = getattr(config, "pruned_heads", None)
-            if pruned and any(_is_attention(name) for name, _, _ in clashes):
-                return CheckpointError(
-                    f"config.json pruned_heads {dict(pruned)} disagrees with the weights in {path}: {shown}{more}; "
-                    "set pruned_heads to the heads actually removed from the weights"
+    _check_loading_info(path, task, {"missing_keys": missing})
+    unexpected = len(weights.tensors) - len(set(mapping.values()))
+    if unexpected:
+        log.info("%d tensors in the weights are not used by %s (e.g. a pretraining head)", unexpected,
+                 type(model).__name__)
+    with torch.no_grad():
+        for name, stored in mapping.items():
+            tensor = weights.load(stored)
+            target = state[name]
+            if target.is_floating_point() and not tensor.is_floating_point():
+                raise CheckpointError(
+                    f"weight {stored} in {path} is stored as {tensor.dtype}, not floating point; the checkpoint is "
+                    "damaged: re-save it"
                 )
+            target.copy_(tensor)
+    weights.release()
+
+
+def _shape_error(path: Path, config: Any, clashes: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> CheckpointError:
+    shown = "; ".join(f"{name} is {list(found)} in the weights but {list(want)} by config.json"
+                      for name, found, want in clashes[:3])
+    more = f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""
+    pruned = getattr(config, "pruned_heads", None)
+    if any(_is_attention(name) for name, _, _ in clashes):
+        if pruned:
             return CheckpointError(
-                f"the weights in {path} do not have the shapes config.json describes: {shown}{more}; "
-                "restore the config.json saved with these weights"
+                f"config.json pruned_heads {dict(pruned)} disagrees with the weights in {path}: {shown}{more}; "
+                "set pruned_heads to the heads actually removed from the weights"
             )
+        return CheckpointError(
+            f"the attention weights in {path} are narrower than config.json describes and config.json has no "
+            f"pruned_heads: {shown}{more}; set pruned_heads to the heads removed from the weights"
+        )
     return CheckpointError(
-        f"cannot load the weights in {path}: {_one_line(chain[-1] if len(chain) > 1 else error)}; the weight file "
-        "is damaged or incomplete (an interrupted copy?): copy it again or re-save the checkpoint"
+        f"the weights in {path} do not have the shapes config.json describes: {shown}{more}; "
+        "restore the config.json saved with these weights"
     )
 
 
@@ -306,49 +457,8 @@ def _is_attention(name: str) -> bool:
     return any(part in name for part in ("attention.", "q_lin", "k_lin", "v_lin", "out_lin"))
 
 
-def _shape_clashes(path: Path, model_class: Any, config: Any, kwargs: dict[str, Any]) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
-    """(name, shape in the weights, shape config.json implies) for each tensor that differs; [] if unknown."""
-    try:
-        try:
-            with torch.device("meta"):  # shapes only, no memory
-                skeleton = model_class(config, **kwargs)
-        except NotImplementedError:  # torch 2.9 meta tensors cannot run prune_heads (nonzero): build it for real
-            skeleton = model_class(config, **kwargs)
-        found = _stored_shapes(path)
-    except (RuntimeError, ValueError, OSError, SafetensorError, pickle.UnpicklingError, TypeError, IndexError):
-        return []
-    prefix = f"{skeleton.base_model_prefix}."
-    want = {name.removeprefix(prefix): tuple(t.shape) for name, t in skeleton.state_dict().items()}
-    clashes = []
-    for name, shape in found.items():
-        key = name.removeprefix(prefix)
-        if key in want and want[key] != shape:
-            clashes.append((key, shape, want[key]))
-    return sorted(clashes)
-
-
-def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes in the checkpoint's weight files, read without materialising the tensors."""
-    from safetensors import safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118  (safe_open has no __iter__)
-                shapes[name] = tuple(handle.get_slice(name).get_shape())
-    if shapes:
-        return shapes
-    for file in sorted(path.glob("pytorch_model*.bin")):
-        state = torch.load(file, map_location="meta", weights_only=True)
-        shapes.update({name: tuple(t.shape) for name, t in state.items() if isinstance(t, torch.Tensor)})
-    return shapes
-
-
 def _check_loading_info(path: Path, task: str, info: dict[str, list[Any]]) -> None:
     missing = list(info.get("missing_keys", []))
-    mismatched = list(info.get("mismatched_keys", []))
-    if mismatched:
-        raise CheckpointError(f"weights in {path} do not match config.json shapes: {mismatched[:3]}")
     if missing:
         shown = ", ".join(sorted(missing)[:4]) + (" ..." if len(missing) > 4 else "")
         if all(set(name.split(".")) & _HEAD_PARTS for name in missing):
@@ -368,21 +478,72 @@ def _check_finite(model: nn.Module) -> None:
             raise CheckpointError(f"weight {name} holds NaN or Inf values; the checkpoint is damaged")
 
 
-def _load_tokenizer(path: Path) -> Any:
+def _load_tokenizer(path: Path, vocab_size: int) -> tuple[Any, list[Path]]:
+    """The checkpoint's tokenizer, proven usable by one tokenization, and the files it read.
+
+    Never runs checkpoint code: `trust_remote_code=False`, and a tokenizer_config.json `auto_map` (a tokenizer
+    class shipped as Python in the folder) is refused, since the stock class would not be the one trained with.
+    """
     import transformers
 
+    fix = ("copy the tokenizer files saved with the model (tokenizer.json or vocab.txt, tokenizer_config.json) there")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(
             f"no tokenizer in {path} (none of {', '.join(TOKENIZER_FILES)}); calibration and parity tokenize real "
-            "text: copy the tokenizer files saved with the model (tokenizer.json or vocab.txt, tokenizer_config.json) there"
+            f"text: {fix}"
+        )
+    files = [path / name for name in (*TOKENIZER_FILES, *TOKENIZER_EXTRA) if (path / name).exists()]
+    for file in files:
+        regular_file(file, "tokenizer file", fix)
+        if file.stat().st_size > MAX_TOKENIZER_BYTES:
+            raise CheckpointError(f"{file} is {file.stat().st_size:,} bytes, more than the {MAX_TOKENIZER_BYTES:,} a "
+                                  f"tokenizer file may hold; {fix}")
+    settings_file = path / "tokenizer_config.json"
+    settings = read_json(settings_file, "tokenizer_config.json", fix) if settings_file.exists() else {}
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{settings_file} is not a JSON object; {fix}")
+    if "auto_map" in settings:
+        raise CheckpointError(
+            f"{settings_file} has an auto_map to tokenizer code shipped in the checkpoint "
+            f"({_one_line(ValueError(settings['auto_map']), 120)}); export-model never runs checkpoint code: use a "
+            "checkpoint whose tokenizer is a stock transformers class (remove auto_map if it is one)"
+        )
+    length = settings.get("model_max_length")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, (int, float)) or length < 1):
+        raise CheckpointError(
+            f"{settings_file}: model_max_length is {length!r}; expected a positive token count such as 512 (or no "
+            "model_max_length): fix tokenizer_config.json"
         )
     try:
-        return transformers.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as error:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as error:  # the Rust tokenizers library raises plain Exception for a malformed tokenizer.json
         raise CheckpointError(
-            f"no usable tokenizer in {path} ({' '.join(str(error).split())[:200]}); calibration and parity "
-            "tokenize real text: copy the tokenizer files (tokenizer.json or vocab.txt, tokenizer_config.json) there"
+            f"no usable tokenizer in {path} ({_one_line(error, 200)}); calibration and parity tokenize real text: {fix}"
         ) from error
+    _check_tokenizer(path, tokenizer, vocab_size, fix)
+    return tokenizer, files
+
+
+def _check_tokenizer(path: Path, tokenizer: Any, vocab_size: int, fix: str) -> None:
+    """One real tokenization (a pair, an unknown character): it must run and give ids the embeddings hold."""
+    try:
+        encoded = tokenizer(*_TOKENIZER_PROBE, truncation=True, max_length=64)
+        ids = list(encoded["input_ids"])
+    except Exception as error:  # any failure here is the tokenizer files' fault, not this tool's
+        raise CheckpointError(
+            f"the tokenizer in {path} cannot tokenize a test sentence ({_one_line(error, 200)}); {fix}"
+        ) from error
+    if not ids or any(not isinstance(i, int) or i is None for i in ids):
+        raise CheckpointError(f"the tokenizer in {path} gives no token ids for a test sentence (missing [UNK]?); {fix}")
+    if max(ids) >= vocab_size or min(ids) < 0:
+        raise CheckpointError(
+            f"the tokenizer in {path} gives token id {max(ids)}, but the model's embeddings hold {vocab_size} "
+            f"(vocab_size): the tokenizer is not the model's; {fix}"
+        )
+    if getattr(tokenizer, "unk_token", None) is not None and tokenizer.unk_token_id is None:
+        raise CheckpointError(
+            f"the tokenizer in {path} names unknown token {tokenizer.unk_token!r}, which its vocabulary lacks; {fix}"
+        )
 
 
 def swap_no_norm(model: nn.Module) -> int:

@@ -90,6 +90,29 @@ class Architecture:
     def max_positions(self, config: Any) -> int:
         return int(config.max_position_embeddings)
 
+    def vocab_size(self, config: Any) -> int:
+        return int(config.vocab_size)
+
+    def intermediate_size(self, config: Any) -> int:
+        return int(config.intermediate_size)
+
+    # config.json field names, for messages
+    config_names: ClassVar[dict[str, str]] = {
+        "layers": "num_hidden_layers", "hidden": "hidden_size", "vocab": "vocab_size",
+        "positions": "max_position_embeddings",
+    }
+
+    def parameter_estimate(self, config: Any) -> int:
+        """Parameters the config implies (embeddings, attention less pruned heads, FFN), to bound what is built."""
+        hidden, inter = self.hidden_size(config), self.intermediate_size(config)
+        head = hidden // max(self.num_heads(config), 1)
+        pruned = sum(len(v) for v in (getattr(config, "pruned_heads", None) or {}).values()
+                     if isinstance(v, (list, tuple)))
+        types = int(getattr(config, "type_vocab_size", 0) or 0)
+        embeddings = (self.vocab_size(config) + int(config.max_position_embeddings) + types) * hidden
+        layers = self.num_layers(config) * (4 * hidden * hidden + 2 * hidden * inter)
+        return embeddings + layers - pruned * 4 * hidden * head
+
     # --- live model access ---------------------------------------------------------------------------
     def activation(self, layer: nn.Module) -> Callable[[Any], Any]:
         raise NotImplementedError

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -35,6 +35,13 @@ class DistilBertArchitecture(Architecture):
 
     def hidden_size(self, config: Any) -> int:
         return int(config.dim)
+
+    config_names: ClassVar[dict[str, str]] = {
+        "layers": "n_layers", "hidden": "dim", "vocab": "vocab_size", "positions": "max_position_embeddings",
+    }
+
+    def intermediate_size(self, config: Any) -> int:
+        return int(config.hidden_dim)
 
     def activation_name(self, config: Any) -> str:
         return str(config.activation)

@@ -29,7 +29,10 @@ def tiny_bert(folder: Path, safe: bool = True, **overrides: object) -> Path:
     config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=64, **overrides)
     model = transformers.BertModel(config, add_pooling_layer=False)
-    model.save_pretrained(folder, safe_serialization=safe)
+    model.save_pretrained(folder)
+    if not safe:  # transformers 5 no longer writes pytorch_model.bin: write it as 4.x did (a torch.save'd state dict)
+        (folder / "model.safetensors").unlink()
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
     _tokenizer_files(folder)
     return folder
 

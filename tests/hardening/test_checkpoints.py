@@ -126,7 +126,7 @@ def test_config_values_of_the_wrong_kind(checkpoint: Path, tmp_path: Path, capsy
 
 def test_config_json_that_is_not_an_object(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (checkpoint / "config.json").write_text(json.dumps([1, 2]))
-    _refuse(checkpoint, tmp_path, capsys, "has no model_type")
+    _refuse(checkpoint, tmp_path, capsys, "is a JSON list, not an object", "expected a transformers config")
 
 
 def test_chunked_feed_forward_exports_unchunked(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
