@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -150,8 +151,15 @@ def verify_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _never_read_stdin() -> None:
+    """The tool reads nothing from stdin: a library's prompt (transformers' "trust this code?") gets end-of-file,
+    never the "y" of `yes | export-model ...`."""
+    sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115  (lives as long as the process)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _never_read_stdin()
     if argv[:1] == ["verify"]:
         return verify_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -184,6 +192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
+    try:  # also at the descriptor level, for code that reads fd 0 directly
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+    except OSError:
+        pass
     sys.exit(main())
 
 

@@ -7,6 +7,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def checkpoint_hash(folder: Path) -> dict[str, Any]:
-    """sha256 over the checkpoint's config and weight files (names and bytes, sorted), plus per-file hashes."""
-    names = sorted(
-        p.name for p in folder.iterdir()
-        if p.is_file() and (p.name == "config.json" or p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))
-    )
+def checkpoint_hash(folder: Path, read: Sequence[Path] | None = None) -> dict[str, Any]:
+    """sha256 over the checkpoint files the export read (names relative to `folder` and bytes, sorted), plus
+    per-file hashes. `read` is `Checkpoint.files_read` (config, weight index and every shard, tokenizer files);
+    None hashes the config and weight files found in `folder`."""
+    if read is None:
+        read = [p for p in folder.iterdir() if p.is_file() and (
+            p.name == "config.json" or p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))]
+    names = sorted({str(p.relative_to(folder)) if p.is_relative_to(folder) else str(p) for p in read})
     files = {name: sha256_file(folder / name) for name in names}
     combined = hashlib.sha256("".join(f"{n}:{h}\n" for n, h in files.items()).encode()).hexdigest()
     return {"sha256": combined, "files": files}
