@@ -251,7 +251,13 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
 
     runners: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]] = {"torch eager fp32": _torch_runner(checkpoint.model, threads)}
     if peers and kind == "minilm" and task == "feature-extraction":
-        runners |= _optimum_peers(source, work, threads)
+        import importlib.util
+
+        if importlib.util.find_spec("optimum.onnxruntime") is None:
+            # optimum-onnx installs only beside transformers<4.58: `pip install -e ".[bench,optimum]"` for the peers
+            print("optimum peers skipped: optimum-onnx is not installed (it requires transformers<4.58)")
+        else:
+            runners |= _optimum_peers(source, work, threads)
     for name in ("model.onnx", "model_optimized.onnx", "model_quantized.onnx"):
         runners[name] = _ort_runner(artifact / name, threads)
     if other_result is not None:

@@ -179,7 +179,8 @@ def render_html(manifest: dict[str, Any]) -> str:
 {verdict}
 <p>task <b>{_e(manifest['task'])}</b>, architecture <b>{_e(manifest['architecture'])}</b>, layer norm {_e(manifest['layer_norm'])},
 activation {_e(manifest['activation'])}; source sha256 <code>{_e(manifest['source']['sha256'][:16])}…</code>;
-export-model {_e(manifest['tool']['version'])}, onnxruntime {_e(manifest['versions'].get('onnxruntime'))}</p>
+built by export-model {_e(manifest['tool']['version'])} with transformers {_e(manifest['versions'].get('transformers'))},
+torch {_e(manifest['versions'].get('torch'))}, onnxruntime {_e(manifest['versions'].get('onnxruntime'))}</p>
 <h2>What was removed</h2><p>{_e(comp['summary'])}</p>
 <h3>Attention heads per layer</h3>{_heads_grid(comp)}
 <h3>FFN width per layer (kept / original)</h3>{_ffn_bars(comp)}

@@ -152,9 +152,15 @@ def test_bin_weights_and_requested_head_drops(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.optimum
 def test_optimum_loads_the_artifact_and_agrees_with_our_parity_run(tmp_path: Path) -> None:
-    """Must-show 3: ORTModelForFeatureExtraction.from_pretrained(DIR) computes what our parity run checked."""
-    from optimum.onnxruntime import ORTModelForFeatureExtraction
+    """Must-show 3: ORTModelForFeatureExtraction.from_pretrained(DIR) computes what our parity run checked.
+
+    optimum-onnx (0.1.0, the latest) installs only beside transformers<4.58: this runs in CI's compatibility
+    stack (`pip install -e ".[test,optimum]"`) and is skipped, saying so, on transformers 5."""
+    ORTModelForFeatureExtraction = pytest.importorskip(  # noqa: N806
+        "optimum.onnxruntime", reason="optimum-onnx is not installed (it requires transformers<4.58); "
+        "CI's compatibility stack runs this test").ORTModelForFeatureExtraction
 
     truth = checkpoints.block_pruned_minilm(tmp_path / "ckpt")
     out = tmp_path / "out"
