@@ -100,6 +100,8 @@ def render_report(manifest: dict[str, Any]) -> str:
         f"layer norm: {manifest['layer_norm']}, activation: {manifest['activation']}",
         f"- deployable: **{'yes' if manifest['deployable'] else 'NO (parity failed)'}**",
         f"- source sha256: `{manifest['source']['sha256'][:16]}...`",
+        f"- built with transformers {manifest['versions'].get('transformers')}, torch {manifest['versions'].get('torch')}, "
+        f"onnxruntime {manifest['versions'].get('onnxruntime')}, onnx {manifest['versions'].get('onnx')}",
         "",
         "## Compaction",
         "",
