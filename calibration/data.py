@@ -1,5 +1,10 @@
 """Calibration texts: loading them from a file, sampling them reproducibly, and feeding them to onnxruntime.
 
+Reading is bounded (see the limits below): only a regular file is opened (a FIFO, a device or a socket is refused
+from its ``stat``, before any open that could block or never end), the file's size, the number of texts and each
+line are capped, and every text is cut to ``MAX_TEXT_CHARS`` characters, so no input makes the loader hold more than
+about ``MAX_FILE_BYTES`` of text.
+
 The reader never holds more than one tokenized batch: onnxruntime's calibrators pull batches with
 ``get_next()`` and reduce each one to running ranges (MinMax) or histograms before asking for the next, so the
 memory of calibration is bounded by the batch size, not by the number of samples.
@@ -7,10 +12,12 @@ memory of calibration is bounded by the batch size, not by the number of samples
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
 import random
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -30,21 +37,45 @@ Tokenize = Callable[[list[Text]], dict[str, np.ndarray]]
 
 PAIR_FIELD = "text_pair"
 
+MAX_FILE_BYTES = 256 << 20
+"""Largest calibration file (or saved dataset column data) read: 256 MiB. Calibration samples 128 texts by default."""
+MAX_TEXTS = 1_000_000
+"""Most texts (non-blank lines) a calibration file may hold."""
+MAX_TEXT_CHARS = 32_768
+"""Each text (and text pair side) is cut to this many characters when read: 64 per position of the longest input
+the exporter builds (512), far more than the tokenizer can use, so the cut never changes a tokenized text of
+ordinary prose."""
+TXT_LINE_BYTES = 4 * MAX_TEXT_CHARS
+"""A .txt line is read up to this many bytes (enough for MAX_TEXT_CHARS characters); the rest is skipped unread."""
+JSONL_LINE_BYTES = 1 << 20
+"""A .jsonl line longer than this (1 MiB) is refused: cutting it would break its JSON."""
+_SKIP_CHUNK = 1 << 20
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words, from its ``st_mode``."""
+    kinds = ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+    return next((name for test, name in kinds if test(mode)), "special file")
+
 
 def load_texts(path: Path | None, field: str = "text") -> list[Text]:
     """Load calibration texts.
 
     - ``None``: the calibration side of the built-in corpus (:func:`calibration.corpus.builtin_texts` split by
       :func:`calibration.corpus.split_texts` with its default held-out fraction, 0.25).
-    - ``*.txt``: one text per line; blank lines are skipped.
+    - ``*.txt``: one text per line; blank lines are skipped; a line is read up to ``TXT_LINE_BYTES`` and every
+      text cut to ``MAX_TEXT_CHARS`` characters.
     - ``*.jsonl``: one JSON object per line, text taken from ``field`` (default ``"text"``); when the object
       also has a string ``"text_pair"``, the example is the tuple ``(text, text_pair)``.
     - a folder written by ``datasets.Dataset.save_to_disk`` (only when ``datasets`` is installed): column
       ``field``, plus ``"text_pair"`` when that column exists.
 
     Raises:
-        CalibrationDataError: missing path, unsupported kind, undecodable bytes, bad JSON, a line without
-            ``field`` or with a non-string value, or no texts at all. The message names the file and line.
+        CalibrationDataError: missing path, not a regular file (FIFO, device, socket: refused unopened),
+            unsupported kind, over ``MAX_FILE_BYTES`` or ``MAX_TEXTS``, a .jsonl line over ``JSONL_LINE_BYTES``,
+            undecodable bytes, bad JSON, a line without ``field`` or with a non-string value, or no texts at all.
+            The message names the file and line.
     """
     if path is None:
         texts: list[Text] = list(split_texts(builtin_texts())[0])
@@ -54,38 +85,100 @@ def load_texts(path: Path | None, field: str = "text") -> list[Text]:
         return texts
     path = Path(path)
     logger.info("loading calibration texts from %s", path)
-    if not path.exists():
+    try:
+        info = path.stat()  # follows a symlink: what is judged is what would be read
+    except FileNotFoundError:
         raise CalibrationDataError(
             f"calibration data {path} does not exist; pass an existing .txt or .jsonl file"
-        )
-    if path.is_dir():
+        ) from None
+    except OSError as error:
+        raise CalibrationDataError(f"calibration data {path} cannot be read ({error.strerror}); pass a readable "
+                                   ".txt or .jsonl file") from None
+    if stat.S_ISDIR(info.st_mode):
         texts = _load_saved_dataset(path, field)
-    elif path.suffix == ".txt":
-        texts = [line.strip() for _, line in _lines(path) if line.strip()]
-    elif path.suffix == ".jsonl":
-        texts = [_jsonl_example(path, number, line, field) for number, line in _lines(path) if line.strip()]
-    else:
+    elif not stat.S_ISREG(info.st_mode):
+        # Never opened: a FIFO without a writer blocks open() forever, /dev/zero never ends.
+        raise CalibrationDataError(
+            f"calibration data {path} is a {file_kind(info.st_mode)}, not a regular file; pass a .txt or .jsonl file"
+        )
+    elif path.suffix not in (".txt", ".jsonl"):
         raise CalibrationDataError(
             f"calibration data {path}: expected a .txt file (one text per line), a .jsonl file or a folder "
             f"saved by datasets.save_to_disk; found suffix {path.suffix!r}"
         )
+    elif info.st_size > MAX_FILE_BYTES:
+        raise CalibrationDataError(
+            f"calibration data {path} is {info.st_size / (1 << 20):,.0f} MiB, over the {MAX_FILE_BYTES >> 20} MiB "
+            f"limit; calibration uses --calibration-samples texts (128 by default): pass a smaller sample of the file"
+        )
+    elif path.suffix == ".txt":
+        texts = _cap_count(path, (line.strip()[:MAX_TEXT_CHARS] for _, line in _lines(path, TXT_LINE_BYTES)
+                                  if line.strip()))
+    else:
+        texts = _cap_count(path, (_jsonl_example(path, number, line, field)
+                                  for number, line in _lines(path, JSONL_LINE_BYTES, cut=False) if line.strip()))
     if not texts:
         raise CalibrationDataError(f"calibration data {path} holds no texts; add at least one non-blank line")
     logger.info("loaded %d calibration texts from %s", len(texts), path)
     return texts
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Yield (1-based line number, line) of a UTF-8 file, naming the line of the first undecodable byte."""
+def _cap_count(path: Path, texts: Iterator[Text]) -> list[Text]:
+    """The texts, refusing a file that holds more than MAX_TEXTS of them (checked as they are read)."""
+    kept: list[Text] = []
+    for text in texts:
+        if len(kept) == MAX_TEXTS:
+            raise CalibrationDataError(
+                f"calibration data {path} holds more than {MAX_TEXTS:,} texts, the limit; calibration uses "
+                f"--calibration-samples texts (128 by default): pass a smaller sample of the file"
+            )
+        kept.append(text)
+    return kept
+
+
+def _lines(path: Path, limit: int, cut: bool = True) -> Iterator[tuple[int, str]]:
+    """Yield (1-based line number, line) of a UTF-8 file, reading at most `limit` bytes of any line.
+
+    A longer line is cut to its first `limit` bytes (at a character boundary; the rest is skipped in bounded
+    chunks, never held) when `cut`, else refused naming the line. At most MAX_FILE_BYTES are read in all, even
+    from a file that grows while it is read. Names the line of the first undecodable byte.
+    """
+    total = 0
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        number = 0
+        while True:
+            raw = handle.readline(limit + 1)
+            if not raw:
+                return
+            number += 1
+            total += len(raw)
+            long = len(raw) > limit and not raw.endswith(b"\n")
+            if long and not cut:
+                raise CalibrationDataError(
+                    f"calibration data {path} line {number} is longer than {limit >> 20} MiB, the limit for one "
+                    f"JSON line; shorten its text (only the first {MAX_TEXT_CHARS:,} characters are used)"
+                )
+            if long:
+                raw = raw[:limit]
+                while True:  # skip the rest of the line without holding it
+                    rest = handle.readline(_SKIP_CHUNK)
+                    total += len(rest)
+                    if not rest or rest.endswith(b"\n") or total > MAX_FILE_BYTES:
+                        break
+            if total > MAX_FILE_BYTES:
+                raise CalibrationDataError(
+                    f"calibration data {path} holds more than {MAX_FILE_BYTES >> 20} MiB (it grew while read); "
+                    f"pass a smaller sample of the file"
+                )
             try:
-                yield number, raw.decode("utf-8")
+                # A cut line may end inside a character: the incremental decoder drops that partial tail.
+                text = codecs.getincrementaldecoder("utf-8")().decode(raw, final=not long)
             except UnicodeDecodeError as error:
                 raise CalibrationDataError(
                     f"calibration data {path} line {number}: not UTF-8 ({error.reason} at byte {error.start}); "
                     f"re-encode the file as UTF-8"
                 ) from None
+            yield number, text
 
 
 def _jsonl_example(path: Path, number: int, line: str, field: str) -> Text:
@@ -106,8 +199,8 @@ def _jsonl_example(path: Path, number: int, line: str, field: str) -> Text:
         raise CalibrationDataError(f"{where}: field {field!r} must be a string, found {type(text).__name__}")
     pair = record.get(PAIR_FIELD)
     if isinstance(pair, str) and field != PAIR_FIELD:
-        return (text, pair)
-    return text
+        return (text[:MAX_TEXT_CHARS], pair[:MAX_TEXT_CHARS])
+    return text[:MAX_TEXT_CHARS]
 
 
 def _load_saved_dataset(path: Path, field: str) -> list[Text]:
@@ -131,9 +224,15 @@ def _load_saved_dataset(path: Path, field: str) -> list[Text]:
         raise CalibrationDataError(
             f"calibration data {path}: no column {field!r}; columns are {dataset.column_names}"
         )
-    texts = [str(text) for text in dataset[field]]
+    if dataset.num_rows > MAX_TEXTS or dataset.data.nbytes > MAX_FILE_BYTES:
+        raise CalibrationDataError(
+            f"calibration data {path} holds {dataset.num_rows:,} rows ({dataset.data.nbytes / (1 << 20):,.0f} MiB), "
+            f"over the limit of {MAX_TEXTS:,} rows or {MAX_FILE_BYTES >> 20} MiB; calibration uses "
+            f"--calibration-samples texts (128 by default): save a smaller sample (dataset.select)"
+        )
+    texts = [str(text)[:MAX_TEXT_CHARS] for text in dataset[field]]
     if PAIR_FIELD in dataset.column_names and field != PAIR_FIELD:
-        return list(zip(texts, (str(pair) for pair in dataset[PAIR_FIELD]), strict=True))
+        return list(zip(texts, (str(pair)[:MAX_TEXT_CHARS] for pair in dataset[PAIR_FIELD]), strict=True))
     return list(texts)
 
 

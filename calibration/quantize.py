@@ -59,6 +59,11 @@ TYPES: dict[str, QuantType] = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 
 
+def _is_number(value: object, integer: bool = False) -> bool:
+    """A JSON number (bool excluded); an integer when `integer`."""
+    return isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class QuantizationConfig:
     """How to quantize. Defaults are the ``cpu-avx512-vnni`` preset; see :data:`PRESETS` for the others.
@@ -148,13 +153,22 @@ class QuantizationConfig:
         for name in ("activation_type", "weight_type"):
             if getattr(self, name) not in TYPES:
                 problems.append(f"{name} {getattr(self, name)!r} not in {sorted(TYPES)}")
+        # Types first (a --config replay can hold anything JSON can), then ranges; every range test below is
+        # written so that NaN fails it (a comparison with NaN is False), and infinities are outside every range.
+        integers = ("samples", "seed", "batch_size", "calibration_chunk_batches", "search_ranking_batches",
+                    "validation_samples")
+        numbers = ("percentile", "max_accuracy_drop") + (("smooth_alpha",) if self.smooth_alpha is not None else ())
+        wrong = [f"{name} must be {'an integer' if name in integers else 'a number'}, got {getattr(self, name)!r}"
+                 for name in (*integers, *numbers) if not _is_number(getattr(self, name), integer=name in integers)]
+        if wrong:
+            raise ValueError("invalid QuantizationConfig: " + "; ".join(wrong))
         for name in ("samples", "batch_size", "calibration_chunk_batches", "search_ranking_batches", "validation_samples"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 < self.percentile <= 100.0:
             problems.append(f"percentile must be in (0, 100], got {self.percentile}")
         if not 0.0 < self.max_accuracy_drop < 1.0:
-            problems.append(f"max_accuracy_drop must be a fraction in (0, 1), got {self.max_accuracy_drop}")
+            problems.append(f"max_accuracy_drop must be a finite fraction in (0, 1), got {self.max_accuracy_drop}")
         if self.graph not in ("fused", "unfused"):
             problems.append(f"graph {self.graph!r} not in ['fused', 'unfused']")
         if self.weight_rounding not in WEIGHT_ROUNDINGS:

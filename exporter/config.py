@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from calibration.data import file_kind
 from calibration.quantize import QuantizationConfig
 from exporter.errors import UsageError
 from exporter.parity import ParityConfig
@@ -25,7 +28,8 @@ class ExportConfig:
     model: checkpoint folder or hub id; None exports the bundled all-MiniLM-L6-v2.
     output: artifact folder; None means `artifacts/<model folder name>`.
     task: one of the four tasks; None infers it from `config.architectures`.
-    force: replace a non-empty output folder.
+    force: replace an earlier export-model artifact at `output` (a folder whose manifest.json names export-model
+        and that holds only the files it lists); any other non-empty folder is refused, with or without it.
     drop_heads: heads to remove on request, "LAYER:HEAD,HEAD;LAYER:HEAD" (original indices).
     calibration_data: text file (one per line), JSONL, or `datasets` folder; None uses the built-in corpus.
     calibration_field: JSONL / dataset field holding the text (default "text").
@@ -79,14 +83,44 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+CONFIG_FILE_LIMIT = 4 << 20
+"""Largest `--config` file read (4 MiB; an export's manifest.json is tens of kB)."""
+
+
 def load_config_file(path: Path) -> dict[str, Any]:
-    """Options from a manifest.json (its "options") or a plain options JSON file."""
+    """Options from a manifest.json (its "options") or a plain options JSON file.
+
+    Only a regular file of at most CONFIG_FILE_LIMIT bytes is opened: a FIFO, a device (/dev/zero) or a socket
+    is refused from its `stat` before it is opened (opening a FIFO with no writer blocks).
+    """
+    path = Path(path)
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        info = os.stat(path)
     except FileNotFoundError:
         raise UsageError(f"--config {path}: no such file") from None
+    except OSError as error:
+        raise UsageError(f"--config {path} cannot be read ({error.strerror}); pass a manifest.json or options file") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"--config {path} is a {file_kind(info.st_mode)}, not a regular file; pass a manifest.json "
+                         "or options file")
+    if info.st_size > CONFIG_FILE_LIMIT:
+        raise UsageError(f"--config {path} is {info.st_size:,} bytes, over the {CONFIG_FILE_LIMIT >> 20} MiB limit "
+                         "for an options file; pass a manifest.json or options file")
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(CONFIG_FILE_LIMIT + 1)  # bounded even if the file grows after the stat
+    except OSError as error:
+        raise UsageError(f"--config {path} cannot be read ({error.strerror}); pass a manifest.json or options file") from None
+    if len(raw) > CONFIG_FILE_LIMIT:
+        raise UsageError(f"--config {path} is over the {CONFIG_FILE_LIMIT >> 20} MiB limit for an options file; "
+                         "pass a manifest.json or options file")
+    try:
+        data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UsageError(f"--config {path} is not valid JSON ({error}); pass a manifest.json or options file") from None
+    except RecursionError:
+        raise UsageError(f"--config {path} nests its JSON too deeply to be options; pass a manifest.json or "
+                         "options file") from None
     if isinstance(data, dict) and "options" in data and "schema_version" in data:
         data = data["options"]
     return data
@@ -107,7 +141,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("--model", "model", "checkpoint folder or hub id (default: the bundled all-MiniLM-L6-v2)"),
     Option("--output", "output", "artifact folder (default: artifacts/<model name>)"),
     Option("--task", "task", "task (default: inferred from config.architectures)"),
-    Option("--force", "force", "replace a non-empty output folder"),
+    Option("--force", "force", "replace an earlier export-model artifact at --output (never any other folder)"),
     Option("--drop-heads", "drop_heads", "remove heads on request, e.g. '0:3,5;2:1' (layer:heads, original indices)"),
     Option("--calibration-data", "calibration_data", "calibration texts: .txt (one per line), .jsonl, or a datasets folder"),
     Option("--calibration-field", "calibration_field", "JSONL/dataset field holding the text"),

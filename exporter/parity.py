@@ -9,6 +9,7 @@ judged by the cosine of each sample's output to the reference, and a task metric
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,9 +46,33 @@ class ParityConfig:
     fp16_min_cosine: float = 0.999
     providers: tuple[str, ...] = ("auto",)
 
+    def __post_init__(self) -> None:
+        # A NaN bar never fails (`err > nan` is False) and an infinite or negative one is no bar: refuse them here,
+        # so flags and `--config` replays alike are checked.
+        problems = []
+        if not _is_number(self.fp32_atol) or not math.isfinite(self.fp32_atol) or self.fp32_atol < 0:
+            problems.append(f"fp32_atol must be a finite number >= 0 (e.g. 1e-4), got {self.fp32_atol!r}")
+        for name in ("int8_min_cosine", "fp16_min_cosine"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -1.0 <= value <= 1.0:  # NaN and infinities fail the range too
+                problems.append(f"{name} must be a number in [-1, 1], got {value!r}")
+        if not isinstance(self.shapes, tuple) or not self.shapes or not all(
+            isinstance(s, tuple) and len(s) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                                                         for n in s) for s in self.shapes):
+            problems.append(f"shapes must be (batch, sequence) pairs of positive integers, got {self.shapes!r}")
+        if not isinstance(self.providers, tuple) or not self.providers or not all(
+                isinstance(p, str) and p for p in self.providers):
+            problems.append(f"providers must name at least one execution provider, got {self.providers!r}")
+        if problems:
+            raise ValueError("invalid parity settings: " + "; ".join(problems))
+
     def min_cosine(self, precision: str) -> float:
         """The mean-cosine bar of a reduced-precision file ("fp16" or "int8")."""
         return self.fp16_min_cosine if precision == "fp16" else self.int8_min_cosine
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass

@@ -9,6 +9,16 @@ import numpy as np
 
 Text = str | tuple[str, str]
 
+CHARS_PER_POSITION = 64
+"""Texts are cut to `max_length * CHARS_PER_POSITION` characters before tokenization: a WordPiece or BPE token
+spans a handful of characters (about 4-6 in English prose), so the cut keeps every token that fits in `max_length`
+while no tokenizer call ever sees a megabyte-long text."""
+
+
+def cap_chars(text: str, max_length: int) -> str:
+    """`text` cut to what `max_length` positions can use (see CHARS_PER_POSITION)."""
+    return text[: max(1, max_length) * CHARS_PER_POSITION]
+
 
 def as_pair(text: str, question_words: int = 8) -> tuple[str, str]:
     """A (question, context) pair from one passage: the start of its first sentence asks, the passage answers."""
@@ -23,13 +33,19 @@ def make_tokenize(
 
     `pairs`: encode (question, context) pairs (question answering), truncating the longer side first.
     `pad_to_max`: pad every batch to `max_length` (fixed shapes) rather than to its longest text.
+    Every text is cut to `max_length * CHARS_PER_POSITION` characters first (`cap_chars`), so tokenization time
+    and memory are bounded whatever the texts' length.
     The returned function takes the texts and optionally a shorter `max_length` for that call.
     """
 
     def tokenize(texts: Sequence[Text], max_length: int = max_length) -> dict[str, np.ndarray]:
-        items = [t if isinstance(t, tuple) else as_pair(t) for t in texts] if pairs else [
-            t if isinstance(t, str) else t[0] + " " + t[1] for t in texts
-        ]
+        def cap(text: str) -> str:
+            return cap_chars(text, max_length)
+
+        if pairs:
+            items: list[Any] = [(cap(t[0]), cap(t[1])) if isinstance(t, tuple) else as_pair(cap(t)) for t in texts]
+        else:
+            items = [cap(t) if isinstance(t, str) else cap(cap(t[0]) + " " + cap(t[1])) for t in texts]
         kwargs: dict[str, Any] = {
             "padding": "max_length" if pad_to_max else "longest",
             # longest_first never fails on short max_length (only_second raises when the question alone is too long).
