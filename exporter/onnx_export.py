@@ -1,8 +1,30 @@
 """Export the compacted PyTorch model to ONNX with dynamic batch and sequence axes, named as optimum does.
 
-The TorchScript exporter (`dynamo=False`) is used on purpose: with transformers 4.57's eager attention each
-layer's Reshape carries that layer's head count as a constant, which is what onnxruntime's fusion reads per
-layer. The dynamo exporter's graphs do not fuse (FACTS.md, onnxruntime 1.31).
+The graph does not come from the installed transformers' forward code: during the trace every module runs the
+project's own forward (``exporter.export_forward``), which computes what transformers 4.57's eager attention
+computed, op for op, with each layer's head count a constant in its Q/K/V Reshapes. That is the graph
+onnxruntime's fusion reads per layer (``graphs.fusion``), with transformers 4.57 and 5.x alike (5.x's own
+attention reshapes with ``-1``: nothing fuses). The patched forward is checked against the model's own on the
+dummy batch before tracing.
+
+The TorchScript exporter (``torch.onnx.export(..., dynamo=False)``, in torch 2.13 and 2.14) is used on purpose.
+What moving to ``dynamo=True`` (``torch.export`` + onnxscript) would take:
+
+- Dynamic axes become ``dynamic_shapes`` with ``torch.export.Dim`` objects (batch >= 1, sequence 2..max
+  positions; torch.export specialises a dimension traced at size 1), and the dummy batch must not hit the
+  data-dependent branches torch.export refuses (our forward has none; transformers' own mask code has some).
+- The graph changes shape: ops come out as onnxscript's decompositions (e.g. ``softmax`` with a ``Cast``,
+  ``scaled_dot_product_attention`` pieces, ``Expand``/``Where`` masks), opset 18+, with node names from the FX
+  graph (``node_MatMul_12``) instead of module scopes, and the exporter's own optimizer folds constants and may
+  merge the per-layer Reshape shape into a single initializer. onnxruntime 1.31's ``optimize_model`` does not fuse
+  these graphs (FACTS.md): fusion would move to ``onnxscript.rewriter.ort_fusions`` (``optimize_for_ort`` /
+  ``fuse_xformers``), whose Attention/MultiHeadAttention rules and head-count detection need checking per layer
+  for uneven heads, and our own passes (``graphs.fuse_distilbert_attention``, ``fuse_nonorm_attention``,
+  ``fold_nonorm``, ``residual_sum``, ``inspection.attention_nodes``' layer mapping) would need the new patterns.
+- INT8 (``calibration.fused``) targets fused ``Attention`` and weight ``MatMul`` nodes by name; it would need the
+  node kinds ort_fusions emits (``MultiHeadAttention`` with separate Q/K/V weights has no ``QAttention``
+  counterpart, so Q/K/V would have to be packed back into one ``Attention``).
+- Parity and the ``GraphPlan`` head check stay as they are; they are what would prove such a move.
 """
 
 from __future__ import annotations
@@ -20,6 +42,8 @@ import torch
 from torch import nn
 
 from exporter.architectures import TASK_OUTPUTS, Architecture
+from exporter.errors import ExportError
+from exporter.export_forward import export_forward
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +69,41 @@ class ExportReport:
 
 
 class _Signature(nn.Module):
-    """Positional inputs in a fixed order, a tuple of named outputs out: what the exporter traces."""
+    """Positional inputs in a fixed order, the task's outputs as a tuple: what the exporter traces. Inside
+    ``export_forward`` the model's forward returns that tuple itself."""
 
-    def __init__(self, model: nn.Module, input_names: tuple[str, ...], output_names: tuple[str, ...]) -> None:
+    def __init__(self, model: nn.Module, input_names: tuple[str, ...]) -> None:
         super().__init__()
         self.model = model
         self.input_names = input_names
-        self.output_names = output_names
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outputs = self.model(**dict(zip(self.input_names, inputs, strict=True)), return_dict=True)
-        return tuple(outputs[name] for name in self.output_names)
+        return tuple(self.model(**dict(zip(self.input_names, inputs, strict=True))))
+
+
+def check_export_forward(model: nn.Module, architecture: Architecture, task: str,
+                         inputs: dict[str, torch.Tensor]) -> float:
+    """Largest difference between the model's own forward and the export forward on ``inputs`` (eval mode);
+    ExportError beyond float rounding (1e-5 of the larger of 1 and the largest output)."""
+    output_names = TASK_OUTPUTS[task]
+    with torch.no_grad():
+        own = model(**inputs, return_dict=True)
+        reference = [own[name] for name in output_names]
+        with export_forward(model, architecture, task):
+            ours = model(**inputs)
+    worst = 0.0
+    for name, want, got in zip(output_names, reference, ours, strict=True):
+        if tuple(want.shape) != tuple(got.shape):
+            raise ExportError(f"export forward gives {name} of shape {tuple(got.shape)}, the model {tuple(want.shape)}")
+        diff = float((want - got).abs().max()) if want.numel() else 0.0
+        bound = 1e-5 * max(1.0, float(want.abs().max()) if want.numel() else 0.0)
+        if not diff <= bound:
+            raise ExportError(
+                f"the export forward differs from {type(model).__name__}'s own forward by {diff:.3g} on {name} "
+                f"(allowed {bound:.3g}); this model is not the {architecture.name} the exporter describes"
+            )
+        worst = max(worst, diff)
+    return worst
 
 
 def output_axes(task: str) -> dict[str, dict[int, str]]:
@@ -80,13 +128,15 @@ def export_onnx(model: nn.Module, architecture: Architecture, task: str, path: P
     args = tuple(dummy[name] for name in input_names)
     axes = {name: {0: "batch_size", 1: "sequence_length"} for name in input_names} | output_axes(task)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    wrapper = _Signature(model, input_names, output_names).eval()
+    wrapper = _Signature(model, input_names).eval()
+    worst = check_export_forward(model, architecture, task, dict(zip(input_names, args, strict=True)))
+    log.info("export forward matches %s's own forward to %.2g on the dummy batch", type(model).__name__, worst)
     # Past 2 GB the exporter writes one file per tensor beside the graph: keep those in a scratch folder and
     # merge them into a single `<name>.data` below, so the artifact holds only files the manifest describes.
     scratch = path.parent / f".{path.stem}.export-scratch"
     scratch.mkdir(exist_ok=True)
     traced = scratch / path.name
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), export_forward(model, architecture, task):
         warnings.simplefilter("ignore")  # TracerWarnings about python-int shapes are expected here
         torch.onnx.export(
             wrapper,

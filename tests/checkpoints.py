@@ -2,10 +2,12 @@
 
 Independent ground truth for the test suite and the benchmark: nothing here imports project code. Each builder
 writes a folder that stock ``transformers`` 4.57 ``AutoModel*.from_pretrained`` loads (``config.json``, weights,
-the MiniLM tokenizer files) and returns a :class:`CheckpointTruth` saying which heads and FFN units an exact
+the MiniLM tokenizer files; transformers 5 cannot build ``pruned_heads`` layers itself, so there :func:`load_stock`
+builds them with :func:`prune_heads`) and returns a :class:`CheckpointTruth` saying which heads and FFN units an exact
 compaction must keep. The zero patterns follow nn_pruning:
 
-- heads physically removed with ``model.prune_heads`` (recorded in ``config.pruned_heads``, uneven per layer);
+- heads physically removed with :func:`prune_heads` (the tests' own slicing, what transformers 4.57's
+  ``model.prune_heads`` did; transformers 5 removed it), recorded in ``config.pruned_heads``, uneven per layer;
 - "dead" heads whose V weight rows are zero while the V bias is not (exact compaction folds ``O_h @ b_v,h`` into
   the output bias) or whose O columns are zero;
 - heads whose Q weights alone (or K alone) are zero: they still attend, so they must be kept;
@@ -13,7 +15,7 @@ compaction must keep. The zero patterns follow nn_pruning:
   ``W_out`` column;
 - 32x32 zero blocks inside surviving Q/K/V/O matrices, which remove nothing.
 
-Zeroing happens after ``prune_heads``, in the stored (already pruned) index space; the truth records heads by their
+Zeroing happens after :func:`prune_heads`, in the stored (already pruned) index space; the truth records heads by their
 ORIGINAL index. All builders are deterministic in ``seed``.
 """
 
@@ -25,6 +27,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import transformers
 from torch import nn
@@ -195,6 +198,94 @@ def _layers(model: transformers.PreTrainedModel, architecture: str) -> list[_Lay
         )
         for m in base.encoder.layer
     ]
+
+
+def _prune_linear(layer: nn.Linear, index: torch.Tensor, dim: int = 0) -> nn.Linear:
+    """A new Linear keeping rows (``dim=0``) or columns (``dim=1``) ``index`` of ``layer``: transformers 4.57's
+    ``prune_linear_layer``, step for step (it also draws the new layer's initial values from the global RNG, so
+    seeded builders stay bit-identical to what 4.57's ``prune_heads`` gave)."""
+    weight = layer.weight.index_select(dim, index).detach().clone()
+    bias = None
+    if layer.bias is not None:
+        bias = layer.bias.detach().clone() if dim == 1 else layer.bias[index].detach().clone()
+    size = list(layer.weight.size())
+    size[dim] = len(index)
+    pruned = nn.Linear(size[1], size[0], bias=bias is not None).to(layer.weight.device)
+    with torch.no_grad():
+        pruned.weight.copy_(weight.contiguous())
+        if bias is not None:
+            pruned.bias.copy_(bias.contiguous())
+    return pruned
+
+
+def prune_heads(model: transformers.PreTrainedModel, heads_to_prune: dict[int, list[int]]) -> None:
+    """Remove the attention heads ``heads_to_prune`` ({layer: [ORIGINAL head index, ...]}) from ``model`` in place,
+    exactly as transformers 4.57's ``model.prune_heads`` did (removed in transformers 5): slice the heads' Q/K/V rows
+    and output-projection columns, lower the layer's head count (``num_attention_heads``/``all_head_size``, DistilBERT
+    ``n_heads``/``dim``) and record the union with earlier prunings in ``config.pruned_heads`` (original indices,
+    int keys in memory, string keys once saved). Heads already removed are skipped, as 4.57 skipped them."""
+    architecture = model.config.model_type
+    config = model.config
+    recorded = dict(getattr(config, "pruned_heads", None) or {})
+    for layer, heads in heads_to_prune.items():
+        recorded[layer] = list(set(recorded.get(layer, [])) | set(heads))
+    config.pruned_heads = recorded
+    base = model.base_model
+    blocks = base.transformer.layer if architecture == "distilbert" else base.encoder.layer
+    for layer, heads in heads_to_prune.items():
+        if not heads:
+            continue
+        attention = blocks[layer].attention
+        already: set[int] = set(getattr(attention, "pruned_heads", set()))
+        if architecture == "distilbert":
+            owner, count = attention, attention.n_heads
+            names = ("q_lin", "k_lin", "v_lin", "out_lin")
+            parents = (attention, attention, attention, attention)
+        else:
+            owner, count = attention.self, attention.self.num_attention_heads
+            names = ("query", "key", "value", "dense")
+            parents = (attention.self, attention.self, attention.self, attention.output)
+        size = owner.attention_head_size
+        new = set(heads) - already
+        keep = torch.ones(count, size)
+        for head in new:
+            keep[head - sum(1 for h in already if h < head)] = 0
+        index = torch.arange(count * size)[keep.view(-1).eq(1)].long()
+        for i, (parent, name) in enumerate(zip(parents, names, strict=True)):
+            setattr(parent, name, _prune_linear(getattr(parent, name), index, dim=1 if i == 3 else 0))
+        if architecture == "distilbert":
+            owner.n_heads = count - len(new)
+            owner.dim = size * owner.n_heads
+        else:
+            owner.num_attention_heads = count - len(new)
+            owner.all_head_size = size * owner.num_attention_heads
+        attention.pruned_heads = already | new
+
+
+def load_stock(path: Path, auto_class: str) -> tuple[transformers.PreTrainedModel, dict[str, list]]:
+    """``(model, loading info)`` of the checkpoint at ``path`` with stock ``transformers.<auto_class>``.
+
+    transformers 4.57 builds ``config.pruned_heads`` layers itself in ``from_pretrained``. transformers 5 cannot (its
+    layers are full width, the load fails on shapes): there the model is built from the config without
+    ``pruned_heads``, narrowed with :func:`prune_heads` and given the stored weights, a missing or unexpected one
+    listed in the info as ``from_pretrained`` lists it."""
+    model_class = getattr(transformers, auto_class)
+    config = transformers.AutoConfig.from_pretrained(path)
+    pruned = {int(layer): [int(h) for h in heads] for layer, heads in (getattr(config, "pruned_heads", None) or {}).items()}
+    if hasattr(transformers.PreTrainedModel, "prune_heads") or not pruned:
+        return model_class.from_pretrained(path, output_loading_info=True)
+    config.pruned_heads = {}
+    model = model_class.from_config(config)
+    prune_heads(model, pruned)
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        state.update(safetensors.torch.load_file(file))
+    for file in sorted(Path(path).glob("pytorch_model*.bin")):
+        state.update(torch.load(file, map_location="cpu", weights_only=True))
+    result = model.load_state_dict(state, strict=False)
+    info = {"missing_keys": list(result.missing_keys), "unexpected_keys": list(result.unexpected_keys),
+            "mismatched_keys": [], "error_msgs": []}
+    return model.eval(), info
 
 
 @dataclass(frozen=True)
@@ -379,9 +470,14 @@ def _save(model: transformers.PreTrainedModel, truth: CheckpointTruth) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.config.architectures = [truth.model_class]
     model.save_pretrained(out, safe_serialization=truth.weights_format == "safetensors")
+    if truth.weights_format == "bin" and (out / "model.safetensors").exists():
+        # transformers 5 writes safetensors only: store the same tensors as a weights-only .bin, as 4.57 wrote it
+        weights = out / "model.safetensors"
+        torch.save(safetensors.torch.load_file(weights), out / "pytorch_model.bin")
+        weights.unlink()
     for name in TOKENIZER_FILES:
         shutil.copyfile(minilm_path() / name, out / name)
-    reloaded, info = getattr(transformers, truth.auto_class).from_pretrained(out, output_loading_info=True)
+    reloaded, info = load_stock(out, truth.auto_class)
     problems = {k: v for k, v in info.items() if v}
     expected, found = model.state_dict(), reloaded.state_dict()
     changed = [k for k in expected if k not in found or not torch.equal(expected[k], found[k])]
@@ -411,7 +507,7 @@ def block_pruned_minilm(out: Path, seed: int = 0, weights_format: str = "safeten
         zero_k_layer=1,
         blocks_per_layer=6,
     )
-    model.prune_heads(pruned)
+    prune_heads(model, pruned)
     head_size = config.hidden_size // config.num_attention_heads
     blocks = _sculpt(_layers(model, "bert"), plan, head_size, rng, positive_ffn_bias=False)
     truth = _truth(
@@ -526,7 +622,7 @@ def _build_tiny(
         blocks_per_layer=2 if dead else 0,
     )
     if spec.pruned:
-        model.prune_heads(spec.pruned)
+        prune_heads(model, spec.pruned)
     head_size = spec.hidden // spec.heads
     blocks = _sculpt(_layers(model, architecture), plan, head_size, rng, positive_ffn_bias=act == "relu")
     truth = _truth(
@@ -563,7 +659,7 @@ def tiny_checkpoint(
 
     Sizes: bert 3 layers, hidden 128, 4 heads of 32, FFN 256; roberta 2 layers, hidden 64, 4 heads of 16,
     FFN 128; distilbert 3 layers, hidden 96, 6 heads of 16, FFN 192. ``pruned_heads`` (default: uneven per
-    architecture, ``{}`` for none) is applied with ``prune_heads``. ``dead`` (default True) adds dead heads, a Q-only
+    architecture, ``{}`` for none) is applied with :func:`prune_heads`. ``dead`` (default True) adds dead heads, a Q-only
     and a K-only zero head, dead FFN units and zero 32x32 blocks. Classification has 3 labels, token
     classification 5."""
     if architecture not in _TINY:
@@ -598,7 +694,7 @@ class _NoNorm(nn.Module):
 def reference_model(truth: CheckpointTruth) -> transformers.PreTrainedModel:
     """The checkpoint loaded with stock transformers in eval mode; for ``no_norm`` every LayerNorm is swapped for
     ``x * weight + bias`` so outputs are what the checkpoint's author meant (stock 4.57 ignores the key)."""
-    model = getattr(transformers, truth.auto_class).from_pretrained(truth.path).eval()
+    model = load_stock(truth.path, truth.auto_class)[0].eval()
     if truth.layer_norm_type == "no_norm":
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):

@@ -1,7 +1,8 @@
 """Graph fusion on tiny seeded models exported in code: structure by counts, numbers against PyTorch.
 
-Each model is built, head-pruned unevenly and exported once per module (TorchScript exporter, opset 17,
-transformers 4.57 eager attention), the way the exporter hands graphs to ``fuse_graph``.
+Each model is built, head-pruned unevenly (the tests' own ``prune_heads``: transformers 5 has none) and exported
+once per module (TorchScript exporter, opset 17, the project's export forward of ``exporter.export_forward``, so
+the graph is the same whichever transformers is installed), the way the exporter hands graphs to ``fuse_graph``.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ import torch
 import transformers
 from torch import nn
 
+from exporter.architectures import architecture_for
 from exporter.errors import FusionError
+from exporter.export_forward import export_forward
 from graphs import inspection
 from graphs.equivalence import sample_mask
 from graphs.float16 import to_float16
 from graphs.fusion import SUM_LAYER_NORM, FusionConfig, GraphPlan, fuse_graph
+from tests.checkpoints import prune_heads
 
 HIDDEN = 64
 HEADS = 4
@@ -73,16 +77,17 @@ def _export(model: nn.Module, path: Path, input_names: tuple[str, ...]) -> None:
     if "token_type_ids" in input_names:
         args.append(torch.zeros_like(ids))
     axes = {name: {0: "batch", 1: "sequence"} for name in (*input_names, "last_hidden_state")}
-    torch.onnx.export(
-        model,
-        tuple(args),
-        str(path),
-        dynamo=False,
-        opset_version=17,
-        input_names=list(input_names),
-        output_names=["last_hidden_state"],
-        dynamic_axes=axes,
-    )
+    with export_forward(model, architecture_for(model.config.model_type), "feature-extraction"):
+        torch.onnx.export(
+            model,
+            tuple(args),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=list(input_names),
+            output_names=["last_hidden_state"],
+            dynamic_axes=axes,
+        )
 
 
 def _build(kind: str, directory: Path) -> Exported:
@@ -128,7 +133,7 @@ def _build(kind: str, directory: Path) -> Exported:
         pruned, names = {1: [0, 3]}, ("input_ids", "attention_mask")
     else:
         raise ValueError(kind)
-    model.prune_heads(pruned)
+    prune_heads(model, pruned)
     layers = model.config.num_hidden_layers
     path = directory / f"{kind}.onnx"
     _export(model, path, names)
