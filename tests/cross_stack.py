@@ -87,13 +87,16 @@ def save(root: Path) -> list[Path]:
                                          max_position_embeddings=128)
         config._attn_implementation = "eager"  # the reference's attention: the plain softmax(QK^T)V
         model = transformers.BertModel(config, add_pooling_layer=False).eval()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0.0, 0.2)
-            if layer_norm == "no_norm":
-                for m in model.modules():
-                    if isinstance(m, nn.LayerNorm):
-                        m.weight.uniform_(0.5, 1.0)
+        with torch.no_grad():  # trained-like scales: Linear at 1/sqrt(fan-in), embeddings spread, norms near 1
+            for m in model.modules():
+                if isinstance(m, nn.Linear):
+                    m.weight.normal_(0.0, m.in_features**-0.5)
+                    m.bias.normal_(0.0, 0.1)
+                elif isinstance(m, nn.Embedding):
+                    m.weight.normal_(0.0, 0.5)
+                elif isinstance(m, nn.LayerNorm):
+                    m.weight.normal_(1.0, 0.1)
+                    m.bias.normal_(0.0, 0.1)
             for layer, heads in DEAD_V.items():
                 value = model.encoder.layer[layer].attention.self.value
                 for h in heads:
