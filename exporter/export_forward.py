@@ -15,6 +15,8 @@ live modules (``Linear``, ``Embedding``, ``LayerNorm`` or ``NoNorm``, the activa
   ``graphs.fusion``, ``graphs.fuse_nonorm_attention`` and ``graphs.fuse_distilbert_attention`` match;
 - embeddings as 4.57 wrote them (position ids sliced from a constant; RoBERTa's cumsum position ids), so
   EmbedLayerNormalization fuses as before;
+- the feed-forward activation: ``gelu`` (exact, erf) and ``relu`` written here, any other name runs the live
+  activation module;
 - dropout is left out (export traces eval mode, where it is the identity); feed-forward chunking too (same numbers);
 - the task heads (pooler + classifier, RoBERTa's classification head, DistilBERT's pre-classifier + ReLU, the QA
   split) as 4.57 computed them.
@@ -92,6 +94,12 @@ def forward_patches(model: nn.Module, architecture: Architecture, task: str) -> 
     views = architecture.layers(model)
     heads = layer_heads(model, architecture)
     patches: list[tuple[nn.Module, _Forward]] = []
+    activation = _ACTIVATIONS.get(architecture.activation_name(config))
+
+    def own_activation(module: object) -> None:
+        if activation is not None and isinstance(module, nn.Module):
+            patches.append((module, activation))
+
     if architecture.name == "distilbert":
         patches.append((base, _distilbert_model))
         patches.append((base.embeddings, _distilbert_embeddings))
@@ -103,6 +111,7 @@ def forward_patches(model: nn.Module, architecture: Architecture, task: str) -> 
                 (block.attention, _distilbert_attention(count, architecture.head_size(view.attention))),
                 (block.ffn, _distilbert_ffn),
             ]
+            own_activation(block.ffn.activation)
     elif architecture.name in ("bert", "roberta"):
         patches.append((base, _bert_model))
         embeddings = _roberta_embeddings(int(config.pad_token_id)) if architecture.name == "roberta" else _bert_embeddings
@@ -118,6 +127,7 @@ def forward_patches(model: nn.Module, architecture: Architecture, task: str) -> 
                 (layer.intermediate, _intermediate),
                 (layer.output, _residual_output),
             ]
+            own_activation(layer.intermediate.intermediate_act_fn)
         if getattr(base, "pooler", None) is not None:
             patches.append((base.pooler, _pooler))
     else:
@@ -129,6 +139,18 @@ def forward_patches(model: nn.Module, architecture: Architecture, task: str) -> 
     else:
         patches.insert(0, (model, _task_head(model, architecture, task, patches)))
     return patches
+
+
+def _gelu(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return nn.functional.gelu(x)
+
+
+def _relu(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return nn.functional.relu(x)
+
+
+#: Activations by config name (``hidden_act``, DistilBERT ``activation``) that the export writes itself.
+_ACTIVATIONS: dict[str, _Forward] = {"gelu": _gelu, "relu": _relu}
 
 
 # --- task heads (the top-level model) ------------------------------------------------------------------------
