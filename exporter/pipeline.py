@@ -628,7 +628,7 @@ def _build(
             _save_parity_data(built / "parity", batches, expected)
             resolved = config.to_dict() | {"model": str(source), "output": str(output), "task": task}
             manifest = write_manifest(built, {
-                "source": {"name": source.name, "path": str(source), **checkpoint_hash(source)},
+                "source": {"name": source.name, "path": str(source), **checkpoint_hash(source, checkpoint.files_read)},
                 "task": task,
                 "architecture": arch.name,
                 "layer_norm": checkpoint.layer_norm,
