@@ -268,8 +268,9 @@ def _verify(fused: onnx.ModelProto, plan: GraphPlan) -> FusionReport:
     if not nodes:
         raise FusionError(
             f"expected {n_layers} fused Attention nodes for a {plan.architecture}/{plan.layer_norm} model, "
-            "found 0. Export with torch.onnx.export(dynamo=False) and transformers 4.57 eager attention, whose "
-            "Q Reshape carries a constant head count; the dynamo exporter and -1 reshapes do not fuse."
+            "found 0. Export with exporter.onnx_export (torch.onnx.export(dynamo=False) over the project's own "
+            "forward, exporter.export_forward), whose Q Reshapes carry each layer's head count as a constant; the "
+            "dynamo exporter and transformers 5's -1 reshapes do not fuse."
         )
 
     problems = _layer_problems(nodes, plan)
