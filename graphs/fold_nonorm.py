@@ -132,9 +132,18 @@ def fold_nonorm(model: object) -> int:
     ]
     model.remove_nodes(folder.remove)  # type: ignore[attr-defined]
     model.add_nodes(folder.add)  # type: ignore[attr-defined]
+    _drop_unread_initializers(folder.graph)
     model.topological_sort()  # type: ignore[attr-defined]
     logger.info("folded %d NoNorm Mul/Add pairs into weights (one Mul/Add kept at %s)", folded, h)
     return folded
+
+
+def _drop_unread_initializers(graph: object) -> None:
+    """Remove the initializers the fold left without a reader (the NoNorm weights and biases, the copies it
+    replaced): onnxruntime would otherwise drop each one with a warning on the console at every session."""
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}  # type: ignore[attr-defined]
+    for initializer in [i for i in graph.initializer if i.name not in read]:  # type: ignore[attr-defined]
+        graph.initializer.remove(initializer)  # type: ignore[attr-defined]
 
 
 def _fold_block(

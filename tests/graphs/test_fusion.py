@@ -355,6 +355,14 @@ def test_nonorm_folds_into_weights_leaving_one_output_scale(fused: dict, exporte
     assert "NoNormFolded 7/7" in report.summary()
 
 
+def test_nonorm_fold_leaves_no_unread_initializer(fused: dict) -> None:
+    """onnxruntime warned once per stale LayerNorm weight/bias (about 50 console lines per NoNorm export)."""
+    _, path = fused["bert_nonorm"]
+    model = onnx.load(str(path))
+    read = {name for node in model.graph.node for name in node.input}
+    assert [i.name for i in model.graph.initializer if i.name not in read] == []
+
+
 def test_nonorm_fold_off_keeps_every_nonorm(exported: dict, tmp_path: Path) -> None:
     item = exported["bert_nonorm"]
     report = fuse_graph(item.path, tmp_path / "kept.onnx", item.plan, FusionConfig(fold_nonorm=False))
