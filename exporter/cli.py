@@ -17,17 +17,21 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from exporter.architectures import TASKS
-from exporter.config import OPTIONS, ExportConfig, Option, field_default, load_config_file
 from exporter.errors import ExportError, UsageError
+from exporter.telemetry import quiet_onnxruntime
+
+if TYPE_CHECKING:  # imported where used: `verify` and `run` must start without torch, onnx or transformers
+    from exporter.config import ExportConfig, Option
 
 log = logging.getLogger("exporter")
 
 
 def _choices(option: Option) -> Sequence[str] | None:
     if option.field == "task":
+        from exporter.architectures import TASKS
+
         return TASKS
     if option.field == "quantization.preset":
         from calibration.quantize import PRESETS
@@ -52,6 +56,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from exporter.config import OPTIONS, field_default
+
     parser = _Parser(
         prog="export-model",
         description="Compact, export, fuse, quantize and verify a BERT-family checkpoint as a deployable ONNX artifact.",
@@ -78,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ExportConfig:
     """The run's config: `--config FILE` (if given), then each flag; a value the config refuses is a UsageError."""
+    from exporter.config import OPTIONS, ExportConfig, load_config_file
+
     config = ExportConfig()
     if args.config:
         try:
@@ -98,7 +106,7 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
     return config
 
 
-def _configure_logging(debug: bool, verbose: bool) -> None:
+def _configure_logging(debug: bool, verbose: bool, transformers_too: bool = True) -> None:
     # Root at ERROR: onnxruntime's quantizer logs advice through the root logger ("consider pre-processing").
     root_level = logging.DEBUG if debug else logging.WARNING if verbose else logging.ERROR
     logging.basicConfig(level=root_level, format="%(message)s", stream=sys.stderr)
@@ -109,6 +117,8 @@ def _configure_logging(debug: bool, verbose: bool) -> None:
         for name in ("exporter", "graphs", "calibration"):
             logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.INFO)
     try:
+        if not transformers_too:  # verify: never import transformers (and torch) just to quiet it
+            raise ImportError
         import transformers
 
         transformers.utils.logging.set_verbosity_error()  # "weights not used" chatter about the pooler, etc.
@@ -129,7 +139,7 @@ def verify_main(argv: Sequence[str]) -> int:
                         help="execution providers, comma-separated (default: auto, every provider present)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    _configure_logging(args.debug, verbose=False)
+    _configure_logging(args.debug, verbose=False, transformers_too=False)
     from pathlib import Path
 
     from exporter.verify import verify_artifact
@@ -160,8 +170,13 @@ def _never_read_stdin() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _never_read_stdin()
+    quiet_onnxruntime()  # no telemetry from this process or its children (exporter/telemetry.py)
     if argv[:1] == ["verify"]:
         return verify_main(argv[1:])
+    if argv[:1] == ["run"]:
+        from exporter.run_cli import run_main
+
+        return run_main(argv[1:])
     args = build_parser().parse_args(argv)
     _configure_logging(args.debug, args.verbose)
     signal.signal(signal.SIGTERM, _interrupt)

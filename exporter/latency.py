@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from exporter.parity import open_session
+from exporter.telemetry import child_env
 
 Feeds = dict[str, np.ndarray]
 logger = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ def peak_memory_mb(path: Path, provider: str, feeds: Feeds, timeout: float = 300
         inputs = Path(work) / "feeds.npz"
         np.savez(inputs, **feeds)
         root = str(Path(__file__).resolve().parents[1])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        # ORT_DISABLE_TELEMETRY=1: the child's onnxruntime sends no usage events (exporter/telemetry.py).
+        env = child_env({**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))})
         try:
             done = subprocess.run([sys.executable, "-m", "exporter.memory_probe", str(path), provider, str(inputs)],
                                   capture_output=True, text=True, timeout=timeout, env=env, check=True)

@@ -14,13 +14,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from exporter.errors import ProviderUnavailableError
+
+if TYPE_CHECKING:  # torch only where the PyTorch reference is computed: `verify` runs without it
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ def build_batches(
 
 def reference_outputs(model: nn.Module, batches: Sequence[Batch], output_names: Sequence[str]) -> list[Batch]:
     """The PyTorch model's outputs for each batch, as float32 numpy arrays."""
+    import torch
+
     results = []
     with torch.no_grad():
         for feeds in batches:

@@ -18,6 +18,7 @@ import numpy as np
 from exporter.errors import UsageError
 from exporter.manifest import sha256_file
 from exporter.parity import Batch, ParityConfig, ParityEntry, check_file
+from exporter.telemetry import quiet_onnxruntime
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ def load_batches(npz_path: Path) -> list[Batch]:
 
 def verify_artifact(folder: Path, providers: tuple[str, ...] = ("auto",)) -> VerifyReport:
     """Check `folder` against its manifest.json; see the module docstring."""
+    quiet_onnxruntime()
     manifest = _read_manifest(folder)
     report = VerifyReport(folder)
     for name, expected in manifest["files"].items():

@@ -1,0 +1,521 @@
+"""Run an artifact folder with onnxruntime, numpy and tokenizers only: no torch, no transformers, no optimum.
+
+``Runtime.load(folder)`` opens the artifact's fastest deployable file (or one named by ``file=``), checks its
+sha256 against the manifest, and reads the tokenizer from the artifact's ``tokenizer.json`` with the special
+tokens, padding side and maximum length of its ``tokenizer_config.json`` / ``config.json``. It then gives the
+task's outputs as a user wants them:
+
+- feature extraction: :meth:`Runtime.embed`, one sentence embedding per text. A graph output
+  ``sentence_embedding`` is used as it is. Otherwise pooling follows the folder's sentence-transformers files where
+  they exist (``modules.json``; ``1_Pooling/config.json``: CLS / mean / max / mean-sqrt-len / weighted-mean /
+  last-token, concatenated in sentence-transformers' order; a ``Normalize`` module: unit length; the
+  ``max_seq_length`` of ``sentence_bert_config.json``). Without them it is **mean pooling over the attention
+  mask, not normalized** (what ``parity``'s ``mean_pooled_cosine`` also measures).
+- text classification: :meth:`Runtime.classify`, label (``config.json`` ``id2label``) and score per text:
+  softmax over the logits (sigmoid for one label or ``problem_type: multi_label_classification``).
+- question answering: :meth:`Runtime.answer`, the answer span's text, score and character start/end in the
+  context. transformers' pipeline search: contexts longer than the window are cut into overlapping windows
+  (``doc_stride``), start and end logits of non-context tokens are masked, each softmaxed over the window, the best
+  span with ``start <= end < start + max_answer_length`` over all windows wins; with ``null_answer=True``
+  (default) the empty answer is returned where the CLS token's start x end score beats the best span (SQuAD 2.0
+  models such as tinyroberta-squad2 answer "no answer" that way; SQuAD 1.1 models never score CLS that high).
+  start/end are the character offsets of the span's first and last token: transformers' pipeline with
+  ``align_to_words=False`` (its default also widens a span to whole words and sums the scores of answers with
+  equal text; not done here).
+- token classification: :meth:`Runtime.entities`, entity spans like transformers' pipeline with
+  ``aggregation_strategy="simple"``: one label per token (softmax, argmax), special tokens dropped, consecutive
+  tokens of the same entity type grouped unless a token starts with ``B-``, ``O`` groups dropped; each span has
+  the type (``B-``/``I-`` stripped), character start/end and the mean score of its tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporter.errors import ParityError, UsageError
+from exporter.telemetry import quiet_onnxruntime
+
+log = logging.getLogger(__name__)
+
+TASKS = ("feature-extraction", "text-classification", "question-answering", "token-classification")
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+# Preference when the manifest has no latency for the candidates: the fused FP32 graph, then the plain one.
+_FALLBACK_ORDER = ("model_optimized.onnx", "model.onnx", "model_quantized.onnx", "model_fp16.onnx")
+_ST_SUPPORTED = {"Transformer", "Pooling", "Normalize"}
+_POOLING_MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens",
+                  "lasttoken")  # sentence-transformers' concatenation order
+
+
+@dataclass(frozen=True)
+class Label:
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    answer: str
+    score: float
+    start: int  # character offsets into the context; 0, 0 for the empty (no) answer
+    end: int
+
+
+@dataclass(frozen=True)
+class Entity:
+    entity: str
+    start: int  # character offsets into the text
+    end: int
+    score: float
+    word: str
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How token vectors become a sentence embedding."""
+
+    modes: tuple[str, ...] = ("mean_tokens",)
+    normalize: bool = False
+    source: str = "default: mean pooling over the attention mask (no sentence-transformers files)"
+
+
+@dataclass
+class _Tokenized:
+    ids: list[int]
+    type_ids: list[int]
+    sequence_ids: list[int | None]
+    offsets: list[tuple[int, int]]
+    special: list[int]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path} cannot be read as JSON ({error}); the artifact is damaged: re-export it") from None
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json stores it: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def read_pooling(folder: Path) -> Pooling:
+    """The pooling the folder's sentence-transformers files define, or mean pooling where there are none."""
+    modules_path = folder / "modules.json"
+    if not modules_path.is_file():
+        return Pooling()
+    modules = _read_json(modules_path)
+    if not isinstance(modules, list):
+        raise UsageError(f"{modules_path} is not a list of modules; the artifact is damaged: re-export it")
+    kinds = [(str(m.get("type", "")).rsplit(".", 1)[-1], str(m.get("path", ""))) for m in modules]
+    unsupported = [kind for kind, _ in kinds if kind not in _ST_SUPPORTED]
+    if unsupported:
+        raise UsageError(f"{modules_path}: sentence-transformers module(s) {unsupported} are not supported by the "
+                         f"runtime (only {sorted(_ST_SUPPORTED)}); use sentence-transformers for this model")
+    modes: tuple[str, ...] = ("mean_tokens",)
+    pooling_paths = [path for kind, path in kinds if kind == "Pooling"]
+    if pooling_paths:
+        config = _read_json(folder / pooling_paths[0] / "config.json")
+        if isinstance(config.get("pooling_mode"), str):  # the constructor's string form
+            name = config["pooling_mode"]
+            modes = ({"cls": "cls_token", "max": "max_tokens", "mean": "mean_tokens",
+                      "mean_sqrt_len_tokens": "mean_sqrt_len_tokens", "weightedmean": "weightedmean_tokens",
+                      "lasttoken": "lasttoken"}.get(name, name),)
+        else:
+            modes = tuple(mode for mode in _POOLING_MODES if config.get(f"pooling_mode_{mode}"))
+        if not modes or any(mode not in _POOLING_MODES for mode in modes):
+            raise UsageError(f"{folder / pooling_paths[0] / 'config.json'}: no supported pooling mode set "
+                             f"(supported: {list(_POOLING_MODES)})")
+    normalize = any(kind == "Normalize" for kind, _ in kinds)
+    return Pooling(modes, normalize, f"sentence-transformers modules.json: {'+'.join(modes)} pooling"
+                   + (", normalized" if normalize else ""))
+
+
+def pool(tokens: np.ndarray, mask: np.ndarray, pooling: Pooling) -> np.ndarray:
+    """Sentence embeddings (batch, hidden * modes) from token vectors (batch, seq, hidden) and the attention mask,
+    as sentence-transformers' Pooling and Normalize modules compute them (right padding)."""
+    tokens = tokens.astype(np.float32)
+    weights = mask.astype(np.float32)[..., None]
+    counts = np.clip(weights.sum(1), 1e-9, None)
+    parts = []
+    for mode in pooling.modes:
+        if mode == "cls_token":
+            parts.append(tokens[:, 0])
+        elif mode == "max_tokens":
+            parts.append(np.where(weights > 0, tokens, np.float32(-1e9)).max(1))
+        elif mode == "mean_tokens":
+            parts.append((tokens * weights).sum(1) / counts)
+        elif mode == "mean_sqrt_len_tokens":
+            parts.append((tokens * weights).sum(1) / np.sqrt(counts))
+        elif mode == "weightedmean_tokens":
+            positions = weights * np.arange(1, tokens.shape[1] + 1, dtype=np.float32)[None, :, None]
+            parts.append((tokens * positions).sum(1) / np.clip(positions.sum(1), 1e-9, None))
+        elif mode == "lasttoken":
+            last = np.clip(mask.sum(1).astype(np.int64) - 1, 0, None)
+            parts.append(tokens[np.arange(tokens.shape[0]), last])
+    result = np.concatenate(parts, axis=-1)
+    if pooling.normalize:
+        result = result / np.clip(np.linalg.norm(result, axis=-1, keepdims=True), 1e-12, None)
+    return result
+
+
+def _softmax(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    shifted = np.exp(values - values.max(axis=axis, keepdims=True))
+    return shifted / shifted.sum(axis=axis, keepdims=True)
+
+
+def deployable_files(manifest: dict[str, Any]) -> list[str]:
+    """Model files the artifact holds whose parity passed: at least one `pass` row and no `fail` row."""
+    status: dict[str, set[str]] = {}
+    for entry in manifest.get("parity", []):
+        if entry.get("file") in manifest.get("files", {}):
+            status.setdefault(entry["file"], set()).add(entry.get("status", ""))
+    return [name for name, seen in status.items() if "pass" in seen and "fail" not in seen]
+
+
+def choose_file(manifest: dict[str, Any], provider: str) -> str:
+    """The fastest deployable file on `provider` by the manifest's latency (summed median ms over the shapes every
+    candidate was timed at); without latency for them, the fused FP32 graph."""
+    candidates = deployable_files(manifest)
+    if not candidates:
+        raise ParityError("no model file of this artifact passed parity (manifest.json 'parity'); it is not "
+                          "deployable: re-export it, or name a file with --file to run it anyway")
+    latency = manifest.get("latency") or {}
+    measured = (latency.get(provider) or {}).get("files") or {}
+    timed = {name: {shape: row["median_ms"] for shape, row in measured.get(name, {}).items()
+                    if isinstance(row, dict) and isinstance(row.get("median_ms"), (int, float))}
+             for name in candidates}
+    timed = {name: shapes for name, shapes in timed.items() if shapes}
+    if timed:
+        common = set.intersection(*(set(shapes) for shapes in timed.values()))
+        if common:
+            return min(timed, key=lambda name: (sum(timed[name][s] for s in common), name))
+    return min(candidates, key=lambda name: (_FALLBACK_ORDER.index(name) if name in _FALLBACK_ORDER
+                                             else len(_FALLBACK_ORDER), name))
+
+
+class Runtime:
+    """One model file of an artifact folder, with its tokenizer and task head decoding. See the module docstring."""
+
+    def __init__(self, folder: Path, file: str, session: Any, manifest: dict[str, Any], config: dict[str, Any],
+                 tokenizer: Any, batch_size: int = 8) -> None:
+        self.folder, self.file, self.session, self.manifest, self.config = folder, file, session, manifest, config
+        self.task: str = manifest["task"]
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.inputs = {i.name: (np.int32 if "int32" in i.type else np.int64) for i in session.get_inputs()}
+        self.outputs = [o.name for o in session.get_outputs()]
+        self._read_tokenizer_config()
+        self.pooling = read_pooling(folder) if self.task == "feature-extraction" else None
+        if self.pooling is not None and "sentence_embedding" in self.outputs:
+            self.pooling = Pooling(source="the graph's sentence_embedding output")
+
+    # ----- loading -----
+
+    @classmethod
+    def load(cls, folder: str | Path, file: str | None = None, provider: str = "cpu", check_hashes: bool = True,
+             batch_size: int = 8) -> Runtime:
+        """Open `folder` (an export-model artifact). `file`: a model file name, or None for the fastest
+        deployable one recorded in the manifest. `provider`: cpu, cuda, ... or a full onnxruntime name.
+        `check_hashes`: refuse (ParityError, exit 3) when the model, tokenizer or config file differs from the
+        manifest's sha256."""
+        quiet_onnxruntime()
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        from exporter.manifest import sha256_file
+        from exporter.verify import _read_manifest
+
+        folder = Path(folder)
+        manifest = _read_manifest(folder)
+        if manifest["task"] not in TASKS:
+            raise UsageError(f"{folder}: task {manifest['task']!r} is not one the runtime decodes ({list(TASKS)})")
+        full = PROVIDERS.get(provider.lower(), provider)
+        if full not in ort.get_available_providers():
+            raise UsageError(f"provider {full} requested; this onnxruntime offers {ort.get_available_providers()}")
+        models = sorted(name for name in manifest["files"] if name.endswith(".onnx") and "/" not in name)
+        if file is None:
+            file = choose_file(manifest, full)
+        elif file not in models:
+            raise UsageError(f"--file {file!r} is not a model file of {folder}; it holds {models}")
+        elif file not in deployable_files(manifest):
+            log.warning("%s did not pass parity at export (manifest.json 'parity'); running it anyway", file)
+        for name in (file, "tokenizer.json", "config.json"):
+            path, expected = folder / name, manifest["files"].get(name)
+            if not path.is_file():
+                raise UsageError(f"{folder} lacks {name}; the artifact is incomplete: re-export it")
+            if check_hashes and expected and (path.stat().st_size != expected["bytes"]
+                                              or sha256_file(path) != expected["sha256"]):
+                raise ParityError(f"{path}: sha256 differs from the manifest (file changed since export); run "
+                                  f"export-model verify {folder}")
+        config = _read_json(folder / "config.json")
+        try:
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as error:  # tokenizers raises plain Exception
+            raise UsageError(f"{folder / 'tokenizer.json'} cannot be read by tokenizers ({error})") from None
+        from exporter.parity import open_session
+
+        session = open_session(folder / file, full)
+        log.info("runtime: %s on %s", folder / file, full)
+        return cls(folder, file, session, manifest, config, tokenizer, batch_size)
+
+    def _read_tokenizer_config(self) -> None:
+        folder, tok = self.folder, self.tokenizer
+        settings: dict[str, Any] = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
+            if (folder / name).is_file():
+                settings.update(_read_json(folder / name))
+        tok.no_padding()
+        tok.no_truncation()  # tokenizer.json may carry the exporter's own settings (fixed padding to 128)
+
+        def token_id(key: str) -> int | None:
+            text = _token_text(settings.get(key))
+            return tok.token_to_id(text) if text is not None else None
+
+        self.pad_id = token_id("pad_token")
+        if self.pad_id is None:
+            self.pad_id = self.config.get("pad_token_id") or 0
+        self.cls_id = token_id("cls_token")
+        if self.cls_id is None:
+            self.cls_id = token_id("bos_token")
+        self.pad_type_id = int(settings.get("pad_token_type_id") or 0)
+        self.padding_side = str(settings.get("padding_side") or "right")
+        self.truncation_side = str(settings.get("truncation_side") or "right")
+        limits = []
+        model_max = settings.get("model_max_length")
+        if isinstance(model_max, (int, float)) and 0 < model_max < 1e6:
+            limits.append(int(model_max))
+        positions = self.config.get("max_position_embeddings")
+        if isinstance(positions, int) and positions > 0:
+            # RoBERTa-style position ids start after the padding index: 514 positions hold 512 tokens.
+            offset = 2 if self.config.get("model_type") in ("roberta", "xlm-roberta", "camembert") else 0
+            limits.append(positions - offset)
+        if self.task == "feature-extraction" and (folder / "sentence_bert_config.json").is_file():
+            st_max = _read_json(folder / "sentence_bert_config.json").get("max_seq_length")
+            if isinstance(st_max, int) and st_max > 0:
+                limits.append(st_max)
+        self.max_length = min(limits) if limits else 512
+
+    # ----- tokenization and inference -----
+
+    def _encode(self, texts: Sequence[str]) -> list[_Tokenized]:
+        self.tokenizer.enable_truncation(self.max_length, strategy="longest_first", direction=self.truncation_side)
+        return [_Tokenized(e.ids, e.type_ids, e.sequence_ids, e.offsets, e.special_tokens_mask)
+                for e in self.tokenizer.encode_batch(list(texts))]
+
+    def _feeds(self, rows: Sequence[_Tokenized]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Padded inputs for `rows` (on `padding_side`) and their attention mask."""
+        length = max(len(r.ids) for r in rows)
+        ids = np.full((len(rows), length), self.pad_id, dtype=np.int64)
+        types = np.full((len(rows), length), self.pad_type_id, dtype=np.int64)
+        mask = np.zeros((len(rows), length), dtype=np.int64)
+        for i, row in enumerate(rows):
+            n = len(row.ids)
+            span = slice(length - n, length) if self.padding_side == "left" else slice(0, n)
+            ids[i, span], types[i, span], mask[i, span] = row.ids, row.type_ids, 1
+        available = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        missing = [name for name in self.inputs if name not in available]
+        if missing:
+            raise UsageError(f"{self.file} wants inputs {missing} the runtime cannot build")
+        feeds = {name: available[name].astype(dtype) for name, dtype in self.inputs.items()}
+        return feeds, mask
+
+    def _run(self, rows: Sequence[_Tokenized]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        feeds, mask = self._feeds(rows)
+        outputs = self.session.run(self.outputs, feeds)
+        return dict(zip(self.outputs, outputs, strict=True)), mask
+
+    def _batches(self, items: Sequence[Any]) -> Iterable[Sequence[Any]]:
+        for start in range(0, len(items), self.batch_size):
+            yield items[start:start + self.batch_size]
+
+    def _aligned(self, values: np.ndarray, row: int, rows: Sequence[_Tokenized], width: int) -> np.ndarray:
+        """Row `row`'s token-level values without padding, whichever side it was on."""
+        n = len(rows[row].ids)
+        return values[row, width - n:] if self.padding_side == "left" else values[row, :n]
+
+    def _require(self, task: str) -> None:
+        if self.task != task:
+            raise UsageError(f"{self.folder} is a {self.task} artifact, not {task}")
+
+    # ----- task outputs -----
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Sentence embeddings (len(texts), dim), float32; pooling as `self.pooling.source` says."""
+        self._require("feature-extraction")
+        assert self.pooling is not None
+        chunks = []
+        for batch in self._batches(list(texts)):
+            rows = self._encode(batch)
+            outputs, mask = self._run(rows)
+            if "sentence_embedding" in outputs:
+                chunks.append(outputs["sentence_embedding"].astype(np.float32))
+                continue
+            tokens = outputs["last_hidden_state"]
+            if self.padding_side == "left":  # realign so position 0 is the first token (CLS / weighted modes)
+                tokens = np.stack([np.roll(tokens[i], -int((mask[i] == 0).sum()), axis=0) for i in range(len(rows))])
+                mask = np.stack([np.roll(mask[i], -int((mask[i] == 0).sum())) for i in range(len(rows))])
+            chunks.append(pool(tokens, mask, self.pooling))
+        width = chunks[0].shape[-1] if chunks else 0
+        return np.concatenate(chunks) if chunks else np.zeros((0, width), dtype=np.float32)
+
+    def _label(self, index: int) -> str:
+        labels = self.config.get("id2label") or {}
+        return str(labels.get(str(index), labels.get(index, f"LABEL_{index}")))
+
+    def classify(self, texts: Sequence[str]) -> list[Label]:
+        """Label and score per text (softmax; sigmoid for one label or multi-label models)."""
+        self._require("text-classification")
+        results = []
+        for batch in self._batches(list(texts)):
+            outputs, _ = self._run(self._encode(batch))
+            logits = outputs["logits"].astype(np.float64)
+            sigmoid = logits.shape[-1] == 1 or self.config.get("problem_type") == "multi_label_classification"
+            scores = 1.0 / (1.0 + np.exp(-logits)) if sigmoid else _softmax(logits)
+            for row in scores:
+                best = int(row.argmax())
+                results.append(Label(self._label(best), float(row[best])))
+        return results
+
+    def answer(self, questions: Sequence[str], contexts: Sequence[str], max_answer_length: int = 15,
+               null_answer: bool = True, max_length: int = 384, doc_stride: int = 128,
+               names: Sequence[str] | None = None) -> list[Answer]:
+        """The best answer span per (question, context); see the module docstring for the search. `names` label
+        the pairs in error messages (default: "question N")."""
+        self._require("question-answering")
+        if len(questions) != len(contexts):
+            raise UsageError(f"{len(questions)} questions but {len(contexts)} contexts")
+        window = min(max_length, self.max_length)
+        stride = min(doc_stride, window // 2)
+        self.tokenizer.enable_truncation(window, stride=stride, strategy="only_second", direction="right")
+        results = []
+        for number, (question, context) in enumerate(zip(questions, contexts, strict=True)):
+            try:
+                encoding = self.tokenizer.encode(question, context)
+            except Exception as error:  # tokenizers' truncation error: the question alone fills the window
+                where = names[number] if names is not None else f"question {number + 1}"
+                raise UsageError(f"{where}: the question cannot fit with its context in {window} tokens "
+                                 f"({error}); shorten the question") from None
+            windows = [_Tokenized(e.ids, e.type_ids, e.sequence_ids, e.offsets, e.special_tokens_mask)
+                       for e in [encoding, *encoding.overflowing]]
+            results.append(self._best_span(windows, context, max_answer_length, null_answer))
+        return results
+
+    def _best_span(self, windows: Sequence[_Tokenized], context: str, max_answer_length: int,
+                   null_answer: bool) -> Answer:
+        best: tuple[float, int, int] | None = None  # score, char start, char end
+        null_score = math.inf
+        for batch_start in range(0, len(windows), self.batch_size):
+            rows = windows[batch_start:batch_start + self.batch_size]
+            outputs, _ = self._run(rows)
+            width = outputs["start_logits"].shape[1]
+            for i, row in enumerate(rows):
+                start = self._aligned(outputs["start_logits"], i, rows, width).astype(np.float64)
+                end = self._aligned(outputs["end_logits"], i, rows, width).astype(np.float64)
+                desired = np.array([s == 1 for s in row.sequence_ids])  # context tokens only
+                cls = row.ids.index(self.cls_id) if self.cls_id in row.ids else 0
+                keep = desired.copy()
+                keep[cls] = True  # CLS takes part in the softmax, as in transformers' pipeline
+                start_p = _softmax(np.where(keep, start, -10000.0))
+                end_p = _softmax(np.where(keep, end, -10000.0))
+                null_score = min(null_score, float(start_p[cls] * end_p[cls]))
+                start_p[cls] = end_p[cls] = 0.0
+                spans = np.tril(np.triu(np.outer(start_p, end_p)), max_answer_length - 1)
+                spans[~desired, :] = -1.0
+                spans[:, ~desired] = -1.0
+                s, e = np.unravel_index(int(spans.argmax()), spans.shape)
+                if spans[s, e] < 0:
+                    continue  # no context token in this window
+                score = float(spans[s, e])
+                if best is None or score > best[0]:
+                    best = (score, row.offsets[s][0], row.offsets[e][1])
+        if best is None or (null_answer and null_score > best[0]):
+            return Answer("", null_score if math.isfinite(null_score) else 0.0, 0, 0)
+        score, start_char, end_char = best
+        return Answer(context[start_char:end_char], score, int(start_char), int(end_char))
+
+    def entities(self, texts: Sequence[str]) -> list[list[Entity]]:
+        """Entity spans per text, transformers' "simple" aggregation; see the module docstring."""
+        self._require("token-classification")
+        results = []
+        for batch in self._batches(list(texts)):
+            rows = self._encode(batch)
+            outputs, _ = self._run(rows)
+            width = outputs["logits"].shape[1]
+            for i, (text, row) in enumerate(zip(batch, rows, strict=True)):
+                scores = _softmax(self._aligned(outputs["logits"], i, rows, width).astype(np.float64))
+                tokens = [(self._label(int(scores[t].argmax())), float(scores[t].max()), *row.offsets[t])
+                          for t in range(len(row.ids)) if not row.special[t]]
+                results.append(_group(tokens, text))
+        return results
+
+    # ----- rows (the CLI's JSONL) -----
+
+    def predict_rows(self, rows: Sequence[dict[str, Any]], names: Sequence[str] | None = None,
+                     **options: Any) -> list[dict[str, Any]]:
+        """One output dict per input row: {"embedding"}, {"label", "score"}, {"answer", "score", "start", "end"}
+        or {"entities": [...]}. Rows must already be checked (see `check_row`); `names` label them in errors."""
+        if self.task == "question-answering":
+            answers = self.answer([r["question"] for r in rows], [r["context"] for r in rows], names=names,
+                                  **options)
+            return [asdict(a) for a in answers]
+        texts = [r["text"] for r in rows]
+        if self.task == "feature-extraction":
+            return [{"embedding": [float(x) for x in vector]} for vector in self.embed(texts)]
+        if self.task == "text-classification":
+            return [asdict(label) for label in self.classify(texts)]
+        return [{"entities": [{"entity": e.entity, "start": e.start, "end": e.end, "score": e.score}
+                              for e in spans]} for spans in self.entities(texts)]
+
+    def check_row(self, row: Any, where: str) -> dict[str, Any]:
+        """`row` if it has the fields this task needs, as strings; a UsageError naming `where` if not."""
+        fields = ("question", "context") if self.task == "question-answering" else ("text",)
+        if not isinstance(row, dict):
+            raise UsageError(f"{where}: expected a JSON object with {' and '.join(map(repr, fields))}, "
+                             f"got {type(row).__name__}")
+        for name in fields:
+            if name not in row:
+                raise UsageError(f"{where}: no {name!r} field (a {self.task} artifact takes "
+                                 f"{' and '.join(map(repr, fields))}); found {sorted(row)[:5]}")
+            if not isinstance(row[name], str):
+                raise UsageError(f"{where}: {name!r} must be a string, got {type(row[name]).__name__}")
+        return row
+
+
+def _tag(label: str) -> tuple[str, str]:
+    if label.startswith("B-"):
+        return "B", label[2:]
+    if label.startswith("I-"):
+        return "I", label[2:]
+    return "I", label  # no B-/I- prefix: consecutive tokens of the label continue one entity
+
+
+def _group(tokens: Sequence[tuple[str, float, int, int]], text: str) -> list[Entity]:
+    """(label, score, start, end) per token -> entity spans (transformers' group_entities, "O" dropped)."""
+    groups: list[list[tuple[str, float, int, int]]] = []
+    for token in tokens:
+        if groups:
+            bi, tag = _tag(token[0])
+            _, last_tag = _tag(groups[-1][-1][0])
+            if tag == last_tag and bi != "B":
+                groups[-1].append(token)
+                continue
+        groups.append([token])
+    result = []
+    for group in groups:
+        entity = group[0][0].split("-", 1)[-1]
+        if entity == "O":
+            continue
+        start, end = group[0][2], group[-1][3]
+        result.append(Entity(entity, int(start), int(end), float(np.mean([t[1] for t in group])), text[start:end]))
+    return result
