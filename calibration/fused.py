@@ -203,20 +203,21 @@ def collect_stats(
     return stats
 
 
-def _quantize_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output column: (int8 weight, float32 scale per column)."""
-    scale = np.maximum(np.abs(weight).max(0), 1e-12) / 127.0
-    return np.clip(np.round(weight / scale), -127, 127).astype(np.int8), scale.astype(np.float32)
+def _quantize_weight(weight: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output column in [-qmax, qmax]: (int8 weight, float32 scale per column)."""
+    scale = np.maximum(np.abs(weight).max(0), 1e-12) / float(qmax)
+    return np.clip(np.round(weight / scale), -qmax, qmax).astype(np.int8), scale.astype(np.float32)
 
 
-def _gptq(weight: np.ndarray, gram: np.ndarray, damping: float = GPTQ_DAMPING) -> tuple[np.ndarray, np.ndarray]:
+def _gptq(weight: np.ndarray, gram: np.ndarray, damping: float = GPTQ_DAMPING,
+          qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per output column with :func:`_quantize_weight`'s scales, the rounding chosen by GPTQ
     (Frantar et al., 2022): weight rows (input channels) are rounded one at a time, the channel with the most
     input energy first, and each rounding error is pushed onto the rows not yet rounded through the inverse of
     ``H = X^T X`` (``gram``) of the calibration rows ``X``. That minimises the product error ``||X W - X Wq||``
     the node makes on its inputs, not the weight error ``||W - Wq||`` that rounding to nearest minimises."""
     w = weight.astype(np.float64)
-    scale = np.maximum(np.abs(w).max(0), 1e-12) / 127.0
+    scale = np.maximum(np.abs(w).max(0), 1e-12) / float(qmax)
     hessian = gram.astype(np.float64, copy=True)
     energy = np.diag(hessian).copy()
     hessian[np.flatnonzero(energy == 0), np.flatnonzero(energy == 0)] = 1.0  # a channel that is always zero
@@ -226,7 +227,7 @@ def _gptq(weight: np.ndarray, gram: np.ndarray, damping: float = GPTQ_DAMPING) -
     upper = np.linalg.cholesky(np.linalg.inv(hessian)).T  # H^-1 = U^T U
     q = np.empty_like(w)
     for k in range(len(w)):
-        q[k] = np.clip(np.round(w[k] / scale), -127, 127)
+        q[k] = np.clip(np.round(w[k] / scale), -qmax, qmax)
         error = (w[k] - q[k] * scale) / upper[k, k]
         w[k + 1 :] -= np.outer(upper[k, k + 1 :], error)
     rounded = np.empty_like(q)
@@ -272,19 +273,20 @@ def _per_token_zero(stat: ActivationStats) -> list[tuple[int, float]]:
 
 
 def _product_error(
-    xq: np.ndarray, weights: Sequence[np.ndarray], exact: Sequence[np.ndarray], smooth: np.ndarray | None = None
+    xq: np.ndarray, weights: Sequence[np.ndarray], exact: Sequence[np.ndarray], smooth: np.ndarray | None = None,
+    qmax: int = 127,
 ) -> float:
     """Summed mean squared error of the emulated products ``xq @ int8(W * s)`` against the float ``exact``."""
     error = 0.0
     for w, reference in zip(weights, exact, strict=True):
-        wq, ws = _quantize_weight(w if smooth is None else w * smooth[:, None])
+        wq, ws = _quantize_weight(w if smooth is None else w * smooth[:, None], qmax)
         error += float(np.mean((xq @ (wq * ws.astype(np.float64)) - reference) ** 2))
     return error
 
 
 def plan_inputs(
     stats: dict[str, ActivationStats], weights: dict[str, list[np.ndarray]], method: str,
-    smooth_alpha: float | None, per_token: frozenset[str] = frozenset(),
+    smooth_alpha: float | None, per_token: frozenset[str] = frozenset(), qmax: int = 127,
 ) -> dict[str, InputPlan]:
     """Smoothing vector, migration strength and u8 range per activation tensor.
 
@@ -310,13 +312,13 @@ def plan_inputs(
                 s = _smoothing(amax, wmax, candidate).astype(np.float64)
                 scale, zero = _u8(*_range(stat, s, method))
                 xq = _static(rows, s, scale, zero)
-                errors.append((_product_error(xq, weights[tensor], exact, s), candidate))
+                errors.append((_product_error(xq, weights[tensor], exact, s, qmax), candidate))
             alpha = min(errors)[1]
         smooth = _smoothing(amax, wmax, alpha)
         scale, zero = _u8(*_range(stat, smooth, method))
         if row_wise:  # the zero point whose emulated product error is smallest
-            _, zero, scale = min((_product_error(_per_token(rows, zero, min_step), weights[tensor], exact), zero,
-                                  min_step) for zero, min_step in _per_token_zero(stat))
+            _, zero, scale = min((_product_error(_per_token(rows, zero, min_step), weights[tensor], exact, None, qmax),
+                                  zero, min_step) for zero, min_step in _per_token_zero(stat))
         plans[tensor] = InputPlan(smooth, alpha, scale, zero, row_wise)
     return plans
 
@@ -346,7 +348,7 @@ def target_weights(smoothed: onnx.ModelProto, targets: Sequence[Target]) -> dict
 
 def int8_weights(
     weights: dict[str, np.ndarray], targets: Sequence[Target], plans: dict[str, InputPlan],
-    stats: dict[str, ActivationStats], rounding: str = "gptq",
+    stats: dict[str, ActivationStats], rounding: str = "gptq", qmax: int = 127,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per target: its int8 weight and per-column scales, its float weight (:func:`target_weights`) rounded by
     ``rounding``; GPTQ reads the ``gram`` of ``stats`` (collected with ``gram_rows``)."""
@@ -356,13 +358,13 @@ def int8_weights(
     for target in targets:
         weight = weights[target.name]
         if rounding == "nearest":
-            result[target.name] = _quantize_weight(weight)
+            result[target.name] = _quantize_weight(weight, qmax)
             continue
         plan, gram = plans[target.activation], stats[target.activation].gram
         if not plan.per_token:  # the node reads x / s
             inverse = 1.0 / plan.smooth.astype(np.float64)
             gram = gram * np.outer(inverse, inverse)
-        result[target.name] = _gptq(weight, gram)
+        result[target.name] = _gptq(weight, gram, qmax=qmax)
     return result
 
 
@@ -636,9 +638,21 @@ class FusedPlan:
 def plan_fused(
     model: onnx.ModelProto, reader: CalibrationDataReader, op_types: Sequence[str], exclude: Sequence[str],
     method: str, smooth_alpha: float | None, seed: int = 0, per_token_ffn: bool = False,
-    bias_correction: bool = False, weight_rounding: str = "nearest",
+    bias_correction: bool = False, weight_rounding: str = "nearest", weight_bits: int | None = None,
 ) -> FusedPlan:
-    """Calibrate ``model`` (a fused graph) on ``reader`` and plan its INT8 form (see module doc)."""
+    """Calibrate ``model`` (a fused graph) on ``reader`` and plan its INT8 form (see module doc).
+
+    ``weight_bits`` 7 keeps int8 weights in [-63, 63]: onnxruntime's u8 x s8 kernels on x86 CPUs without VNNI
+    (AVX2 ``vpmaddubsw``) add pairs of products in int16 and saturate with full-range weights (measured here on
+    an AMD EPYC: a MatMulInteger of u8 ~230 by s8 ~120 over 64 channels off by 7.7e5), exact with 7-bit ones.
+    None (default) takes what :func:`calibration.quantize.int8_weight_bits` picks for this machine."""
+    if weight_bits is None:
+        from calibration.quantize import int8_weight_bits
+
+        weight_bits = int8_weight_bits("auto")
+    if weight_bits not in (7, 8):
+        raise QuantizationError(f"weight_bits {weight_bits!r} must be 7 or 8")
+    qmax = 2 ** (weight_bits - 1) - 1
     if method not in FUSED_METHODS:
         raise QuantizationError(f"method {method!r} is not computed on the fused graph; use one of "
                                 f"{sorted(FUSED_METHODS)} or quantize the unfused graph")
@@ -656,10 +670,10 @@ def plan_fused(
     per_token = frozenset(
         tensor for tensor in tensors if per_token_ffn and producers.get(tensor) in PER_TOKEN_PRODUCERS
         and all(target.op_type == "MatMul" for target in targets if target.activation == tensor))
-    plans = plan_inputs(stats, weights, method, smooth_alpha, per_token)
+    plans = plan_inputs(stats, weights, method, smooth_alpha, per_token, qmax)
     smoothed = smooth_graph(model, targets, plans)
     weights_smoothed = target_weights(smoothed, targets)
-    int8 = int8_weights(weights_smoothed, targets, plans, stats, weight_rounding)
+    int8 = int8_weights(weights_smoothed, targets, plans, stats, weight_rounding, qmax)
     corrections = bias_corrections(smoothed, targets, plans, stats, weights_smoothed, int8) if bias_correction else {}
     del stats
     return FusedPlan(targets, plans, smoothed, int8, corrections)

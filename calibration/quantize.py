@@ -59,6 +59,45 @@ TYPES: dict[str, QuantType] = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 
 
+INT8_WEIGHT_RANGES = ("auto", "full", "reduced")
+
+
+def cpu_has_vnni() -> bool | None:
+    """Whether this x86 CPU has VNNI (AVX-512 VNNI or AVX-VNNI), from /proc/cpuinfo; None where unknown
+    (not Linux) and False off x86 is never returned: ARM's kernels do not saturate, see :func:`int8_weight_bits`."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    line = next((line for line in flags.splitlines() if line.startswith("flags")), None)
+    if line is None:
+        return None
+    words = set(line.split(":", 1)[-1].split())
+    return bool(words & {"avx512_vnni", "avx_vnni", "avx512vnni"})
+
+
+def int8_weight_bits(setting: str = "auto") -> int:
+    """Bits of the int8 weights for ``QuantizationConfig.int8_weights``: 8 ("full") or 7 ("reduced").
+
+    onnxruntime's u8 x s8 kernels on x86 CPUs without VNNI (AVX2's ``vpmaddubsw``) add each pair of u8 x s8
+    products in int16, which saturates once ``2 * 255 * |w|`` passes 32767: with full-range weights the result is
+    silently wrong (measured on an AMD EPYC without VNNI: MatMulInteger off by 7.7e5; a fused BERT's INT8 output
+    at cosine 0.95 to FP32 instead of 0.999). With weights in [-63, 63] it is exact everywhere. "auto" picks 8
+    where this machine has VNNI or is not x86 (ARM's dot-product kernels do not saturate), else 7.
+    """
+    if setting == "full":
+        return 8
+    if setting == "reduced":
+        return 7
+    if setting != "auto":
+        raise ValueError(f"int8_weights {setting!r} not in {list(INT8_WEIGHT_RANGES)}")
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return 8
+    return 8 if cpu_has_vnni() else 7
+
+
 def _is_number(value: object, integer: bool = False) -> bool:
     """A JSON number (bool excluded); an integer when `integer`."""
     return isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
@@ -114,6 +153,10 @@ class QuantizationConfig:
             reports on).
         tune: quantize with every CPU preset and keep the fastest on this machine (default False; the pipeline
             does it, see :mod:`calibration.tune`).
+        int8_weights: range of the int8 weights (see :func:`int8_weight_bits`): "full" [-127, 127], exact only
+            on CPUs with VNNI (AVX-512 VNNI or AVX-VNNI) or ARM; "reduced" [-63, 63] (7 bits), exact on every x86
+            CPU (onnxruntime's AVX2 u8 x s8 kernels saturate int16 pair sums with full-range weights); "auto"
+            (default): "full" where this machine has VNNI or is not x86, else "reduced".
     """
 
     preset: str = "cpu-avx512-vnni"
@@ -143,6 +186,7 @@ class QuantizationConfig:
     search_ranking_batches: int = 8
     validation_samples: int = 64
     tune: bool = False
+    int8_weights: str = "auto"
 
     def __post_init__(self) -> None:
         problems = []
@@ -171,6 +215,8 @@ class QuantizationConfig:
             problems.append(f"max_accuracy_drop must be a finite fraction in (0, 1), got {self.max_accuracy_drop}")
         if self.graph not in ("fused", "unfused"):
             problems.append(f"graph {self.graph!r} not in ['fused', 'unfused']")
+        if self.int8_weights not in INT8_WEIGHT_RANGES:
+            problems.append(f"int8_weights {self.int8_weights!r} not in {list(INT8_WEIGHT_RANGES)}")
         if self.weight_rounding not in WEIGHT_ROUNDINGS:
             problems.append(f"weight_rounding {self.weight_rounding!r} not in {list(WEIGHT_ROUNDINGS)}")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
@@ -200,6 +246,11 @@ class QuantizationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def weight_bits(self) -> int:
+        """7 or 8: what ``int8_weights`` resolves to on this machine."""
+        return int8_weight_bits(self.int8_weights)
 
     @property
     def uses_fused_graph(self) -> bool:
@@ -268,6 +319,11 @@ class QuantizationReport:
     """Fused route: INT8 nodes whose following bias carries their mean calibration error (bias correction)."""
     search: dict[str, Any] | None = None
     """The accuracy search's :class:`calibration.search.SearchReport` as a dict; None when not run."""
+    weight_bits: int = 8
+    """8: int8 weights in [-127, 127] (exact only on CPUs with VNNI, or ARM); 7: in [-63, 63], exact on every x86
+    CPU. See :func:`int8_weight_bits`."""
+    cpu_vnni: bool | None = None
+    """Whether the machine that built the file has VNNI (None: unknown)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -287,7 +343,8 @@ class QuantizationReport:
             sample_sha256=sample_sha256, seconds=round(seconds, 3), quantized_op_counts=dict(counts),
             config=config.to_dict(), fallback_nodes=[] if search is None else search.fallback_nodes,
             graph=graph, smoothing=smoothing or {}, bias_corrected=bias_corrected or [],
-            search=None if search is None else search.to_dict(),
+            search=None if search is None else search.to_dict(), weight_bits=config.weight_bits,
+            cpu_vnni=cpu_has_vnni(),
         )
 
 
@@ -477,7 +534,7 @@ def quantize_model(
                 quant_format=FORMATS[config.format],
                 op_types_to_quantize=list(config.op_types),
                 per_channel=config.per_channel,
-                reduce_range=False,  # VNNI has no u8 x s8 saturation problem; 7-bit weights only cost accuracy
+                reduce_range=config.weight_bits == 7,  # 7-bit weights: exact without VNNI (int8_weight_bits)
                 activation_type=TYPES[config.activation_type],
                 weight_type=TYPES[config.weight_type],
                 nodes_to_exclude=excluded,
@@ -551,7 +608,8 @@ def _quantize_fused(
     large = is_large(model)
     try:
         plan = plan_fused(model, reader, config.op_types, config.exclude_nodes, config.method, config.smooth_alpha,
-                          config.seed, config.per_token_ffn, config.bias_correction, config.weight_rounding)
+                          config.seed, config.per_token_ffn, config.bias_correction, config.weight_rounding,
+                          config.weight_bits)
     except (RuntimeError, ValueError) as error:  # onnxruntime refused the augmented graph
         raise QuantizationError(
             f"calibrating the fused graph {model_path.name} failed ({type(error).__name__}: {error}); "

@@ -41,7 +41,7 @@ def _choices(option: Option) -> Sequence[str] | None:
         from calibration.quantize import METHODS
 
         return sorted(METHODS)
-    return None
+    return option.choices
 
 
 def _comma_list(text: str) -> tuple[str, ...]:

@@ -151,6 +151,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("--tune", "quantization.tune",
            "quantize with every CPU preset, time them here, keep the fastest that meets the accuracy bars"),
     Option("--seed", "quantization.seed", "seed for calibration sampling"),
+    Option("--int8-weights", "quantization.int8_weights",
+           "int8 weight range: full [-127,127] (exact only on CPUs with VNNI, or ARM), reduced [-63,63] (exact on "
+           "every x86 CPU: AVX2 kernels saturate full-range weights), auto (full where this machine has VNNI)",
+           ("auto", "full", "reduced")),
     Option("--max-accuracy-drop", "quantization.max_accuracy_drop",
            "allowed task-metric drop of INT8 vs FP32 (fraction); the most harmful nodes fall back to FP32 until it holds"),
     Option("--parity-atol", "parity.fp32_atol", "largest absolute error allowed for FP32 files"),

@@ -112,3 +112,34 @@ def test_float_before_activation_keeps_ffn_input_float(tiny_bert: Path, tmp_path
     report = _quantize(tiny_bert, tmp_path / "ffi.onnx", QuantizationConfig(samples=16, float_before_activation=True, graph="unfused"))
     assert report.quantized_nodes == 10
     assert sum("intermediate/dense" in name for name in report.float_nodes_kept) == 2
+
+
+def _matmul_integer_error(weight_max: int) -> int:
+    """Largest |onnxruntime - exact| of a u8 x s8 MatMulInteger with large activations and weights near
+    ``weight_max``: where the CPU's kernel adds product pairs in int16 (AVX2 without VNNI), full range saturates."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(200, 256, (8, 64)).astype(np.uint8)
+    b = rng.integers(weight_max - 10, weight_max + 1, (64, 16)).astype(np.int8)
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "g",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [8, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [8, 16])],
+                              [numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"a": a})[0]
+    return int(np.abs(got.astype(np.int64) - a.astype(np.int64) @ b.astype(np.int64)).max())
+
+
+def test_int8_weight_range_is_exact_on_this_cpu() -> None:
+    """7-bit weights are exact on every CPU; "auto" picks full range only where full range is exact here."""
+    from calibration.quantize import int8_weight_bits
+
+    assert _matmul_integer_error(63) == 0
+    bits = int8_weight_bits("auto")
+    if bits == 8:
+        assert _matmul_integer_error(127) == 0, "auto chose full-range weights, which this CPU computes wrongly"
+    assert int8_weight_bits("reduced") == 7 and int8_weight_bits("full") == 8
+    assert QuantizationConfig().weight_bits == bits
+    with pytest.raises(ValueError, match="int8_weights"):
+        QuantizationConfig(int8_weights="6bit")
