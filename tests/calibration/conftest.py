@@ -27,11 +27,14 @@ def tokenize(texts: list[str]) -> dict[str, np.ndarray]:
 
 
 def export_tiny_bert(path: Path, initializer_range: float = 0.02) -> Path:
-    """A seeded 2-layer BERT (hidden 64, 4 heads, FFN 128) exported with the TorchScript exporter, opset 17.
+    """A seeded 2-layer BERT (hidden 64, 4 heads, FFN 128) exported by exporter.onnx_export, opset 17.
 
     A larger ``initializer_range`` makes the layers matter against the embedding residual, so INT8 error
     shows in the output (at the default 0.02 the output is almost the embeddings and INT8 is near exact).
     """
+    from exporter.architectures import architecture_for
+    from exporter.onnx_export import export_onnx
+
     torch.manual_seed(0)
     config = transformers.BertConfig(
         vocab_size=VOCAB,
@@ -44,18 +47,9 @@ def export_tiny_bert(path: Path, initializer_range: float = 0.02) -> Path:
         attn_implementation="eager",
     )
     model = transformers.BertModel(config, add_pooling_layer=False).eval()
-    feeds = tokenize(["a small example", "another one here"])
-    axes = {name: {0: "batch", 1: "seq"} for name in [*INPUTS, "last_hidden_state"]}
-    torch.onnx.export(
-        model,
-        tuple(torch.from_numpy(feeds[name]) for name in INPUTS),
-        str(path),
-        dynamo=False,
-        opset_version=17,
-        input_names=INPUTS,
-        output_names=["last_hidden_state"],
-        dynamic_axes=axes,
-    )
+    # The project's export (its own forward, a constant head count per layer): the graph the pipeline
+    # quantizes, on transformers 4.57 and 5.x alike.
+    export_onnx(model, architecture_for("bert"), "feature-extraction", path)
     return path
 
 
