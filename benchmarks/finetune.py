@@ -34,7 +34,7 @@ import torch
 import transformers
 
 from calibration.corpus import builtin_passages, builtin_texts, split_texts
-from tests.checkpoints import block_pruned_minilm, minilm_path
+from tests.checkpoints import block_pruned_minilm, load_stock, minilm_path
 
 QUESTION_WORDS = 8
 """Words of a sentence that make the question (as in :func:`exporter.text.as_pair`)."""
@@ -248,7 +248,8 @@ def distill_pruned(out: Path, steps: int = 300, seed: int = 0, log: bool = True)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as scratch:
-        student = transformers.BertModel.from_pretrained(block_pruned_minilm(Path(scratch) / "pruned", seed).path)
+        # load_stock: transformers 5 cannot load pruned_heads checkpoints itself (no head pruning)
+        student = load_stock(block_pruned_minilm(Path(scratch) / "pruned", seed).path, "BertModel")[0]
     teacher = transformers.BertModel.from_pretrained(minilm_path()).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
     masks = {name: parameter != 0 for name, parameter in student.named_parameters()

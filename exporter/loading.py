@@ -170,7 +170,8 @@ def load_checkpoint(path: Path, task: str | None = None) -> Checkpoint:
         log.warning("config.json auto_map %s ignored: export-model builds the stock %s classes and never runs "
                     "checkpoint code; the artifact's config.json leaves it out", sorted(raw["auto_map"])
                     if isinstance(raw["auto_map"], dict) else raw["auto_map"], architecture.name)
-    config = _build_config(path, raw)
+    model_class_name = architecture.class_name(task)
+    config = _build_config(path, raw, model_class_name)
     check_config_values(path, config, architecture)
     check_against_weights(path, config, architecture, weights)
     model_class = getattr(transformers, architecture.class_name(task))
@@ -199,11 +200,23 @@ def load_checkpoint(path: Path, task: str | None = None) -> Checkpoint:
     return Checkpoint(path, model, tokenizer, config, architecture, task, layer_norm, files)
 
 
-def _build_config(path: Path, raw: dict[str, Any]) -> Any:
+def _build_config(path: Path, raw: dict[str, Any], model_class_name: str) -> Any:
     """The transformers config of `raw` (config.json), built from the stock class for its model_type, with
-    `pruned_heads` keys as ints (transformers 5 keeps the JSON strings) and no `auto_map`."""
+    `pruned_heads` keys as ints (transformers 5 keeps the JSON strings) and no `auto_map`.
+
+    The sizes and `layer_norm_eps` are checked on the raw values first, so both stacks say the same thing
+    (transformers 5's configs are strict dataclasses that refuse a wrong type with their own error, 4.57's
+    accept it and fail later)."""
     import transformers
 
+    where, fix = path / "config.json", "restore the config.json saved with the weights"
+    for name in (*_SIZE_FIELDS, "n_layers", "n_heads", "dim"):
+        value = raw.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise CheckpointError(f"{where}: {name} is {value!r}; expected a positive integer: {fix}")
+    eps = raw.get("layer_norm_eps", 0.0)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1:
+        raise CheckpointError(f"{where}: layer_norm_eps is {eps!r}; expected a small non-negative number such as 1e-12: {fix}")
     values = {k: v for k, v in raw.items() if k != "auto_map"}
     pruned = values.get("pruned_heads")
     if isinstance(pruned, dict):
@@ -211,10 +224,15 @@ def _build_config(path: Path, raw: dict[str, Any]) -> Any:
     try:
         config_class = transformers.CONFIG_MAPPING[str(raw["model_type"])]
         config = config_class.from_dict(values)
-    except (ValueError, OSError, TypeError, KeyError, AttributeError, OverflowError) as error:
+    except (ValueError, OSError, KeyError, AttributeError, OverflowError) as error:
         raise CheckpointError(
             f"{path / 'config.json'} cannot be read by transformers ({_one_line(error)}); "
             "restore the config.json saved with the weights"
+        ) from error
+    except Exception as error:  # transformers 5: huggingface_hub's StrictDataclassFieldValidationError (a TypeError inside)
+        raise CheckpointError(
+            f"{where} does not describe a buildable {model_class_name} ({type(error).__name__}: "
+            f"{_one_line(error)}); {fix}"
         ) from error
     config._attn_implementation = "eager"  # the graph onnxruntime's fusion recognises
     config.name_or_path = str(path)

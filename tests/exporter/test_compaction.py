@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -11,15 +12,18 @@ import transformers
 from exporter.architectures import architecture_for
 from exporter.compaction import compact_model, mask_heads, parse_drop_heads
 from exporter.errors import UsageError
+from tests.checkpoints import prune_heads
 
 
 def _bert(seed: int = 0, layers: int = 2, act: str = "gelu", pruned: dict | None = None) -> transformers.BertModel:
     torch.manual_seed(seed)
     config = transformers.BertConfig(
         vocab_size=99, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=96,
-        hidden_act=act, attn_implementation="eager", pruned_heads=pruned or {},
+        hidden_act=act, attn_implementation="eager",
     )
     model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    if pruned:  # as 4.57's prune_heads (transformers 5 removed it): narrowed modules, config.pruned_heads
+        prune_heads(model, pruned)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)  # non-zero biases everywhere
@@ -110,13 +114,35 @@ def test_drop_heads_equals_head_mask_and_uses_original_indices() -> None:
     torch.testing.assert_close(_out(masked), reference, atol=1e-5, rtol=0)
 
 
+def _head_masked(model: transformers.BertModel, head_mask: torch.Tensor) -> torch.Tensor:
+    """The output with `head_mask` (layer x head, 0 = off): transformers' own where it still has head masking
+    (4.57); on transformers 5, which removed it, the same product applied by hooks: each head's context (its
+    attention probabilities times V) scaled by its mask entry before the output projection."""
+    if "head_mask" in inspect.signature(model.forward).parameters:
+        with torch.no_grad():
+            return model(**_inputs(), head_mask=head_mask).last_hidden_state
+    hooks = []
+    for index, layer in enumerate(model.encoder.layer):
+        def scale(module: torch.nn.Module, args: object, output: tuple, index: int = index) -> tuple:
+            context = output[0]
+            heads = head_mask.shape[1]
+            shaped = context.view(*context.shape[:-1], heads, -1) * head_mask[index].view(heads, 1)
+            return (shaped.view(context.shape), *output[1:])
+
+        hooks.append(layer.attention.self.register_forward_hook(scale))
+    try:
+        return _out(model)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def test_mask_heads_matches_transformers_head_mask() -> None:
     model = _bert()
     drops = {0: [1], 1: [0, 3]}
     head_mask = torch.ones(2, 4)
     head_mask[0, 1] = head_mask[1, 0] = head_mask[1, 3] = 0
-    with torch.no_grad():
-        expected = model(**_inputs(), head_mask=head_mask).last_hidden_state
+    expected = _head_masked(model, head_mask)
     mask_heads(model, architecture_for("bert"), model.config, drops)
     torch.testing.assert_close(_out(model), expected, atol=1e-5, rtol=0)
 
