@@ -60,10 +60,14 @@ def verify_artifact(folder: Path, providers: tuple[str, ...] = ("auto",)) -> Ver
             report.hash_failures.append(f"{name}: missing")
         elif path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
             report.hash_failures.append(f"{name}: sha256 differs from the manifest (file changed since export)")
-    options = manifest["options"]["parity"]
-    config = ParityConfig(fp32_atol=float(options["fp32_atol"]), int8_min_cosine=float(options["int8_min_cosine"]),
-                          fp16_min_cosine=float(options.get("fp16_min_cosine", ParityConfig.fp16_min_cosine)),
-                          providers=providers)
+    try:
+        options = manifest["options"]["parity"]
+        config = ParityConfig(fp32_atol=float(options["fp32_atol"]), int8_min_cosine=float(options["int8_min_cosine"]),
+                              fp16_min_cosine=float(options.get("fp16_min_cosine", ParityConfig.fp16_min_cosine)),
+                              providers=providers)
+    except (KeyError, TypeError, ValueError) as error:  # a bar that cannot fail (NaN, negative) is refused too
+        raise UsageError(f"{folder / 'manifest.json'}: its parity options cannot be used ({error}); "
+                         "re-export the artifact") from None
     data = manifest["parity_data"]
     inputs, reference = load_batches(folder / data["inputs"]), load_batches(folder / data["reference"])
     # Files the artifact holds; a parity row of a file never built (model_fp16.onnx without CUDA) is a skip.

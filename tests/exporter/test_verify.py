@@ -67,3 +67,22 @@ def test_verify_detects_a_wrong_model_by_parity_even_with_matching_hashes(
 def test_verify_bad_folder_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["verify", str(tmp_path)]) == 2
     assert "has no manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("atol", ["NaN", -1.0])
+def test_verify_refuses_a_manifest_whose_parity_bar_cannot_fail(
+    exported: tuple[Path, Path, int], tmp_path: Path, capsys: pytest.CaptureFixture, atol: object  # noqa: F811
+) -> None:
+    """A bar of NaN (every `err > nan` is False) or below zero is bad input (exit 2), not an internal error."""
+    import json
+
+    _, out, _ = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    text = (copy / "manifest.json").read_text()
+    manifest = json.loads(text)
+    manifest["options"]["parity"]["fp32_atol"] = atol
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["verify", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "parity options cannot be used" in err and "Traceback" not in err
