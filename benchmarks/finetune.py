@@ -249,7 +249,7 @@ def distill_pruned(out: Path, steps: int = 300, seed: int = 0, log: bool = True)
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as scratch:
         # load_stock: transformers 5 cannot load pruned_heads checkpoints itself (no head pruning)
-        student = load_stock(block_pruned_minilm(Path(scratch) / "pruned", seed).path, "BertModel")[0]
+        student = load_stock(block_pruned_minilm(Path(scratch) / "pruned", seed).path, "AutoModel")[0]
     teacher = transformers.BertModel.from_pretrained(minilm_path()).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
     masks = {name: parameter != 0 for name, parameter in student.named_parameters()

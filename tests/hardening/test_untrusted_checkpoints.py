@@ -23,12 +23,15 @@ from exporter.manifest import checkpoint_hash
 from tests.hardening.conftest import assert_refused, edit_config, partial_siblings, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
-# A child that runs the CLI and reports its own peak resident memory (MB) on its last stderr line.
+# A child that runs the CLI and reports its own peak resident memory (MB) on its last stderr line: VmHWM of
+# /proc/self/status, which belongs to the child's own address space (getrusage's ru_maxrss carries the forking
+# parent's high-water mark across exec on Linux: a 2 GB pytest process made every child report 2 GB).
 _CHILD = (
-    "import resource, sys\n"
+    "import sys\n"
     "from exporter.cli import main\n"
     "code = main(sys.argv[1:])\n"
-    "print(f'PEAK_RSS_MB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}', file=sys.stderr)\n"
+    "peak = next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
+    "print(f'PEAK_RSS_MB {peak / 1024:.0f}', file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
 # What importing torch + transformers + onnxruntime and loading the tiny checkpoint costs, with room to spare.
