@@ -216,6 +216,13 @@ def _safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
             raise _damaged(file, f"it declares a {length:,}-byte header (the file is {size:,} bytes; at most "
                                  f"{MAX_HEADER_BYTES:,} allowed)")
         raw = handle.read(length)
+    # Count the entries before parsing: a million junk entries would cost about 1 GB as Python objects.
+    entries = raw.count(b'"data_offsets"')
+    if entries > MAX_TENSORS:
+        raise CheckpointError(
+            f"{file} holds {entries:,} tensors, more than the {MAX_TENSORS:,} allowed (a BERT-large holds about "
+            "400): the file carries junk entries; re-save the checkpoint with only the model's weights"
+        )
     try:
         header = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
