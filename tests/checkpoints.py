@@ -696,8 +696,13 @@ def reference_model(truth: CheckpointTruth) -> transformers.PreTrainedModel:
     ``x * weight + bias`` so outputs are what the checkpoint's author meant (stock 4.57 ignores the key)."""
     model = load_stock(truth.path, truth.auto_class)[0].eval()
     if truth.layer_norm_type == "no_norm":
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.LayerNorm):
-                    setattr(parent, name, _NoNorm(child))
+        swap_no_norm(model)
     return model
+
+
+def swap_no_norm(model: nn.Module) -> None:
+    """Every LayerNorm of ``model`` replaced, in place, by ``x * weight + bias`` with the same parameters."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.LayerNorm):
+                setattr(parent, name, _NoNorm(child))

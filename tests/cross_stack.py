@@ -11,7 +11,8 @@ stock transformers loads a LayerNorm there.
 `truth.json` records the heads each layer must keep after exact compaction.
 
 tests/test_cross_stack.py exports every folder that a *different* transformers major version saved. CI
-(`.ci/run`) saves with both stacks and runs that test in each. Nothing here imports project code.
+(`.ci/run`) saves with both stacks and runs that test in each. Nothing here imports project code (only the
+test suite's own tests/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import torch
 import transformers
 from torch import nn
 
+from tests.checkpoints import prune_heads, swap_no_norm
+
 LAYERS, HIDDEN, HEADS, FFN = 3, 64, 4, 128
 HEAD = HIDDEN // HEADS
 PRUNED = {0: [1], 2: [0, 3]}  # uneven: 3, 4 and 2 heads stay
@@ -38,41 +41,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
 
 def major() -> int:
     return int(transformers.__version__.split(".")[0])
-
-
-def _slice_heads(model: transformers.BertModel, heads: dict[int, list[int]]) -> None:
-    """What 4.57's prune_heads does, for transformers without it: drop the heads' Q/K/V rows and O columns."""
-    for layer, removed in heads.items():
-        attention = model.encoder.layer[layer].attention
-        keep = [h for h in range(attention.self.num_attention_heads) if h not in removed]
-        index = torch.cat([torch.arange(h * HEAD, (h + 1) * HEAD) for h in keep])
-        for name in ("query", "key", "value"):
-            old = getattr(attention.self, name)
-            new = nn.Linear(old.in_features, len(index))
-            new.weight.data, new.bias.data = old.weight.data[index].clone(), old.bias.data[index].clone()
-            setattr(attention.self, name, new)
-        old = attention.output.dense
-        new = nn.Linear(len(index), old.out_features)
-        new.weight.data, new.bias.data = old.weight.data[:, index].clone(), old.bias.data.clone()
-        attention.output.dense = new
-        attention.self.num_attention_heads = len(keep)
-        attention.self.all_head_size = len(index)
-    model.config.pruned_heads = {k: sorted(v) for k, v in heads.items()}
-
-
-def _no_norm(model: nn.Module) -> None:
-    class NoNorm(nn.Module):
-        def __init__(self, norm: nn.LayerNorm) -> None:
-            super().__init__()
-            self.weight, self.bias = norm.weight, norm.bias
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x * self.weight + self.bias
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.LayerNorm):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, NoNorm(module))
 
 
 def save(root: Path) -> list[Path]:
@@ -107,7 +75,7 @@ def save(root: Path) -> list[Path]:
         if hasattr(model, "prune_heads"):
             model.prune_heads(PRUNED)  # the saving stack's own head pruning (4.57)
         else:
-            _slice_heads(model, PRUNED)
+            prune_heads(model, PRUNED)  # the test suite's replica of it (transformers 5 removed it)
         if layer_norm == "no_norm":
             model.config.layer_norm_type = "no_norm"
         folder = root / f"transformers-{major()}" / kind
@@ -121,7 +89,7 @@ def save(root: Path) -> list[Path]:
         else:  # 5.x cannot load its own pruned save (no head pruning): the model as saved, in memory
             reference = copy.deepcopy(model).eval()
         if layer_norm == "no_norm":
-            _no_norm(reference)
+            swap_no_norm(reference)
         ids = torch.randint(1000, 20000, (3, 24), generator=torch.Generator().manual_seed(1))
         mask = torch.ones_like(ids)
         mask[1, 15:], mask[2, 6:] = 0, 0
