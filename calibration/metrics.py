@@ -103,7 +103,8 @@ def _fraction(agrees: np.ndarray) -> float:
 
 
 class EmbeddingMetric(TaskMetric):
-    """Sentence embeddings: mean pooling of ``outputs[0]`` over the attention mask, L2-normalised.
+    """Sentence embeddings: the graph's ``sentence_embedding`` (``outputs[1]``, the model's own pooling) where it
+    has one, else mean pooling of ``outputs[0]`` over the attention mask; L2-normalised.
 
     Scores: ``mean_cosine`` between candidate and reference embeddings of the same text, and
     ``neighbour_agreement``, the fraction of texts whose nearest other held-out text (cosine) is the same
@@ -126,10 +127,16 @@ class EmbeddingMetric(TaskMetric):
             return pooled[:, None, :]
         mask = feeds.get(self.mask_input)
         weights = np.ones(hidden.shape[:2], np.float32) if mask is None else mask.astype(np.float32)
-        pooled = (hidden * weights[..., None]).sum(1) / np.maximum(weights.sum(1, keepdims=True), 1.0)
-        pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        if len(outputs) > 1 and outputs[1].ndim == 2:  # the graph's sentence_embedding: judge on it
+            pooled = outputs[1].astype(np.float32)
+        else:
+            pooled = (hidden * weights[..., None]).sum(1) / np.maximum(weights.sum(1, keepdims=True), 1.0)
+        pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         tokens = hidden * weights[..., None]
         tokens /= np.maximum(np.sqrt((tokens**2).sum((1, 2), keepdims=True)), 1e-12)
+        width = max(pooled.shape[-1], tokens.shape[-1])  # pooling several modes concatenates them: zero-pad
+        pooled = np.pad(pooled, ((0, 0), (0, width - pooled.shape[-1])))  # (zeros change no dot product)
+        tokens = np.pad(tokens, ((0, 0), (0, 0), (0, width - tokens.shape[-1])))
         return np.concatenate([pooled[:, None, :], tokens], axis=1)
 
     def agrees(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> np.ndarray:

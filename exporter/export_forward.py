@@ -41,16 +41,20 @@ from torch import nn
 
 from exporter.architectures import TASK_OUTPUTS, Architecture
 from exporter.errors import ExportError
+from exporter.runtime import Pooling
+from exporter.sentence import torch_pool
 
 _Forward = Callable[..., Any]
 
 
 @contextmanager
-def export_forward(model: nn.Module, architecture: Architecture, task: str) -> Iterator[nn.Module]:
+def export_forward(model: nn.Module, architecture: Architecture, task: str,
+                   pooling: Pooling | None = None) -> Iterator[nn.Module]:
     """Within the context, ``model(input_ids=..., attention_mask=..., [token_type_ids=...])`` runs the project's
-    forward and returns the task's outputs as a tuple in ``TASK_OUTPUTS[task]`` order. ``model`` is restored on
-    exit (its own forwards back, nothing else changed)."""
-    patches = forward_patches(model, architecture, task)
+    forward and returns the task's outputs as a tuple in ``output_names(task, pooling)`` order (feature
+    extraction with `pooling`: ``last_hidden_state`` and the ``sentence_embedding`` it pools to). ``model`` is
+    restored on exit (its own forwards back, nothing else changed)."""
+    patches = forward_patches(model, architecture, task, pooling)
     missing = object()
     saved = [(module, module.__dict__.get("forward", missing)) for module, _ in patches]
     try:
@@ -81,9 +85,12 @@ def layer_heads(model: nn.Module, architecture: Architecture) -> tuple[int, ...]
     return tuple(heads)
 
 
-def forward_patches(model: nn.Module, architecture: Architecture, task: str) -> list[tuple[nn.Module, _Forward]]:
+def forward_patches(model: nn.Module, architecture: Architecture, task: str,
+                    pooling: Pooling | None = None) -> list[tuple[nn.Module, _Forward]]:
     """(module, forward) for every module the export runs, in model order; raises ExportError for a model
     this forward does not describe."""
+    if pooling is not None and task != "feature-extraction":
+        raise ExportError(f"a sentence embedding is a feature-extraction output, not one of {task}")
     config = model.config
     position = getattr(config, "position_embedding_type", "absolute") or "absolute"
     if position != "absolute":
@@ -135,9 +142,9 @@ def forward_patches(model: nn.Module, architecture: Architecture, task: str) -> 
     if model is base:
         if task != "feature-extraction":
             raise ExportError(f"task {task!r} needs a task head; {type(model).__name__} has none")
-        patches[0] = (base, _feature_extraction(patches[0][1]))
+        patches[0] = (base, _feature_extraction(patches[0][1], pooling))
     else:
-        patches.insert(0, (model, _task_head(model, architecture, task, patches)))
+        patches.insert(0, (model, _task_head(model, architecture, task, patches, pooling)))
     return patches
 
 
@@ -156,17 +163,19 @@ _ACTIVATIONS: dict[str, _Forward] = {"gelu": _gelu, "relu": _relu}
 # --- task heads (the top-level model) ------------------------------------------------------------------------
 
 
-def _feature_extraction(base_forward: _Forward) -> _Forward:
+def _feature_extraction(base_forward: _Forward, pooling: Pooling | None) -> _Forward:
     def forward(self: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         sequence_output, _ = base_forward(self, input_ids, attention_mask, token_type_ids)
-        return (sequence_output,)
+        if pooling is None:
+            return (sequence_output,)
+        return sequence_output, torch_pool(sequence_output, attention_mask, pooling)
 
     return forward
 
 
 def _task_head(model: nn.Module, architecture: Architecture, task: str,
-               patches: list[tuple[nn.Module, _Forward]]) -> _Forward:
+               patches: list[tuple[nn.Module, _Forward]], pooling: Pooling | None = None) -> _Forward:
     """The top-level forward: base model, then the head 4.57 put on it for ``task``."""
     if task == "feature-extraction":
         head = _last_hidden_state
@@ -197,6 +206,8 @@ def _task_head(model: nn.Module, architecture: Architecture, task: str,
     def forward(self: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         sequence_output, pooled_output = getattr(self, base_name)(input_ids, attention_mask, token_type_ids)
+        if pooling is not None:
+            return sequence_output, torch_pool(sequence_output, attention_mask, pooling)
         return head(self, sequence_output, pooled_output)
 
     return forward

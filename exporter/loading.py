@@ -29,6 +29,7 @@ from torch import nn
 
 from exporter.architectures import TASKS, Architecture, architecture_for, infer_task
 from exporter.errors import CheckpointError, UsageError
+from exporter.sentence import SentenceModules, read_sentence_modules
 from exporter.weights import WeightFiles, read_json, regular_file
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class Checkpoint:
     task: str
     layer_norm: str  # "layer_norm" | "no_norm"
     files_read: list[Path] = field(default_factory=list)  # every checkpoint file the load read (source hash)
+    sentence: SentenceModules | None = None  # a sentence-transformers folder's pooling (feature extraction)
 
 
 def default_model_path() -> Path:
@@ -196,8 +198,13 @@ def load_checkpoint(path: Path, task: str | None = None) -> Checkpoint:
     _check_finite(model)
     tokenizer, tokenizer_files = _load_tokenizer(path, architecture.vocab_size(config))
     log.info("loaded %s (%s, task %s) from %s", model_class.__name__, architecture.name, task, path)
-    files = [path / "config.json", *weights.files, *tokenizer_files]
-    return Checkpoint(path, model, tokenizer, config, architecture, task, layer_norm, files)
+    sentence = read_sentence_modules(path) if task == "feature-extraction" else None
+    if sentence is not None:
+        log.info("sentence-transformers modules: %s; the graph gets a sentence_embedding output",
+                 sentence.pooling.source)
+    files = [path / "config.json", *weights.files, *tokenizer_files,
+             *(path / name for name in (sentence.files if sentence else []))]
+    return Checkpoint(path, model, tokenizer, config, architecture, task, layer_norm, files, sentence)
 
 
 def _build_config(path: Path, raw: dict[str, Any], model_class_name: str) -> Any:

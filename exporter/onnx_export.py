@@ -44,6 +44,10 @@ from torch import nn
 from exporter.architectures import TASK_OUTPUTS, Architecture
 from exporter.errors import ExportError
 from exporter.export_forward import export_forward
+from exporter.outputs import SENTENCE_OUTPUT, token_level
+from exporter.outputs import output_names as outputs_of
+from exporter.runtime import Pooling
+from exporter.sentence import torch_pool
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +85,26 @@ class _Signature(nn.Module):
         return tuple(self.model(**dict(zip(self.input_names, inputs, strict=True))))
 
 
+def own_outputs(model: nn.Module, task: str, inputs: dict[str, torch.Tensor],
+                pooling: Pooling | None = None) -> dict[str, torch.Tensor]:
+    """The model's own forward (installed transformers' code) for `task`'s outputs; with `pooling`, its
+    ``sentence_embedding`` too, pooled from ``last_hidden_state`` as sentence-transformers defines it."""
+    own = model(**inputs, return_dict=True)
+    result = {name: own[name] for name in TASK_OUTPUTS[task]}
+    if pooling is not None:
+        result[SENTENCE_OUTPUT] = torch_pool(own["last_hidden_state"], inputs["attention_mask"], pooling)
+    return result
+
+
 def check_export_forward(model: nn.Module, architecture: Architecture, task: str,
-                         inputs: dict[str, torch.Tensor]) -> float:
+                         inputs: dict[str, torch.Tensor], pooling: Pooling | None = None) -> float:
     """Largest difference between the model's own forward and the export forward on ``inputs`` (eval mode);
     ExportError beyond float rounding (1e-5 of the larger of 1 and the largest output)."""
-    output_names = TASK_OUTPUTS[task]
+    output_names = outputs_of(task, pooling is not None)
     with torch.no_grad():
-        own = model(**inputs, return_dict=True)
+        own = own_outputs(model, task, inputs, pooling)
         reference = [own[name] for name in output_names]
-        with export_forward(model, architecture, task):
+        with export_forward(model, architecture, task, pooling):
             ours = model(**inputs)
     worst = 0.0
     for name, want, got in zip(output_names, reference, ours, strict=True):
@@ -106,18 +121,18 @@ def check_export_forward(model: nn.Module, architecture: Architecture, task: str
     return worst
 
 
-def output_axes(task: str) -> dict[str, dict[int, str]]:
-    token_level = {0: "batch_size", 1: "sequence_length"}
-    if task == "text-classification":
-        return {"logits": {0: "batch_size"}}
-    return {name: dict(token_level) for name in TASK_OUTPUTS[task]}
+def output_axes(task: str, sentence: bool = False) -> dict[str, dict[int, str]]:
+    return {name: {0: "batch_size", 1: "sequence_length"} if token_level(task, name) else {0: "batch_size"}
+            for name in outputs_of(task, sentence)}
 
 
-def export_onnx(model: nn.Module, architecture: Architecture, task: str, path: Path) -> ExportReport:
-    """Trace `model` (eval mode) into `path`; weights go to external data only past 2 GB."""
+def export_onnx(model: nn.Module, architecture: Architecture, task: str, path: Path,
+                pooling: Pooling | None = None) -> ExportReport:
+    """Trace `model` (eval mode) into `path`; weights go to external data only past 2 GB. With `pooling` (a
+    sentence-transformers folder), the graph also outputs ``sentence_embedding``."""
     start = time.perf_counter()
     input_names = architecture.input_names
-    output_names = TASK_OUTPUTS[task]
+    output_names = outputs_of(task, pooling is not None)
     batch, length = 2, 16
     dummy = {
         "input_ids": torch.randint(5, 100, (batch, length), generator=torch.Generator().manual_seed(0)),
@@ -126,17 +141,17 @@ def export_onnx(model: nn.Module, architecture: Architecture, task: str, path: P
     }
     dummy["attention_mask"][1, length // 2 :] = 0  # a padded row, so no all-ones shortcut is traced
     args = tuple(dummy[name] for name in input_names)
-    axes = {name: {0: "batch_size", 1: "sequence_length"} for name in input_names} | output_axes(task)
+    axes = {name: {0: "batch_size", 1: "sequence_length"} for name in input_names} | output_axes(task, pooling is not None)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     wrapper = _Signature(model, input_names).eval()
-    worst = check_export_forward(model, architecture, task, dict(zip(input_names, args, strict=True)))
+    worst = check_export_forward(model, architecture, task, dict(zip(input_names, args, strict=True)), pooling)
     log.info("export forward matches %s's own forward to %.2g on the dummy batch", type(model).__name__, worst)
     # Past 2 GB the exporter writes one file per tensor beside the graph: keep those in a scratch folder and
     # merge them into a single `<name>.data` below, so the artifact holds only files the manifest describes.
     scratch = path.parent / f".{path.stem}.export-scratch"
     scratch.mkdir(exist_ok=True)
     traced = scratch / path.name
-    with torch.no_grad(), warnings.catch_warnings(), export_forward(model, architecture, task):
+    with torch.no_grad(), warnings.catch_warnings(), export_forward(model, architecture, task, pooling):
         warnings.simplefilter("ignore")  # TracerWarnings about python-int shapes are expected here
         torch.onnx.export(
             wrapper,
@@ -159,6 +174,15 @@ def export_onnx(model: nn.Module, architecture: Architecture, task: str, path: P
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     graph = onnx.load(str(path), load_external_data=False)
+    if pooling is not None:
+        # The tracer leaves the pooled width symbolic (after the normalization's Div); it is hidden x modes.
+        with torch.no_grad(), export_forward(model, architecture, task, pooling):
+            width = int(model(**dict(zip(input_names, args, strict=True)))[-1].shape[-1])
+        output = next(o for o in graph.graph.output if o.name == SENTENCE_OUTPUT)
+        output.type.tensor_type.shape.dim[1].Clear()
+        output.type.tensor_type.shape.dim[1].dim_value = width
+        onnx.save(graph, str(path))  # external tensors (if any) stay references to the unchanged .data file
+        graph = onnx.load(str(path), load_external_data=False)
     onnx.checker.check_model(str(path))
     report = ExportReport(
         inputs={i.name: _dims(i) for i in graph.graph.input},

@@ -19,9 +19,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from exporter.errors import ProviderUnavailableError
+from exporter.outputs import SENTENCE_OUTPUT, token_level
 
 if TYPE_CHECKING:  # torch only where the PyTorch reference is computed: `verify` runs without it
     from torch import nn
+
+    from exporter.runtime import Pooling
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +117,23 @@ def build_batches(
     return batches
 
 
-def reference_outputs(model: nn.Module, batches: Sequence[Batch], output_names: Sequence[str]) -> list[Batch]:
-    """The PyTorch model's outputs for each batch, as float32 numpy arrays."""
+def reference_outputs(model: nn.Module, batches: Sequence[Batch], output_names: Sequence[str],
+                      pooling: Pooling | None = None) -> list[Batch]:
+    """The PyTorch model's outputs for each batch, as float32 numpy arrays; ``sentence_embedding`` pooled from
+    its ``last_hidden_state`` as the checkpoint's sentence-transformers modules define it (`pooling`)."""
     import torch
+
+    from exporter.sentence import torch_pool
 
     results = []
     with torch.no_grad():
         for feeds in batches:
-            outputs = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}, return_dict=True)
+            inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
+            outputs = dict(model(**inputs, return_dict=True))
+            if SENTENCE_OUTPUT in output_names:
+                if pooling is None:
+                    raise ValueError("a sentence_embedding reference needs the checkpoint's pooling")
+                outputs[SENTENCE_OUTPUT] = torch_pool(outputs["last_hidden_state"], inputs["attention_mask"], pooling)
             results.append({name: outputs[name].float().numpy() for name in output_names})
     return results
 
@@ -160,13 +172,14 @@ def compare(
     max_errors, mean_errors, cosines = [], [], []
     for name in expected[0]:
         errors, sums, count = [], 0.0, 0
+        per_token = token_level(task, name)
         for feeds, ref, out in zip(batches, expected, actual, strict=True):
             mask = feeds["attention_mask"].astype(bool)
-            diff = np.abs(_valid(ref[name], mask) - _valid(out[name], mask))
+            diff = np.abs(_valid(ref[name], mask, per_token) - _valid(out[name], mask, per_token))
             errors.append(float(diff.max()))
             sums += float(diff.sum())
             count += diff.size
-            cosines.extend(_row_cosines(ref[name], out[name], mask))
+            cosines.extend(_row_cosines(ref[name], out[name], mask, per_token))
         entry.per_output[name] = {"max_abs_error": max(errors), "mean_abs_error": sums / max(count, 1)}
         max_errors.append(max(errors))
         mean_errors.append(sums / max(count, 1))
@@ -189,18 +202,16 @@ def compare(
     return entry
 
 
-def _valid(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def _valid(values: np.ndarray, mask: np.ndarray, per_token: bool) -> np.ndarray:
     """Token-level outputs at unmasked positions only; sequence-level outputs whole."""
-    if values.ndim >= 2 and values.shape[:2] == mask.shape:
-        return values[mask]
-    return values
+    return values[mask] if per_token else values
 
 
-def _row_cosines(ref: np.ndarray, out: np.ndarray, mask: np.ndarray) -> list[float]:
+def _row_cosines(ref: np.ndarray, out: np.ndarray, mask: np.ndarray, per_token: bool) -> list[float]:
     result = []
     for row in range(ref.shape[0]):
         a, b = ref[row], out[row]
-        if ref.ndim >= 2 and ref.shape[:2] == mask.shape:
+        if per_token:
             a, b = a[mask[row]], b[mask[row]]
         a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
         denominator = np.linalg.norm(a) * np.linalg.norm(b)
@@ -210,6 +221,12 @@ def _row_cosines(ref: np.ndarray, out: np.ndarray, mask: np.ndarray) -> list[flo
 
 def task_metric(task: str, batches: Sequence[Batch], expected: Sequence[Batch], actual: Sequence[Batch]) -> dict[str, float]:
     """The figure a user of `task` cares about, `actual` vs `expected`."""
+    if task == "feature-extraction" and SENTENCE_OUTPUT in expected[0]:
+        cos = []
+        for ref, out in zip(expected, actual, strict=True):
+            a, b = ref[SENTENCE_OUTPUT].astype(np.float64), out[SENTENCE_OUTPUT].astype(np.float64)
+            cos.extend((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+        return {"sentence_embedding_cosine": float(np.mean(cos)), "sentence_embedding_min_cosine": float(np.min(cos))}
     if task == "feature-extraction":
         cos = []
         for feeds, ref, out in zip(batches, expected, actual, strict=True):
@@ -222,6 +239,8 @@ def task_metric(task: str, batches: Sequence[Batch], expected: Sequence[Batch], 
     for feeds, ref, out in zip(batches, expected, actual, strict=True):
         mask = feeds["attention_mask"].astype(bool)
         for name in ref:
+            if name == SENTENCE_OUTPUT:
+                continue
             a, b = ref[name].argmax(-1), out[name].argmax(-1)
             if task == "token-classification":
                 a, b = a[mask], b[mask]

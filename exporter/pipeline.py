@@ -46,7 +46,7 @@ from calibration.corpus import builtin_texts, split_texts
 from calibration.data import TextCalibrationReader, load_texts, sample_texts
 from calibration.quantize import quantize_model
 from calibration.tune import tune_quantization
-from exporter.architectures import TASK_OUTPUTS, Architecture
+from exporter.architectures import Architecture
 from exporter.compaction import compact_model, mask_heads, parse_drop_heads
 from exporter.config import ExportConfig
 from exporter.divergence import boundaries, locate, torch_boundaries
@@ -63,6 +63,7 @@ from exporter.latency import binds_io, latency_feeds, measure_latency, peak_memo
 from exporter.loading import load_checkpoint, resolve_checkpoint
 from exporter.manifest import TOOL, checkpoint_hash, write_manifest
 from exporter.onnx_export import export_onnx
+from exporter.outputs import output_names
 from exporter.parity import (
     PROVIDERS,
     ParityConfig,
@@ -553,7 +554,9 @@ def _build(
             compaction = compact_model(compacted, arch, hf_config, drops)
             note["detail"] = compaction.summary()
         with stages.stage("export") as note:
-            signature = export_onnx(compacted, arch, task, built / MODEL_FILE)
+            sentence = checkpoint.sentence
+            pooling = sentence.pooling if sentence else None
+            signature = export_onnx(compacted, arch, task, built / MODEL_FILE, pooling)
             note["detail"] = f"{MODEL_FILE}, inputs {list(signature.inputs)}, outputs {list(signature.outputs)}"
         with stages.stage("fuse") as note:
             plan = GraphPlan(
@@ -568,7 +571,8 @@ def _build(
             fp16 = _fp16_variant(config, built)
             if fp16.get("built"):
                 note["detail"] += f"; {FP16_FILE}"
-        max_length = min(arch.max_positions(hf_config), 512, int(getattr(checkpoint.tokenizer, "model_max_length", 512)))
+        max_length = min(arch.max_positions(hf_config), 512, int(getattr(checkpoint.tokenizer, "model_max_length", 512)),
+                         *([sentence.max_seq_length] if sentence and sentence.max_seq_length else []))
         pairs = task == "question-answering"
         tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, max_length, pairs=pairs)
         # The INT8 search chooses fallbacks on one half of the held-out texts; parity and latency use the other.
@@ -600,7 +604,7 @@ def _build(
                 note["detail"] += f", tuned: {quantization.preset} fastest of {len(tuning)} presets"
         with stages.stage("parity") as note:
             batches = build_batches(report_pool, tokenize, config.parity.shapes, max_length)
-            expected = reference_outputs(reference, batches, TASK_OUTPUTS[task])
+            expected = reference_outputs(reference, batches, output_names(task, sentence is not None), pooling)
             entries = []
             checked = [(MODEL_FILE, "fp32"), (OPTIMIZED_FILE, "fp32"), (QUANTIZED_FILE, "int8")]
             if fp16.get("built"):
@@ -621,6 +625,9 @@ def _build(
                                        for n, v in cpu.items())
         with stages.stage("package") as note:
             checkpoint.tokenizer.save_pretrained(built)
+            for name in sentence.files if sentence else []:  # read and checked at load: small regular JSON files
+                (built / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(checkpoint.path / name, built / name)
             deploy_config = copy.deepcopy(hf_config)
             deploy_config.pruned_heads = compaction.pruned_heads
             deploy_config.architectures = [arch.class_name(task)]
@@ -635,6 +642,7 @@ def _build(
                 "activation": arch.activation_name(hf_config),
                 "options": resolved,
                 "signature": signature.to_dict(),
+                "sentence_embedding": sentence.to_dict() if sentence else None,
                 "compaction": compaction.to_dict(),
                 "fusion": fusion.to_dict() | {"summary": fusion.summary()},
                 "quantization": quantization.to_dict() | ({"tuning": tuning} if tuning else {}),

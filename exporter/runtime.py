@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -109,33 +109,55 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def read_pooling(folder: Path) -> Pooling:
-    """The pooling the folder's sentence-transformers files define, or mean pooling where there are none."""
+def sentence_modules(folder: Path, read: Callable[[Path], Any] | None = None) -> list[tuple[str, str]] | None:
+    """(module kind, relative path) per entry of the folder's ``modules.json``, or None without one. `read` reads
+    a JSON file (the exporter passes its size-capped, regular-file-only reader); unsupported kinds are refused."""
+    read = read or _read_json
     modules_path = folder / "modules.json"
     if not modules_path.is_file():
-        return Pooling()
-    modules = _read_json(modules_path)
-    if not isinstance(modules, list):
-        raise UsageError(f"{modules_path} is not a list of modules; the artifact is damaged: re-export it")
+        return None
+    modules = read(modules_path)
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise UsageError(f"{modules_path} is not a list of module entries; restore the file sentence-transformers "
+                         "saved")
     kinds = [(str(m.get("type", "")).rsplit(".", 1)[-1], str(m.get("path", ""))) for m in modules]
-    unsupported = [kind for kind, _ in kinds if kind not in _ST_SUPPORTED]
-    if unsupported:
-        raise UsageError(f"{modules_path}: sentence-transformers module(s) {unsupported} are not supported by the "
-                         f"runtime (only {sorted(_ST_SUPPORTED)}); use sentence-transformers for this model")
+    unsupported = [f"{kind} ({path or 'the folder'})" for kind, path in kinds if kind not in _ST_SUPPORTED]
+    if unsupported or [kind for kind, _ in kinds][:1] != ["Transformer"]:
+        raise UsageError(f"{modules_path}: the sentence-transformers modules {[k for k, _ in kinds]} cannot be "
+                         f"computed here ({', '.join(unsupported) or 'the first module is not the Transformer'}; "
+                         f"supported: a Transformer, then {sorted(_ST_SUPPORTED - {'Transformer'})}); remove "
+                         "modules.json to get token vectors only, or use sentence-transformers for this model")
+    for _, path in kinds:
+        if Path(path).is_absolute() or ".." in Path(path).parts:
+            raise UsageError(f"{modules_path}: module path {path!r} leaves the folder; restore the file "
+                             "sentence-transformers saved")
+    return kinds
+
+
+def read_pooling(folder: Path, read: Callable[[Path], Any] | None = None) -> Pooling:
+    """The pooling the folder's sentence-transformers files define, or mean pooling where there are none."""
+    read = read or _read_json
+    kinds = sentence_modules(folder, read)
+    if kinds is None:
+        return Pooling()
     modes: tuple[str, ...] = ("mean_tokens",)
     pooling_paths = [path for kind, path in kinds if kind == "Pooling"]
     if pooling_paths:
-        config = _read_json(folder / pooling_paths[0] / "config.json")
-        if isinstance(config.get("pooling_mode"), str):  # the constructor's string form
-            name = config["pooling_mode"]
-            modes = ({"cls": "cls_token", "max": "max_tokens", "mean": "mean_tokens",
-                      "mean_sqrt_len_tokens": "mean_sqrt_len_tokens", "weightedmean": "weightedmean_tokens",
-                      "lasttoken": "lasttoken"}.get(name, name),)
-        else:
+        config_path = folder / pooling_paths[0] / "config.json"
+        config = read(config_path)
+        if not isinstance(config, dict):
+            raise UsageError(f"{config_path} is not a JSON object; restore the file sentence-transformers saved")
+        named = config.get("pooling_mode")
+        if isinstance(named, str):  # sentence-transformers 6 saves one name, or a list concatenated in its order
+            named = [named]
+        if isinstance(named, list):
+            names = {"cls": "cls_token", "max": "max_tokens", "mean": "mean_tokens", "weightedmean":
+                     "weightedmean_tokens"}
+            modes = tuple(names.get(str(name), str(name)) for name in named)
+        else:  # the earlier pooling_mode_<mode>: true keys, concatenated in sentence-transformers' fixed order
             modes = tuple(mode for mode in _POOLING_MODES if config.get(f"pooling_mode_{mode}"))
         if not modes or any(mode not in _POOLING_MODES for mode in modes):
-            raise UsageError(f"{folder / pooling_paths[0] / 'config.json'}: no supported pooling mode set "
-                             f"(supported: {list(_POOLING_MODES)})")
+            raise UsageError(f"{config_path}: no supported pooling mode set (supported: {list(_POOLING_MODES)})")
     normalize = any(kind == "Normalize" for kind, _ in kinds)
     return Pooling(modes, normalize, f"sentence-transformers modules.json: {'+'.join(modes)} pooling"
                    + (", normalized" if normalize else ""))

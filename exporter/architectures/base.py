@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from exporter.errors import CheckpointError
+from exporter.outputs import TASK_OUTPUTS  # noqa: F401  (re-exported)
 
 TASKS: tuple[str, ...] = (
     "feature-extraction",
@@ -20,14 +21,6 @@ TASKS: tuple[str, ...] = (
     "question-answering",
     "token-classification",
 )
-
-# Output names as optimum's exporters use them, per task.
-TASK_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "feature-extraction": ("last_hidden_state",),
-    "text-classification": ("logits",),
-    "question-answering": ("start_logits", "end_logits"),
-    "token-classification": ("logits",),
-}
 
 # Suffix of a transformers class name in `config.architectures` -> task.
 _HEAD_SUFFIX_TASKS: dict[str, str] = {

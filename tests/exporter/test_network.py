@@ -4,8 +4,10 @@ every process the tool starts (exporter/telemetry.py), and nothing else reaches 
 Two guards. Python level: socket.connect / connect_ex / sendto / getaddrinfo replaced to record (and refuse) any
 non-loopback attempt, in the test process and, through a sitecustomize on PYTHONPATH, in every child. Native level
 (onnxruntime's telemetry runs in C++ threads that Python never sees): strace -f of the whole process tree, every
-connect/sendto outside loopback counted, and a check that this strace detector does see onnxruntime's own DNS
-look-ups when its telemetry is left on.
+connect/sendto outside loopback counted, and a check that this strace detector does see a
+connect from a thread of a child (the way onnxruntime's telemetry thread reaches out). onnxruntime 1.31 with its
+telemetry left on was seen looking up its events host about 9 s after start on the development machine, but not
+in CI, so that is not a test here.
 """
 
 from __future__ import annotations
@@ -216,25 +218,24 @@ def test_no_process_of_an_offline_export_connects_outside_loopback(checkpoint: P
     assert not log.exists() or log.read_text() == "", log.read_text()
 
 
-@pytest.mark.slow
-@needs_strace
-def test_the_strace_detector_sees_onnxruntime_telemetry_when_it_is_on(tmp_path: Path) -> None:
-    """The counter-check: a plain onnxruntime session with telemetry left on is caught (its events host is looked
-    up about 9 s after start), so the test above can fail."""
-    if not Path("/etc/resolv.conf").exists():
-        pytest.skip("no /etc/resolv.conf: onnxruntime has no resolver to try here")
-    import onnx
-    from onnx import TensorProto, helper
-
-    model = tmp_path / "identity.onnx"
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(model))
-    code = ("import time, onnxruntime as ort\nort.enable_telemetry_events()\n"
-            f"ort.InferenceSession({str(model)!r}, providers=['CPUExecutionProvider'])\ntime.sleep(14)\n")
-    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
-    trace = tmp_path / "strace.txt"
+def _strace(trace: Path, code: str, env: dict[str, str] | None = None) -> str:
     subprocess.run(["strace", "-f", "-qq", "-e", "trace=connect,sendto", "-o", str(trace), sys.executable, "-c",
                     code], env=env, check=True, timeout=120)
-    assert outside_loopback(trace.read_text()), "onnxruntime made no connection attempt with telemetry on"
+    return trace.read_text()
+
+
+@needs_strace
+def test_the_strace_detector_sees_a_connect_from_a_thread(tmp_path: Path) -> None:
+    """The counter-check that always holds: a connect made from a second thread of a child (as onnxruntime's
+    telemetry thread would make it) is seen, and a loopback one is not counted, so the test above can fail. A UDP
+    connect sends no packet, so this works on a machine without a network too."""
+    code = textwrap.dedent("""
+        import socket, threading
+        def reach(host):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((host, 53))
+        for host in ("127.0.0.1", "198.51.100.7"):
+            t = threading.Thread(target=reach, args=(host,)); t.start(); t.join()
+        """)
+    found = outside_loopback(_strace(tmp_path / "strace.txt", code))
+    assert len(found) == 1 and "198.51.100.7" in found[0], found
