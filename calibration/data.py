@@ -136,7 +136,7 @@ def _cap_count(path: Path, texts: Iterator[Text]) -> list[Text]:
     return kept
 
 
-def _lines(path: Path, limit: int, cut: bool = True) -> Iterator[tuple[int, str]]:
+def _lines(path: Path, limit: int, cut: bool = True, what: str = "calibration data") -> Iterator[tuple[int, str]]:
     """Yield (1-based line number, line) of a UTF-8 file, reading at most `limit` bytes of any line.
 
     A longer line is cut to its first `limit` bytes (at a character boundary; the rest is skipped in bounded
@@ -155,7 +155,7 @@ def _lines(path: Path, limit: int, cut: bool = True) -> Iterator[tuple[int, str]
             long = len(raw) > limit and not raw.endswith(b"\n")
             if long and not cut:
                 raise CalibrationDataError(
-                    f"calibration data {path} line {number} is longer than {limit >> 20} MiB, the limit for one "
+                    f"{what} {path} line {number} is longer than {limit >> 20} MiB, the limit for one "
                     f"JSON line; shorten its text (only the first {MAX_TEXT_CHARS:,} characters are used)"
                 )
             if long:
@@ -167,7 +167,7 @@ def _lines(path: Path, limit: int, cut: bool = True) -> Iterator[tuple[int, str]
                         break
             if total > MAX_FILE_BYTES:
                 raise CalibrationDataError(
-                    f"calibration data {path} holds more than {MAX_FILE_BYTES >> 20} MiB (it grew while read); "
+                    f"{what} {path} holds more than {MAX_FILE_BYTES >> 20} MiB (it grew while read); "
                     f"pass a smaller sample of the file"
                 )
             try:
@@ -175,7 +175,7 @@ def _lines(path: Path, limit: int, cut: bool = True) -> Iterator[tuple[int, str]
                 text = codecs.getincrementaldecoder("utf-8")().decode(raw, final=not long)
             except UnicodeDecodeError as error:
                 raise CalibrationDataError(
-                    f"calibration data {path} line {number}: not UTF-8 ({error.reason} at byte {error.start}); "
+                    f"{what} {path} line {number}: not UTF-8 ({error.reason} at byte {error.start}); "
                     f"re-encode the file as UTF-8"
                 ) from None
             yield number, text

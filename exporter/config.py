@@ -35,6 +35,10 @@ class ExportConfig:
     calibration_field: JSONL / dataset field holding the text (default "text").
     fp16: build model_fp16.onnx (float16, float32 I/O): "auto" (default) where CUDA is present, "always" (e.g. a
         GPU deployment built on a CPU machine; checked on CPU, slowly), "never".
+    eval_data: labelled data (JSONL, CSV, SQuAD JSON, or a `datasets` folder) for gold metrics of the PyTorch
+        checkpoint and every file (`exporter.eval_data`); None: no gold evaluation.
+    eval_fields: "key=name,..." renaming the task's fields in `eval_data`.
+    eval_batch_size: texts per model call in the evaluation (its latency column is per call).
     """
 
     model: str | None = None
@@ -45,6 +49,9 @@ class ExportConfig:
     calibration_data: str | None = None
     calibration_field: str = "text"
     fp16: str = "auto"
+    eval_data: str | None = None
+    eval_fields: str = ""
+    eval_batch_size: int = 8
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     parity: ParityConfig = field(default_factory=ParityConfig)
@@ -160,6 +167,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("--parity-atol", "parity.fp32_atol", "largest absolute error allowed for FP32 files"),
     Option("--fp16", "fp16", "build model_fp16.onnx: auto (where CUDA is present), always, never",
            ("auto", "always", "never")),
+    Option("--eval-data", "eval_data", "labelled data for gold metrics: .jsonl, .csv, SQuAD .json, or a datasets "
+           "folder (fields per task: see --eval-fields)"),
+    Option("--eval-fields", "eval_fields", "rename eval-data fields, e.g. 'text=sentence,label=intent' (keys: "
+           "text, text_pair, label | question, context, answers | tokens, tags | sentence1, sentence2, score)"),
+    Option("--eval-batch-size", "eval_batch_size", "texts per model call when evaluating (latency is per call)"),
     Option("--providers", "parity.providers", "execution providers for parity, comma-separated (cpu, cuda, ...)"),
 )
 

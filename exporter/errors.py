@@ -32,6 +32,10 @@ class CalibrationDataError(UsageError):
     """Calibration texts missing, empty, undecodable or malformed."""
 
 
+class EvalDataError(CalibrationDataError):
+    """A labelled evaluation file (``--eval-data``) missing, malformed, or with a row the task cannot score."""
+
+
 class ProviderUnavailableError(UsageError):
     """An execution provider was requested that this onnxruntime build does not offer."""
 

@@ -59,6 +59,8 @@ from exporter.errors import (
     first_line,
     from_onnxruntime,
 )
+from exporter.eval_data import parse_fields, read_eval_data
+from exporter.evaluation import evaluation_rows
 from exporter.latency import binds_io, latency_feeds, measure_latency, peak_memory_mb, throughput_modes
 from exporter.loading import load_checkpoint, resolve_checkpoint
 from exporter.manifest import TOOL, checkpoint_hash, write_manifest
@@ -105,8 +107,9 @@ class ExportResult:
 class _Stages:
     """Prints "[i/N] stage: detail (s)" per stage and keeps the timings for the manifest."""
 
-    def __init__(self) -> None:
+    def __init__(self, total: int = STAGES) -> None:
         self.timings: dict[str, float] = {}
+        self.total = total
         self._index = 0
         self.current = "setup"
 
@@ -127,7 +130,7 @@ class _Stages:
                 "rerun with --debug for the traceback, or report it with the manifest options"
             ) from error
         self.timings[name] = round(time.perf_counter() - start, 3)
-        log.info("[%d/%d] %-9s %s (%.1f s)", self._index, STAGES, name, note["detail"], self.timings[name])
+        log.info("[%d/%d] %-9s %s (%.1f s)", self._index, self.total, name, note["detail"], self.timings[name])
 
 
 def resolve_output(config: ExportConfig, source: Path) -> Path:
@@ -476,6 +479,15 @@ def check_options(config: ExportConfig) -> None:
             )
 
 
+    if config.eval_fields and config.eval_data is None:
+        raise UsageError("--eval-fields has no effect without --eval-data; pass --eval-data FILE or drop it")
+    if isinstance(config.eval_batch_size, bool) or not isinstance(config.eval_batch_size, int) \
+            or not 1 <= config.eval_batch_size <= 1024:
+        raise UsageError(f"--eval-batch-size {config.eval_batch_size!r} must be an integer from 1 to 1024")
+    if config.eval_data is not None and not Path(config.eval_data).exists():
+        raise UsageError(f"--eval-data {config.eval_data}: no such file or folder")
+
+
 def _disk_full(error: BaseException) -> OSError | None:
     """The out-of-space OSError behind `error` (libraries wrap it), or None."""
     seen = 0
@@ -513,7 +525,7 @@ def export_model(config: ExportConfig) -> ExportResult:
                 "for: pass --calibration-samples at most that, or add texts"
             )
         sweep_stale(output)
-        stages = _Stages()
+        stages = _Stages(STAGES + (config.eval_data is not None))
         try:
             manifest, failed, entries = _build(config, source, output, drops, stages, samples, sample_hash, heldout)
         except Exception as error:
@@ -549,6 +561,12 @@ def _build(
             if drops:
                 mask_heads(reference, arch, hf_config, drops)  # parity compares against the masked model
             note["detail"] = f"{arch.name} {task} from {source.name}, layer norm {checkpoint.layer_norm}"
+            evalset = None
+            if config.eval_data is not None:  # checked row by row now, before the long stages
+                labels = [str(hf_config.id2label[i]) for i in range(len(hf_config.id2label))]
+                evalset = read_eval_data(Path(config.eval_data), task, parse_fields(config.eval_fields, task),
+                                         labels)
+                note["detail"] += f"; eval data {len(evalset.examples)} {evalset.format} rows"
         with stages.stage("compact") as note:
             compacted = copy.deepcopy(reference)
             compaction = compact_model(compacted, arch, hf_config, drops)
@@ -623,15 +641,25 @@ def _build(
             cpu = latency.get("CPUExecutionProvider", {}).get("files", {})
             note["detail"] = ", ".join(f"{n} {v[f'b8xs{working_length}']['median_ms']:.0f} ms@b8"
                                        for n, v in cpu.items())
+        checkpoint.tokenizer.save_pretrained(built)  # what the runtime (and the evaluation) reads
+        for name in sentence.files if sentence else []:  # read and checked at load: small regular JSON files
+            (built / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(checkpoint.path / name, built / name)
+        deploy_config = copy.deepcopy(hf_config)
+        deploy_config.pruned_heads = compaction.pruned_heads
+        deploy_config.architectures = [arch.class_name(task)]
+        deploy_config.save_pretrained(built)
+        evaluation: list[dict[str, Any]] = []
+        if evalset is not None:
+            with stages.stage("evaluate") as note:
+                names = [name for name, _ in checked]
+                providers = resolve_providers(config.parity.providers)[0]
+                evaluation = evaluation_rows(built, task, evalset, reference, arch.input_names,
+                                             output_names(task, sentence is not None), pooling, names, providers,
+                                             config.eval_batch_size)
+                note["detail"] = ", ".join(f"{r['file']} {r['metric']} {r['value']:.4f}" for r in evaluation
+                                           if r["provider"] in ("torch CPU", PROVIDERS["cpu"]))
         with stages.stage("package") as note:
-            checkpoint.tokenizer.save_pretrained(built)
-            for name in sentence.files if sentence else []:  # read and checked at load: small regular JSON files
-                (built / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(checkpoint.path / name, built / name)
-            deploy_config = copy.deepcopy(hf_config)
-            deploy_config.pruned_heads = compaction.pruned_heads
-            deploy_config.architectures = [arch.class_name(task)]
-            deploy_config.save_pretrained(built)
             _save_parity_data(built / "parity", batches, expected)
             resolved = config.to_dict() | {"model": str(source), "output": str(output), "task": task}
             manifest = write_manifest(built, {
@@ -651,6 +679,9 @@ def _build(
                 "parity_data": {"inputs": "parity/inputs.npz", "reference": "parity/reference.npz",
                                 "shapes": [list(s) for s in config.parity.shapes]},
                 "latency": latency,
+                **({"eval_data": evalset.to_dict() | {"fields": parse_fields(config.eval_fields, task),
+                                                       "used_for": "reported figures (all rows)"},
+                    "evaluation": evaluation} if evalset is not None else {}),
                 "deployable": not failed,
                 "timings": stages.timings,
             })

@@ -34,7 +34,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,7 @@ class _Tokenized:
     sequence_ids: list[int | None]
     offsets: list[tuple[int, int]]
     special: list[int]
+    words: list[int | None] = field(default_factory=list)
 
 
 def _read_json(path: Path) -> Any:
@@ -330,10 +331,13 @@ class Runtime:
 
     # ----- tokenization and inference -----
 
-    def _encode(self, texts: Sequence[str]) -> list[_Tokenized]:
+    def _encode(self, texts: Sequence[str | tuple[str, str]], words: bool = False) -> list[_Tokenized]:
+        """Tokenized `texts` (a text, or a (text, text_pair) pair; with `words`, lists of words), truncated to
+        ``max_length``."""
         self.tokenizer.enable_truncation(self.max_length, strategy="longest_first", direction=self.truncation_side)
-        return [_Tokenized(e.ids, e.type_ids, e.sequence_ids, e.offsets, e.special_tokens_mask)
-                for e in self.tokenizer.encode_batch(list(texts))]
+        encoded = self.tokenizer.encode_batch(list(texts), is_pretokenized=words)
+        return [_Tokenized(e.ids, e.type_ids, e.sequence_ids, e.offsets, e.special_tokens_mask, e.word_ids)
+                for e in encoded]
 
     def _feeds(self, rows: Sequence[_Tokenized]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Padded inputs for `rows` (on `padding_side`) and their attention mask."""
@@ -395,11 +399,14 @@ class Runtime:
         labels = self.config.get("id2label") or {}
         return str(labels.get(str(index), labels.get(index, f"LABEL_{index}")))
 
-    def classify(self, texts: Sequence[str]) -> list[Label]:
-        """Label and score per text (softmax; sigmoid for one label or multi-label models)."""
+    def classify(self, texts: Sequence[str], pairs: Sequence[str | None] | None = None) -> list[Label]:
+        """Label and score per text, or per (text, pair) where `pairs` gives the second texts (softmax; sigmoid
+        for one label or multi-label models)."""
         self._require("text-classification")
         results = []
-        for batch in self._batches(list(texts)):
+        items: list[Any] = list(texts) if pairs is None else [t if p is None else (t, p)
+                                                              for t, p in zip(texts, pairs, strict=True)]
+        for batch in self._batches(items):
             outputs, _ = self._run(self._encode(batch))
             logits = outputs["logits"].astype(np.float64)
             sigmoid = logits.shape[-1] == 1 or self.config.get("problem_type") == "multi_label_classification"
@@ -479,6 +486,26 @@ class Runtime:
                 tokens = [(self._label(int(scores[t].argmax())), float(scores[t].max()), *row.offsets[t])
                           for t in range(len(row.ids)) if not row.special[t]]
                 results.append(_group(tokens, text))
+        return results
+
+    def word_labels(self, sentences: Sequence[Sequence[str]]) -> list[list[str]]:
+        """One label per word of each pre-split sentence: the label of the word's first sub-token (argmax), as
+        token-classification models are trained and scored; words cut off by ``max_length`` get "O"."""
+        self._require("token-classification")
+        results = []
+        for batch in self._batches([list(words) for words in sentences]):
+            rows = self._encode(batch, words=True)
+            outputs, _ = self._run(rows)
+            width = outputs["logits"].shape[1]
+            for i, (words, row) in enumerate(zip(batch, rows, strict=True)):
+                best = self._aligned(outputs["logits"], i, rows, width).argmax(-1)
+                labels = ["O"] * len(words)
+                seen: set[int] = set()
+                for position, word in enumerate(row.words):
+                    if word is not None and word not in seen:
+                        seen.add(word)
+                        labels[word] = self._label(int(best[position]))
+                results.append(labels)
         return results
 
     # ----- rows (the CLI's JSONL) -----
