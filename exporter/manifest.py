@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from exporter.report_html import render_html, thread_grid
+from exporter.report_html import evaluation_cells, render_html, thread_grid
 
 SCHEMA_VERSION = 1
 TOOL = "export-model"
@@ -152,6 +152,16 @@ def render_report(manifest: dict[str, Any]) -> str:
         for name, modes in measured.get("throughput", {}).items():
             lines.append(f"\n{name} throughput at batch {modes['batch']}: best is {modes['best']} "
                          f"({', '.join(f'{k} {v:.0f}' for k, v in modes.items() if k.endswith('per_s'))})")
+    if manifest.get("evaluation"):
+        lines += ["", *evaluation_table(manifest)]
     lines += ["", "## Stage timings (s)", "", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v:.1f} |" for k, v in manifest["timings"].items()]
     return "\n".join(lines) + "\n"
+
+
+def evaluation_table(manifest: dict[str, Any]) -> list[str]:
+    header, rows = evaluation_cells(manifest)
+    data = manifest.get("eval_data", {})
+    lines = [f"## Accuracy on the labelled data ({data.get('path', '')}, {data.get('examples', '?')} examples)", "",
+             "| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]

@@ -12,6 +12,7 @@ from typing import Any
 # Colours are distinct per role so a rendering test can find each figure in a screenshot.
 KEPT, DEAD, REQUESTED, PRUNED = "#2e8b57", "#e4572e", "#f2a541", "#9aa0a6"
 BUBBLE, LINES = "#1f77b4", ("#6a3d9a", "#e7298a", "#17becf", "#bcbd22")
+BASELINE = "#ff7f0e"  # the PyTorch checkpoint's bubble in the gold chart
 STATUS = {"pass": "#c8f7c5", "fail": "#f7c5c5", "skip": "#eeeeee"}
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1100px}
@@ -108,6 +109,60 @@ def _bubble_plot(manifest: dict[str, Any]) -> str:
     return f'<svg id="latency-vs-accuracy" width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg">{"".join(parts)}</svg>'
 
 
+def evaluation_cells(manifest: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the gold evaluation: size, latency mean +- std per model call, the metric (SQuAD EM / F1
+    in percent, the rest as fractions), the change from the PyTorch checkpoint."""
+    rows = manifest.get("evaluation") or []
+    if not rows:
+        return [], []
+    metric = rows[0]["metric"]
+    base = next((r["value"] for r in rows if r["file"] == "pytorch"), None)
+    batch = rows[0].get("batch_size")
+    header = ["file", "provider", "size MB", f"latency ms per call (batch {batch}), mean +- std", metric,
+              "vs PyTorch", "examples"]
+    if manifest["task"] == "question-answering":
+        header.insert(4, "exact_match")
+    table = []
+    for row in rows:
+        mean, std = row.get("latency_ms_mean"), row.get("latency_ms_std")
+        cells = [row["file"], row["provider"], f"{row['size_mb']:.1f}",
+                 "-" if mean is None else f"{mean:.2f} +- {std:.2f}", f"{row['value']:.4f}",
+                 "-" if base is None or row["file"] == "pytorch" else f"{row['value'] - base:+.4f}",
+                 str(row["examples"])]
+        if manifest["task"] == "question-answering":
+            cells.insert(4, f"{row['metrics']['exact_match']:.2f}")
+        table.append(cells)
+    return header, table
+
+
+def _gold_bubbles(manifest: dict[str, Any]) -> str:
+    """Latency per call (mean) vs the gold metric, one bubble per (file, provider) and the PyTorch checkpoint;
+    bubble area = size."""
+    rows = [r for r in manifest.get("evaluation") or [] if r.get("latency_ms_mean") is not None]
+    if not rows:
+        return ""
+    metric = rows[0]["metric"]
+    w, h = 640, 340
+    xs, ys = [r["latency_ms_mean"] for r in rows], [r["value"] for r in rows]
+    xmin, xmax = 0.0, max(xs) * 1.5  # room for the labels right of the slowest bubble
+    spread = (max(ys) - min(ys)) or abs(max(ys)) * 0.05 or 1.0
+    ymin, ymax = min(ys) - spread * 0.3, max(ys) + spread * 0.3
+    parts = _axes(w, h, f"latency per call (mean ms, batch {rows[0].get('batch_size')})", metric, xmin, xmax, ymin, ymax)
+    biggest = max(r["size_mb"] for r in rows) or 1.0
+    for row in rows:
+        cx, cy = _scale(row["latency_ms_mean"], xmin, xmax, 60, w - 10), _scale(row["value"], ymin, ymax, h - 40, 10)
+        radius = 4 + 26 * (row["size_mb"] / biggest) ** 0.5  # area proportional to size
+        colour = BASELINE if row["file"] == "pytorch" else BUBBLE
+        opacity = 1.0 if row["file"] == "pytorch" else 0.6  # the baseline drawn first, opaque, under the files
+        parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{radius:.1f}" fill="{colour}" fill-opacity="{opacity}" '
+                     f'stroke="{colour}" stroke-width="2"/>')
+        provider = "" if row["file"] == "pytorch" else f" · {row['provider'].replace('ExecutionProvider', '')}"
+        parts.append(f'<text x="{cx + radius + 3:.1f}" y="{cy + 4:.1f}" font-size="11">{_e(row["file"] + provider)} '
+                     f'({row["size_mb"]:.0f} MB)</text>')
+    return (f'<svg id="gold-bubbles" width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg">'
+            f'{"".join(parts)}</svg>')
+
+
 def _batch_plot(provider: str, measured: dict[str, Any]) -> str:
     files = measured["files"]
     shapes = list(next(iter(files.values())))
@@ -171,6 +226,14 @@ def render_html(manifest: dict[str, Any]) -> str:
                                 f"session added)</h3>" + _table(header, grid))
         for name, modes in measured.get("throughput", {}).items():
             latency_html.append(f"<p>{_e(name)} at batch {modes['batch']}: best serving mode is <b>{_e(modes['best'])}</b></p>")
+    gold_html = ""
+    if manifest.get("evaluation"):
+        header, rows = evaluation_cells(manifest)
+        data = manifest.get("eval_data", {})
+        gold_html = (f"<h2>Accuracy on the labelled data</h2><p>{_e(data.get('path', ''))}: {data.get('examples')} "
+                     f"examples ({_e(data.get('format', ''))})</p>" + _table(header, rows)
+                     + f"<figure>{_gold_bubbles(manifest)}<figcaption>latency vs {_e(header[-3])}; bubble area = "
+                     "size; the orange bubble is the PyTorch checkpoint</figcaption></figure>")
     quant = manifest["quantization"]
     quant_rows = [[k, str(v)] for k, v in quant.items() if not isinstance(v, (list, dict))]
     return f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>export-model report: {_e(manifest['source']['name'])}</title>
@@ -186,6 +249,7 @@ torch {_e(manifest['versions'].get('torch'))}, onnxruntime {_e(manifest['version
 <h3>FFN width per layer (kept / original)</h3>{_ffn_bars(comp)}
 <h2>What fused</h2><p>{_e(fusion.get('summary', ''))}</p>{_table(['layer', 'expected heads', 'Attention heads', 'fused ops'], fusion_rows)}
 <h2>Parity: every file against the PyTorch reference</h2>{_table(['file', 'provider', 'status', 'max abs error', 'mean cosine', 'task metric', 'tolerance', 'reason'], parity_rows, raw=True)}
+{gold_html}
 <h2>Latency vs accuracy</h2><figure>{_bubble_plot(manifest)}</figure>
 <h2>Latency</h2>{''.join(latency_html)}
 <h2>INT8</h2>{_table(['setting', 'value'], quant_rows)}

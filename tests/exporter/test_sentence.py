@@ -38,7 +38,7 @@ TEXTS = [
 
 def sentence_transformers_modules() -> object:
     st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed (it needs "
-                             "transformers 5; the main stack's test extra installs it)")
+                             "transformers 5; the main stack's `reference` extra installs it)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
