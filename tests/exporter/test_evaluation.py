@@ -339,3 +339,56 @@ def test_similarity_spearman_of_the_pytorch_embeddings(tmp_path: Path) -> None:
     torch_row = next(r for r in manifest["evaluation"] if r["file"] == "pytorch")
     assert torch_row["metric"] == "spearman"
     assert torch_row["value"] == pytest.approx(stats.spearmanr(cosines, scores).statistic, abs=1e-6)
+
+
+def _pipeline_answers(model_path: Path, questions: list[tuple[str, str]], impossible: bool) -> list[str]:
+    """transformers' question-answering pipeline where it exists (4.57; align_to_words=False, its defaults
+    otherwise: 384-token windows, stride 128, answers of at most 15 tokens), else the same search written out
+    in PyTorch (tests/exporter/test_runtime.py's, checked against the pipeline's behaviour there)."""
+    import transformers
+
+    model = transformers.AutoModelForQuestionAnswering.from_pretrained(model_path).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    try:
+        qa = transformers.pipeline("question-answering", model=model, tokenizer=tokenizer, device="cpu")
+    except (KeyError, ValueError):  # transformers 5 removed the question-answering pipeline
+        from tests.exporter.test_runtime import _torch_answer
+
+        return [_torch_answer(model, tokenizer, q, c, impossible)[0] for q, c in questions]
+    return [qa(question=q, context=c, handle_impossible_answer=impossible, align_to_words=False)["answer"]
+            for q, c in questions]
+
+
+@pytest.mark.slow
+def test_qa_em_and_f1_on_a_squad_2_file_follow_the_official_scoring_of_the_pipeline(tmp_path: Path) -> None:
+    """Must-show: EM / F1 of the PyTorch checkpoint within 0.1 point of the official SQuAD scoring of
+    transformers' pipeline on the same SQuAD 2.0 file (answerable questions on held-out passages, some longer than
+    one window, and unanswerable ones); every artifact file has its EM / F1."""
+    from benchmarks.finetune import finetune, qa_examples
+    from calibration.corpus import builtin_texts, split_texts
+
+    model_path = finetune(tmp_path / "qa", "question-answering", steps=60, log=False)
+    heldout = split_texts(builtin_texts())[1]
+    spans = qa_examples(heldout, sentences=1)[:36]
+    unanswerable = [(s.question, heldout[-1 - i]) for i, s in enumerate(spans[:12])
+                    if s.context != heldout[-1 - i]]
+    squad = {"version": "v2.0", "data": [{"title": "held-out", "paragraphs": [
+        *({"context": s.context, "qas": [{"id": f"a{i}", "question": s.question, "answers": [
+            {"text": s.context[s.start:s.end], "answer_start": s.start}]}]} for i, s in enumerate(spans)),
+        *({"context": c, "qas": [{"id": f"n{i}", "question": q, "answers": [], "is_impossible": True}]}
+          for i, (q, c) in enumerate(unanswerable))]}]}
+    data = tmp_path / "dev-v2.0.json"
+    data.write_text(json.dumps(squad))
+    manifest = _export(model_path, tmp_path / "art", data, "--max-accuracy-drop", "0.9")
+    _rows_for_every_file(manifest)
+    assert manifest["eval_data"]["squad_version"] == "2.0"
+    questions = [(s.question, s.context) for s in spans] + unanswerable
+    golds = [[s.context[s.start:s.end]] for s in spans] + [[] for _ in unanswerable]
+    em, f1 = _official_scores(_pipeline_answers(model_path, questions, impossible=True), golds)
+    torch_row = next(r for r in manifest["evaluation"] if r["file"] == "pytorch")
+    assert abs(torch_row["metrics"]["exact_match"] - em) <= 0.1 and abs(torch_row["metrics"]["f1"] - f1) <= 0.1
+    assert torch_row["metrics"]["NoAns_total"] == len(unanswerable)
+    assert torch_row["metrics"]["HasAns_total"] == len(spans)
+    assert f1 > 10  # a model that answers something: the comparison is not between two zeros
+    for row in manifest["evaluation"]:
+        assert {"exact_match", "f1", "HasAns_f1", "NoAns_f1"} <= set(row["metrics"]), row["file"]
