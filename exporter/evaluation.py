@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from calibration.metrics import TaskMetric
 from exporter import gold
 from exporter.eval_data import METRICS, EvalSet
 from exporter.runtime import Runtime
@@ -84,7 +85,8 @@ class TorchSession:
         return [reference_outputs(self.model, [feeds], wanted, self.pooling)[0][name] for name in wanted]
 
 
-def _decode(runtime: Runtime, data: EvalSet) -> dict[str, float]:
+def decode(runtime: Runtime, data: EvalSet) -> dict[str, float]:
+    """Every gold metric of `runtime`'s model on `data` (see the module docstring)."""
     examples = data.examples
     if data.task == "text-classification":
         predicted = [label.label for label in runtime.classify([e.text for e in examples],
@@ -112,7 +114,7 @@ def evaluate(runtime: Runtime, data: EvalSet) -> dict[str, Any]:
     timed = TimedSession(runtime.session)
     runtime.session = timed
     try:
-        metrics = _decode(runtime, data)
+        metrics = decode(runtime, data)
     finally:
         runtime.session = timed.session
     ms = np.array(timed.seconds) * 1000.0
@@ -155,3 +157,110 @@ def evaluation_rows(folder: Path, task: str, data: EvalSet, reference: Any, inpu
         log.info("evaluation: %s on %s: %s %.4f on %d examples", row["file"], row["provider"], row["metric"],
                  row["value"], row["examples"])
     return rows
+
+
+# ----- the INT8 accuracy search judged on the gold metric -----
+
+SEARCHABLE = ("text-classification", "question-answering", "token-classification")
+"""Tasks whose search can judge on the gold metric (their decoding reads one output, or QA's two of one shape)."""
+
+
+class RecordingSession(TimedSession):
+    """Records the feeds of every call, in order: the batches the runtime's decoding of a data set makes."""
+
+    def __init__(self, session: Any) -> None:
+        super().__init__(session)
+        self.feeds: list[dict[str, np.ndarray]] = []
+
+    def run(self, names: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.feeds.append({k: v.copy() for k, v in feeds.items()})
+        return super().run(names, feeds)
+
+
+class ReplaySession:
+    """Gives back recorded outputs, call by call, to the runtime's decoding of the same data (same feeds)."""
+
+    def __init__(self, like: Any, outputs: Sequence[Sequence[np.ndarray]]) -> None:
+        self.like, self.outputs, self.calls = like, list(outputs), 0
+
+    def get_inputs(self) -> list[Any]:
+        return self.like.get_inputs()
+
+    def get_outputs(self) -> list[Any]:
+        return self.like.get_outputs()
+
+    def run(self, names: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        outputs = self.outputs[self.calls]
+        self.calls += 1
+        return list(outputs)
+
+
+class GoldMetric(TaskMetric):
+    """A :class:`calibration.metrics.TaskMetric` that scores a candidate graph by the gold metric of its
+    decoded outputs on the search part of the labelled data: ``gold_<metric>`` is 1 + (candidate - FP32 graph)
+    in the metric's own units divided by its scale (100 for SQuAD's percent F1), so ``--max-accuracy-drop 0.01``
+    allows one point of accuracy, entity F1 or SQuAD F1. Built from a :class:`RecordingSession` pass: the
+    search's validation batches are exactly the feeds the runtime's decoding made."""
+
+    counted = None
+
+    def __init__(self, runtime: Runtime, data: EvalSet, recorded: RecordingSession) -> None:
+        self.runtime, self.data = runtime, data
+        self.metric = METRICS[data.task]
+        self.name = f"gold-{self.metric}"
+        self.scale = 100.0 if data.task == "question-answering" else 1.0
+        self.batches = recorded.feeds
+        self._reference: tuple[int, float] | None = None
+
+    def summarize(self, outputs: Sequence[np.ndarray], feeds: Any) -> np.ndarray:
+        return np.stack([o.astype(np.float32) for o in outputs]) if len(outputs) > 1 else outputs[0].astype(np.float32)
+
+    def value(self, summaries: Sequence[np.ndarray]) -> float:
+        several = len(self.runtime.outputs) > 1
+        outputs = [list(s) if several else [s] for s in summaries]
+        live = self.runtime.session
+        self.runtime.session = ReplaySession(live, outputs)
+        try:
+            return decode(self.runtime, self.data)[self.metric]
+        finally:
+            self.runtime.session = live
+
+    def scores(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> dict[str, float]:
+        if self._reference is None or self._reference[0] != id(reference):
+            self._reference = (id(reference), self.value(reference))
+        base, got = self._reference[1], self.value(candidate)
+        return {f"gold_{self.metric}": 1.0 + (got - base) / self.scale, f"{self.metric}_fp32": base,
+                f"{self.metric}_int8": got}
+
+    def bars(self, max_accuracy_drop: float) -> dict[str, float]:
+        return {f"gold_{self.metric}": 1.0 - max_accuracy_drop}
+
+    def agrees(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> np.ndarray:
+        raise NotImplementedError("the gold metric counts no per-example agreement")
+
+    def min_examples(self, max_accuracy_drop: float) -> int:
+        return 0
+
+
+def split_for_search(data: EvalSet, every: int = 4) -> tuple[EvalSet, EvalSet]:
+    """(search part: every `every`-th row from the first, reported part: the rest)."""
+    from dataclasses import replace
+
+    search = [e for i, e in enumerate(data.examples) if i % every == 0]
+    report = [e for i, e in enumerate(data.examples) if i % every != 0]
+    return replace(data, examples=search), replace(data, examples=report)
+
+
+def gold_search_metric(folder: Path, task: str, data: EvalSet, graph: Path, batch_size: int) -> GoldMetric:
+    """The gold metric over `data` (the search part), with its validation batches recorded on `graph` (FP32)."""
+    from tokenizers import Tokenizer
+
+    from exporter.parity import open_session
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    recorded = RecordingSession(open_session(graph, "CPUExecutionProvider"))
+    runtime = Runtime(folder, graph.name, recorded, {"task": task}, config,
+                      Tokenizer.from_file(str(folder / "tokenizer.json")), batch_size)
+    decode(runtime, data)
+    runtime.session = recorded.session
+    return GoldMetric(runtime, data, recorded)

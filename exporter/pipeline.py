@@ -60,7 +60,7 @@ from exporter.errors import (
     from_onnxruntime,
 )
 from exporter.eval_data import parse_fields, read_eval_data
-from exporter.evaluation import evaluation_rows
+from exporter.evaluation import SEARCHABLE, evaluation_rows, gold_search_metric, split_for_search
 from exporter.latency import binds_io, latency_feeds, measure_latency, peak_memory_mb, throughput_modes
 from exporter.loading import load_checkpoint, resolve_checkpoint
 from exporter.manifest import TOOL, checkpoint_hash, write_manifest
@@ -596,27 +596,44 @@ def _build(
         # The INT8 search chooses fallbacks on one half of the held-out texts; parity and latency use the other.
         search_pool, report_pool = heldout[0::2], heldout[1::2]
         working_length = min(128, max_length)  # calibration and latency sequence length
+        checkpoint.tokenizer.save_pretrained(built)  # what the runtime (and the evaluation) reads
+        for name in sentence.files if sentence else []:  # read and checked at load: small regular JSON files
+            (built / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(checkpoint.path / name, built / name)
+        deploy_config = copy.deepcopy(hf_config)
+        deploy_config.pruned_heads = compaction.pruned_heads
+        deploy_config.architectures = [arch.class_name(task)]
+        deploy_config.save_pretrained(built)
+        gold_search, reported = None, evalset  # with labelled data the search judges on its gold metric
         with stages.stage("quantize") as note:
             calibration_tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, working_length, pairs=pairs)
             reader = TextCalibrationReader(samples, calibration_tokenize, config.quantization.batch_size)
             wanted = config.quantization.validation_count(task)
             search_texts = search_pool[:wanted]
-            if len(search_texts) < wanted:
-                log.warning("the accuracy search judges on %d held-out texts, fewer than the %d its bar at "
-                               "--max-accuracy-drop %g needs to allow one changed decision", len(search_texts),
-                               wanted, config.quantization.max_accuracy_drop)
-            validation = [calibration_tokenize(search_texts[i : i + 16]) for i in range(0, len(search_texts), 16)]
+            metric: Any = task
+            if evalset is not None and task in SEARCHABLE and len(evalset.examples) >= 8:
+                searched, reported = split_for_search(evalset)
+                metric = gold_search_metric(built, task, searched, built / OPTIMIZED_FILE, config.eval_batch_size)
+                validation = metric.batches
+                gold_search = {"metric": metric.name, "examples": len(searched.examples),
+                               "rows": "every 4th row of --eval-data, from the first"}
+            else:
+                if len(search_texts) < wanted:
+                    log.warning("the accuracy search judges on %d held-out texts, fewer than the %d its bar at "
+                                "--max-accuracy-drop %g needs to allow one changed decision", len(search_texts),
+                                wanted, config.quantization.max_accuracy_drop)
+                validation = [calibration_tokenize(search_texts[i : i + 16]) for i in range(0, len(search_texts), 16)]
             tuning: list[dict[str, Any]] = []
             if config.quantization.tune:
                 timing = latency_feeds(calibration_tokenize, search_texts, [(1, working_length), (8, working_length)])
                 quantization, tuning = tune_quantization(
                     {"fused": built / OPTIMIZED_FILE, "unfused": built / MODEL_FILE}, built / QUANTIZED_FILE, reader,
-                    config.quantization, timing, sample_sha256=sample_hash, validation=validation, metric=task)
+                    config.quantization, timing, sample_sha256=sample_hash, validation=validation, metric=metric)
             else:
                 source_graph = OPTIMIZED_FILE if config.quantization.uses_fused_graph else MODEL_FILE
                 quantization = quantize_model(built / source_graph, built / QUANTIZED_FILE, reader,
                                               config.quantization, sample_sha256=sample_hash, validation=validation,
-                                              metric=task)
+                                              metric=metric)
             note["detail"] = f"{QUANTIZED_FILE}, {quantization.quantized_nodes} nodes INT8, {len(samples)} texts"
             if tuning:
                 note["detail"] += f", tuned: {quantization.preset} fastest of {len(tuning)} presets"
@@ -641,20 +658,12 @@ def _build(
             cpu = latency.get("CPUExecutionProvider", {}).get("files", {})
             note["detail"] = ", ".join(f"{n} {v[f'b8xs{working_length}']['median_ms']:.0f} ms@b8"
                                        for n, v in cpu.items())
-        checkpoint.tokenizer.save_pretrained(built)  # what the runtime (and the evaluation) reads
-        for name in sentence.files if sentence else []:  # read and checked at load: small regular JSON files
-            (built / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(checkpoint.path / name, built / name)
-        deploy_config = copy.deepcopy(hf_config)
-        deploy_config.pruned_heads = compaction.pruned_heads
-        deploy_config.architectures = [arch.class_name(task)]
-        deploy_config.save_pretrained(built)
         evaluation: list[dict[str, Any]] = []
-        if evalset is not None:
+        if reported is not None:
             with stages.stage("evaluate") as note:
                 names = [name for name, _ in checked]
                 providers = resolve_providers(config.parity.providers)[0]
-                evaluation = evaluation_rows(built, task, evalset, reference, arch.input_names,
+                evaluation = evaluation_rows(built, task, reported, reference, arch.input_names,
                                              output_names(task, sentence is not None), pooling, names, providers,
                                              config.eval_batch_size)
                 note["detail"] = ", ".join(f"{r['file']} {r['metric']} {r['value']:.4f}" for r in evaluation
@@ -679,9 +688,12 @@ def _build(
                 "parity_data": {"inputs": "parity/inputs.npz", "reference": "parity/reference.npz",
                                 "shapes": [list(s) for s in config.parity.shapes]},
                 "latency": latency,
-                **({"eval_data": evalset.to_dict() | {"fields": parse_fields(config.eval_fields, task),
-                                                       "used_for": "reported figures (all rows)"},
-                    "evaluation": evaluation} if evalset is not None else {}),
+                **({"eval_data": evalset.to_dict() | {
+                    "fields": parse_fields(config.eval_fields, task),
+                    "search": gold_search,  # None: the search judged on agreement with FP32, as without labels
+                    "reported_examples": len(reported.examples),
+                    "reported_rows": "the rows the search did not use" if gold_search else "every row"},
+                    "evaluation": evaluation} if evalset is not None and reported is not None else {}),
                 "deployable": not failed,
                 "timings": stages.timings,
             })
