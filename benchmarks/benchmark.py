@@ -203,14 +203,34 @@ print(json.dumps({{"texts": len(texts), "rss_before_mb": before, "peak_rss_mb": 
 DENSE = "dense MiniLM model.onnx"
 
 
+def labelled_file(kind: str, path: Path) -> Path | None:
+    """Gold-labelled rows for the fine-tuned kinds, on the pipeline's report half of the held-out texts (never
+    trained on, never calibrated on): the QA questions of the kind the model was trained on, with their answers,
+    and the topic group of each passage for classification. None for the other kinds."""
+    heldout = split_texts(builtin_texts())[1][1::2]
+    if kind == "minilm-qa":
+        rows = [{"question": q.question, "context": q.context,
+                 "answers": {"text": [q.context[q.start:q.end]], "answer_start": [q.start]}}
+                for q in qa_examples(heldout, SENTENCES_PER_PASSAGE)]
+    elif kind == "minilm-cls":
+        topics = {text: topic for topic, text in builtin_passages()}
+        rows = [{"text": text, "label": topic_label(topics[text])} for text in heldout]
+    else:
+        return None
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
 def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, memory: bool,
                compare_preset: str | None = None, cache: Path = Path("bench-out/finetuned")) -> list[dict[str, Any]]:
     source = KINDS[kind](work / "checkpoint", cache)
     task = TASKS.get(kind, "feature-extraction")
     artifact = work / "artifact"
+    labelled = labelled_file(kind, work / "labelled.jsonl")  # gold EM/F1 and accuracy through --eval-data
     t0 = time.perf_counter()
     try:
-        result = export_model(ExportConfig(model=str(source), output=str(artifact), task=task))
+        result = export_model(ExportConfig(model=str(source), output=str(artifact), task=task,
+                                           eval_data=str(labelled) if labelled else None))
     except ExportError as error:  # e.g. no INT8 node can stay within the accuracy bar: say so, go on
         return [{"kind": kind, "variant": "(export failed)", "error": f"exit {error.exit_code}: {error}"}]
     export_seconds = time.perf_counter() - t0
@@ -305,6 +325,9 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
                  "compaction": result.manifest["compaction"]["summary"], "fusion": result.manifest["fusion"]["summary"],
                  "int8": f"INT8 {quantization['graph']} graph, {quantization['quantized_nodes']} nodes, "
                          f"{len(quantization['fallback_nodes'])} back in FP32{other_note}"})
+    if result.manifest.get("evaluation"):
+        rows.append({"kind": kind, "variant": "(gold)", "evaluation": result.manifest["evaluation"],
+                     "eval_data": result.manifest["eval_data"]})
     if kind == "minilm" and memory:
         rows.append({"kind": kind, "variant": "(calibration memory)",
                      **calibration_peak_rss(artifact / "model_optimized.onnx", source)})
@@ -341,6 +364,15 @@ def render(rows: list[dict[str, Any]], threads: int, rounds: int) -> str:
         if "peak_rss_mb" in r:
             lines.append(f"| {r['kind']} | calibration of {r['texts']} texts | peak RSS {r['peak_rss_mb']:.0f} MB "
                          f"(process before calibrating: {r['rss_before_mb']:.0f} MB), {r['seconds']:.0f} s | | | | | | |")
+            continue
+        if "evaluation" in r:  # export-model --eval-data: the gold metric of every file and the checkpoint
+            data = r["eval_data"]
+            for e in r["evaluation"]:
+                extra = f"EM {e['metrics']['exact_match']:.2f}, " if "exact_match" in e["metrics"] else ""
+                lines.append(f"| {r['kind']} | gold ({data['reported_examples']} labelled rows the search did not "
+                             f"use): {e['file']} on {e['provider']} | {e['latency_ms_mean']:.1f} +- "
+                             f"{e['latency_ms_std']:.1f} per call of {e['batch_size']} | | | | | {extra}{e['metric']} "
+                             f"{e['value']:.4f} | {e['size_mb']:.1f} |")
             continue
         if "b8_ms" not in r:
             lines.append(f"| {r['kind']} | export: {r['b1_ms']:.1f} s | {r['compaction']} | {r['fusion']} | {r['int8']} "

@@ -42,3 +42,17 @@ def test_interval_resamples_whole_passages_when_questions_share_them() -> None:
     by_question, by_passage = _interval(agrees), _interval(agrees, groups=passages)
     assert by_passage[0] < by_question[0] and by_passage[1] >= by_question[1]
     assert _interval(np.ones(12, bool), groups=np.repeat(np.arange(4), 3)) == (1.0, 1.0)
+
+
+def test_the_fine_tuned_kinds_get_labelled_rows_the_export_reads(tmp_path) -> None:  # noqa: ANN001
+    from benchmarks.benchmark import labelled_file
+    from benchmarks.finetune import TOPIC_GROUPS
+    from exporter.eval_data import parse_fields, read_eval_data
+
+    qa = read_eval_data(labelled_file("minilm-qa", tmp_path / "qa.jsonl"), "question-answering",
+                        parse_fields("", "question-answering"), [])
+    assert len(qa.examples) > 100 and qa.squad_version == "1.1"
+    cls = read_eval_data(labelled_file("minilm-cls", tmp_path / "cls.jsonl"), "text-classification",
+                         parse_fields("", "text-classification"), list(TOPIC_GROUPS))
+    assert len(cls.examples) > 100 and {e.label for e in cls.examples} == set(TOPIC_GROUPS)
+    assert labelled_file("minilm", tmp_path / "x.jsonl") is None
