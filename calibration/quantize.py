@@ -148,6 +148,10 @@ class QuantizationConfig:
         max_accuracy_drop: allowed task-metric drop as a fraction (default 0.01 = 1%) when ``quantize_model``
             gets validation batches; see :mod:`calibration.metrics` for the bars it sets per task.
         search_ranking_batches: held-out batches used to rank node harm in the search (default 8).
+        search_budget_s: wall-clock seconds the accuracy search may take (default 900). When they run out, the
+            nodes not yet ranked go back to FP32 together, or, once ranking is done, every node not yet tried
+            does; one evaluation then records the scores, and the report says ``budget_reached`` and why each node
+            stayed FP32.
         validation_samples: held-out texts the search judges accuracy on (default 64, raised to what the
             task's bar needs, see ``validation_count``; the pipeline keeps them disjoint from the texts parity
             reports on).
@@ -184,6 +188,7 @@ class QuantizationConfig:
     calibration_chunk_batches: int = 1
     max_accuracy_drop: float = 0.01
     search_ranking_batches: int = 8
+    search_budget_s: float = 900.0
     validation_samples: int = 64
     tune: bool = False
     int8_weights: str = "auto"
@@ -201,7 +206,7 @@ class QuantizationConfig:
         # written so that NaN fails it (a comparison with NaN is False), and infinities are outside every range.
         integers = ("samples", "seed", "batch_size", "calibration_chunk_batches", "search_ranking_batches",
                     "validation_samples")
-        numbers = ("percentile", "max_accuracy_drop") + (("smooth_alpha",) if self.smooth_alpha is not None else ())
+        numbers = ("percentile", "max_accuracy_drop", "search_budget_s") + (("smooth_alpha",) if self.smooth_alpha is not None else ())
         wrong = [f"{name} must be {'an integer' if name in integers else 'a number'}, got {getattr(self, name)!r}"
                  for name in (*integers, *numbers) if not _is_number(getattr(self, name), integer=name in integers)]
         if wrong:
@@ -209,6 +214,8 @@ class QuantizationConfig:
         for name in ("samples", "batch_size", "calibration_chunk_batches", "search_ranking_batches", "validation_samples"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 < self.search_budget_s < 1e7:
+            problems.append(f"search_budget_s must be a positive number of seconds, got {self.search_budget_s}")
         if not 0.0 < self.percentile <= 100.0:
             problems.append(f"percentile must be in (0, 100], got {self.percentile}")
         if not 0.0 < self.max_accuracy_drop < 1.0:
@@ -560,11 +567,12 @@ def quantize_model(
                 get_metric(metric),
                 config.max_accuracy_drop,
                 config.search_ranking_batches,
+                budget_s=config.search_budget_s,
             )
             del float_model
         counts, kept = _count_quantized(quantized_model, config.op_types)
         if not counts and search is not None and search.fallback_nodes:
-            raise _all_fell_back(config, len(search.fallback_nodes))
+            raise _all_fell_back(config, len(search.fallback_nodes), search.budget_reached)
         if not counts:
             raise QuantizationError(
                 f"no node of {list(config.op_types)} was quantized in {model_path.name} "
@@ -584,7 +592,13 @@ def quantize_model(
     return report
 
 
-def _all_fell_back(config: QuantizationConfig, nodes: int) -> QuantizationError:
+def _all_fell_back(config: QuantizationConfig, nodes: int, budget_reached: str | None = None) -> QuantizationError:
+    if budget_reached:
+        return QuantizationError(
+            f"the accuracy search ran out of its {config.search_budget_s:g} s budget while {budget_reached} and put "
+            f"all {nodes} quantized nodes back in FP32; allow it more time (--search-budget) or a larger drop "
+            "(--max-accuracy-drop)"
+        )
     return QuantizationError(
         f"INT8 cannot keep the task metric within --max-accuracy-drop {config.max_accuracy_drop:g} on this "
         f"model: all {nodes} quantized nodes had to go back to FP32; allow a larger drop "
@@ -621,12 +635,12 @@ def _quantize_fused(
     if validation is not None:
         quantized_model, search = search_fallback(
             model, quantized_model, validation, get_metric(metric), config.max_accuracy_drop,
-            config.search_ranking_batches, build=plan.build, candidates=names,
+            config.search_ranking_batches, build=plan.build, candidates=names, budget_s=config.search_budget_s,
         )
     fallen = set() if search is None else set(search.fallback_nodes)
     counts = Counter(target.op_type for target in plan.targets if target.name not in fallen)
     if not counts:
-        raise _all_fell_back(config, len(names))
+        raise _all_fell_back(config, len(names), search.budget_reached if search is not None else None)
     targeted = set(names)
     kept = [node.name for node in model.graph.node if node.op_type in config.op_types and node.name not in targeted]
     save_quantized(quantized_model, output_path, large)

@@ -56,20 +56,23 @@ def is_large(model: onnx.ModelProto) -> bool:
 
 @dataclass
 class FallbackStep:
-    """One node put back in FP32: its harm from the ranking trial and the task scores after the step."""
+    """One node put back in FP32: its harm from the ranking trial (None: not ranked before the time budget ran
+    out), the task scores after the step, and why it went back."""
 
     node: str
     op_type: str
-    harm: float
+    harm: float | None
     scores: dict[str, float]
+    reason: str = "most harmful node left"
 
 
 @dataclass
 class SearchReport:
     """What :func:`search_fallback` measured and decided; ``to_dict()`` goes into the manifest.
 
-    ``harm`` maps every quantized node to the drop in relative error when it alone is FP32 (empty when the
-    fully quantized graph already met the bars and no ranking was needed).
+    ``harm`` maps every ranked quantized node to the drop in relative error when it alone is FP32 (empty when the
+    fully quantized graph already met the bars and no ranking was needed). ``budget_reached``: None, or the phase
+    ("ranking" / "falling back") in which ``budget_s`` ran out.
     """
 
     metric: str
@@ -84,6 +87,8 @@ class SearchReport:
     ranking_batches: int = 0
     evaluations: int = 0
     seconds: float = 0.0
+    budget_s: float | None = None
+    budget_reached: str | None = None
 
     @property
     def fallback_nodes(self) -> list[str]:
@@ -193,6 +198,8 @@ def search_fallback(
     ranking_batches: int = 8,
     build: Callable[[Sequence[str]], onnx.ModelProto] | None = None,
     candidates: Sequence[str] | None = None,
+    budget_s: float | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[onnx.ModelProto, SearchReport]:
     """Fall back the most harmful quantized nodes of ``quantized`` to FP32 until ``metric`` meets its bars.
 
@@ -207,6 +214,10 @@ def search_fallback(
             :mod:`calibration.fused`): ``build(nodes)`` returns the graph with exactly ``nodes`` quantized.
             Default None: QDQ surgery (:func:`fall_back`) on ``quantized``.
         candidates: the quantizable node names when ``build`` is given (default: ``quantized_nodes``).
+        budget_s: wall-clock seconds the search may take (None: no limit). Ranking stops when they run out, and
+            the unranked nodes go back to FP32 together (their harm unknown); in the fallback steps, every node
+            not yet tried goes back at once. One evaluation records the scores of that graph.
+        clock: the time source (tests pass a fake one).
 
     Returns:
         The graph that meets the bars and a :class:`SearchReport`.
@@ -217,7 +228,11 @@ def search_fallback(
     """
     if not validation:
         raise QuantizationError("accuracy search needs at least one held-out batch; pass validation batches")
-    start = time.perf_counter()
+    start = clock()
+
+    def out_of_time() -> bool:
+        return budget_s is not None and clock() - start > budget_s
+
     bars = metric.bars(max_accuracy_drop)
     reference = evaluate(float_model, validation, metric)
     current = evaluate(quantized, validation, metric)
@@ -231,10 +246,11 @@ def search_fallback(
         validation_batches=len(validation),
         validation_examples=sum(len(next(iter(batch.values()))) for batch in validation),
         evaluations=2,
+        budget_s=budget_s,
     )
     logger.info("accuracy search (%s, max drop %.3f): INT8 scores %s", metric.name, max_accuracy_drop, _fmt(before))
     if not failures(before, bars):
-        report.seconds = round(time.perf_counter() - start, 3)
+        report.seconds = round(clock() - start, 3)
         logger.info("every bar met with all nodes quantized; nothing falls back")
         return quantized, report
 
@@ -250,33 +266,51 @@ def search_fallback(
         back = set(fallen)
         return build([name for name in candidates if name not in back])
 
-    harm = {}
+    harm: dict[str, float] = {}
     for name in candidates:
+        if out_of_time():
+            report.budget_reached = "ranking"
+            break
         trial = evaluate(without([name]), ranking, metric)
         harm[name] = base_error - relative_error(ranking_reference, trial)
-    report.evaluations += len(candidates)
+    report.evaluations += len(harm)
     report.harm = dict(sorted(harm.items(), key=lambda item: -item[1]))
     op_types = {node.name: node.op_type for node in quantized.graph.node}
+    if report.budget_reached:
+        logger.warning("accuracy search: the %g s budget ran out after ranking %d of %d nodes; the other %d go "
+                       "back to FP32", budget_s, len(harm), len(candidates), len(candidates) - len(harm))
+    # Nodes whose harm is unknown go back first, together: the safe side of a search that ran out of time.
+    unranked = [name for name in candidates if name not in harm]
+    steps: list[list[str]] = ([unranked] if unranked else []) + [[name] for name in report.harm]
 
     fallen: list[str] = []
     model, scores = quantized, before
-    for name in report.harm:
-        fallen.append(name)
+    for index, group in enumerate(steps):
+        reason = "not ranked: the search's time budget ran out" if group is unranked else "most harmful node left"
+        if index > 0 and out_of_time():  # every node not yet tried goes back at once
+            report.budget_reached = report.budget_reached or "falling back"
+            group = [name for later in steps[index:] for name in later]
+            reason = "not tried: the search's time budget ran out"
+        fallen += group
         model = without(fallen)
         scores = metric.scores(reference, evaluate(model, validation, metric))
         report.evaluations += 1
-        report.fallbacks.append(FallbackStep(name, op_types[name], round(harm[name], 8), scores))
-        logger.info("fell back %s (harm %.2e): %s", name, harm[name], _fmt(scores))
-        if not failures(scores, bars):
+        for name in group:
+            known = harm.get(name)
+            report.fallbacks.append(FallbackStep(name, op_types[name], None if known is None else round(known, 8),
+                                                 scores, reason))
+        logger.info("fell back %s (%s): %s", ", ".join(group[:3]) + (" ..." if len(group) > 3 else ""), reason,
+                    _fmt(scores))
+        if not failures(scores, bars) or reason.startswith("not tried"):
             break
-    else:
+    if failures(scores, bars):
         steps = "; ".join(f"{step.node}: {_fmt(step.scores)}" for step in report.fallbacks)
         raise QuantizationError(
             f"{metric.name} bars {bars} not met even with all {len(fallen)} quantized nodes back in FP32 "
             f"({steps}); check the metric and the held-out batches"
         )
     report.scores_after = scores
-    report.seconds = round(time.perf_counter() - start, 3)
+    report.seconds = round(clock() - start, 3)
     logger.info(
         "accuracy search done: %d of %d nodes back in FP32, %d evaluations, %.1f s",
         len(fallen), len(candidates), report.evaluations, report.seconds,

@@ -164,6 +164,9 @@ OPTIONS: tuple[Option, ...] = (
            ("auto", "full", "reduced")),
     Option("--max-accuracy-drop", "quantization.max_accuracy_drop",
            "allowed task-metric drop of INT8 vs FP32 (fraction); the most harmful nodes fall back to FP32 until it holds"),
+    Option("--search-budget", "quantization.search_budget_s",
+           "seconds the INT8 accuracy search may take (default 900); past them the untested nodes go back to FP32 "
+           "and the manifest says so"),
     Option("--parity-atol", "parity.fp32_atol", "largest absolute error allowed for FP32 files"),
     Option("--fp16", "fp16", "build model_fp16.onnx: auto (where CUDA is present), always, never",
            ("auto", "always", "never")),

@@ -99,3 +99,50 @@ def test_falling_back_every_node_gives_the_fp32_graph(
     )
     with pytest.raises(QuantizationError, match="not in both"):
         fall_back(quantized, float_model, ["no-such-node"])
+
+
+class _Clock:
+    """A fake time source: every reading is `step` seconds after the previous one."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+@pytest.mark.parametrize("budget", [3.5, 12.5])
+def test_a_search_out_of_time_puts_the_untested_nodes_back_and_says_so(
+    sensitive_bert: Path, tmp_path: Path, validation: list[dict[str, np.ndarray]], budget: float
+) -> None:
+    """One clock reading per second: with 3.5 s the ranking stops after 3 of 12 nodes (the other 9 go back
+    together, unranked); with 12.5 s every node is ranked, one fallback step is taken, and the time is up before
+    the second: the other 11 go back at once. Either way the graph meets the bar and every step says why."""
+    from calibration.search import search_fallback
+
+    config = QuantizationConfig(samples=16, graph="unfused")
+    out = tmp_path / "all.onnx"
+    _quantize(sensitive_bert, out, config, None)
+    quantized, float_model = onnx.load(str(out)), onnx.load(str(sensitive_bert))
+    metric = CosineMetric()
+    _, report = search_fallback(float_model, quantized, validation, metric, 0.0003, 2, budget_s=budget,
+                                clock=_Clock(1.0))
+    assert failures(report.scores_before, report.bars)  # the strict bar forces a search
+    assert not failures(report.scores_after, report.bars)
+    reasons = [step.reason for step in report.fallbacks]
+    if budget == 3.5:
+        assert report.budget_reached == "ranking" and len(report.harm) == 3
+        unranked = [step for step in report.fallbacks if step.harm is None]
+        assert len(unranked) == 9 and all("not ranked" in r for r in reasons[:9])
+    else:
+        assert len(report.harm) == 12 and report.budget_reached == "falling back"
+        assert reasons[0] == "most harmful node left" and reasons[1:] == ["not tried: the search's time budget "
+                                                                          "ran out"] * 11
+    assert report.to_dict()["budget_s"] == budget
+
+
+def test_the_budget_is_validated() -> None:
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="search_budget_s"):
+            QuantizationConfig(search_budget_s=bad)
