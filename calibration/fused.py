@@ -53,6 +53,7 @@ from onnxruntime.transformers.onnx_model import OnnxModel
 
 from calibration.search import cpu_session, drop_unused_initializers
 from exporter.errors import QuantizationError
+from exporter.progress import bar
 from graphs.graph_view import GraphView
 
 logger = logging.getLogger(__name__)
@@ -189,15 +190,17 @@ def collect_stats(
         wanted = [names.index(name) for name in tensors]
         if hasattr(reader, "rewind"):
             reader.rewind()
-        while (feeds := reader.get_next()) is not None:
-            outputs = session.run(None, {k: v for k, v in feeds.items() if k in inputs})
-            mask = feeds.get(MASK_INPUT)
-            for name, index in zip(tensors, wanted, strict=True):
-                x = outputs[index]
-                if name not in stats:
-                    stats[name] = ActivationStats.first(x)
-                stats[name].update(x, rng, rows_per_batch, max_rows, mask, gram_rows, gram_rng)
-            del outputs
+        with bar(total=len(reader) if hasattr(reader, "__len__") else None, desc="calibrating") as shown:
+            while (feeds := reader.get_next()) is not None:
+                outputs = session.run(None, {k: v for k, v in feeds.items() if k in inputs})
+                mask = feeds.get(MASK_INPUT)
+                for name, index in zip(tensors, wanted, strict=True):
+                    x = outputs[index]
+                    if name not in stats:
+                        stats[name] = ActivationStats.first(x)
+                    stats[name].update(x, rng, rows_per_batch, max_rows, mask, gram_rows, gram_rng)
+                del outputs
+                shown.update(1)
     if not stats:
         raise QuantizationError("the calibration reader gave no batch; pass at least one calibration text")
     return stats

@@ -38,6 +38,7 @@ import onnxruntime as ort
 
 from calibration.metrics import TaskMetric, failures, relative_error
 from exporter.errors import QuantizationError
+from exporter.progress import bar
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +268,7 @@ def search_fallback(
         return build([name for name in candidates if name not in back])
 
     harm: dict[str, float] = {}
-    for name in candidates:
+    for name in bar(candidates, desc="ranking INT8 nodes"):
         if out_of_time():
             report.budget_reached = "ranking"
             break
@@ -285,7 +286,7 @@ def search_fallback(
 
     fallen: list[str] = []
     model, scores = quantized, before
-    for index, group in enumerate(steps):
+    for index, group in enumerate(bar(steps, desc="falling back to FP32")):
         reason = "not ranked: the search's time budget ran out" if group is unranked else "most harmful node left"
         if index > 0 and out_of_time():  # every node not yet tried goes back at once
             report.budget_reached = report.budget_reached or "falling back"

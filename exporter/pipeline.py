@@ -76,6 +76,7 @@ from exporter.parity import (
     reference_outputs,
     resolve_providers,
 )
+from exporter.progress import bar
 from exporter.text import make_tokenize
 from graphs.float16 import to_float16
 from graphs.fusion import GraphPlan, fuse_graph
@@ -713,8 +714,10 @@ def measure_files(
     cores = os.cpu_count() or 1
     result: dict[str, Any] = {}
     for provider in resolve_providers(providers)[0]:
-        files = {name: measure_latency(built / name, provider, feeds) for name in names}
-        for name in names:  # peak memory at the largest shape, each file in a fresh process
+        files = {}
+        for name in bar(names, desc=f"latency on {provider.replace('ExecutionProvider', '')}"):
+            files[name] = measure_latency(built / name, provider, feeds)
+            # peak memory at the largest shape, each file in a fresh process
             files[name][largest]["peak_mb"] = peak_memory_mb(built / name, provider, feeds[largest])
         result[provider] = {"files": files, "sequence": length, "threads": cores, "io_binding": binds_io(provider)}
         if provider == "CPUExecutionProvider":
