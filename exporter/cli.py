@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                 kwargs["type"] = _comma_list
             elif isinstance(default, (int, float)):
                 kwargs["type"] = type(default)
+            elif option.kind is not None:
+                kwargs["type"] = option.kind
             kwargs["choices"] = _choices(option)
             kwargs["metavar"] = option.flag.lstrip("-").upper().replace("-", "_")
         parser.add_argument(option.flag, **kwargs)

@@ -35,6 +35,9 @@ class ExportConfig:
     calibration_field: JSONL / dataset field holding the text (default "text").
     fp16: build model_fp16.onnx (float16, float32 I/O): "auto" (default) where CUDA is present, "always" (e.g. a
         GPU deployment built on a CPU machine; checked on CPU, slowly), "never".
+    max_length: the longest sequence the artifact is checked at (parity gets a 2 x max_length batch): None means
+        the model's own maximum (positions, tokenizer, sentence-transformers max_seq_length) capped at 512, and
+        384 for question answering (the usual serving window).
     eval_data: labelled data (JSONL, CSV, SQuAD JSON, or a `datasets` folder) for gold metrics of the PyTorch
         checkpoint and every file (`exporter.eval_data`); None: no gold evaluation.
     eval_fields: "key=name,..." renaming the task's fields in `eval_data`.
@@ -49,6 +52,7 @@ class ExportConfig:
     calibration_data: str | None = None
     calibration_field: str = "text"
     fp16: str = "auto"
+    max_length: int | None = None
     eval_data: str | None = None
     eval_fields: str = ""
     eval_batch_size: int = 8
@@ -141,6 +145,7 @@ class Option:
     field: str
     help: str
     choices: tuple[str, ...] | None = None
+    kind: type | None = None  # the value's type where the field's default (None) does not tell it
 
 
 # The one place flags meet config fields. Types and defaults come from the dataclasses themselves.
@@ -170,6 +175,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--parity-atol", "parity.fp32_atol", "largest absolute error allowed for FP32 files"),
     Option("--fp16", "fp16", "build model_fp16.onnx: auto (where CUDA is present), always, never",
            ("auto", "always", "never")),
+    Option("--max-length", "max_length", "longest sequence parity checks, in a 2 x N batch (default: the model's "
+           "maximum capped at 512; 384 for question answering)", kind=int),
     Option("--eval-data", "eval_data", "labelled data for gold metrics: .jsonl, .csv, SQuAD .json, or a datasets "
            "folder (fields per task: see --eval-fields)"),
     Option("--eval-fields", "eval_fields", "rename eval-data fields, e.g. 'text=sentence,label=intent' (keys: "

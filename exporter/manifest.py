@@ -136,6 +136,14 @@ def render_report(manifest: dict[str, Any]) -> str:
         err = f"{e['max_abs_error']:.2e}" if e["max_abs_error"] is not None else "-"
         cos = f"{e['mean_cosine']:.6f}" if e["mean_cosine"] is not None else "-"
         lines.append(f"| {e['file']} | {e['provider']} | {e['status']} | {err} | {cos} | {metric} | {e['tolerance']} | {e['reason'] or ''} |")
+    checked = [e for e in manifest["parity"] if e.get("per_shape")]
+    if checked:
+        shapes = [f"{s['shape'][0]}x{s['shape'][1]}" for s in checked[0]["per_shape"]]
+        lines += ["", f"Parity per batch shape (as run; max length {manifest.get('max_length', '?')}): max abs error "
+                  "/ min cosine", "", "| file | provider | " + " | ".join(shapes) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in shapes) + " |"]
+        lines += [f"| {e['file']} | {e['provider']} | " + " | ".join(
+            f"{s['max_abs_error']:.2e} / {s['min_cosine']:.5f}" for s in e["per_shape"]) + " |" for e in checked]
     for provider, measured in (manifest.get("latency") or {}).items():
         shapes = list(next(iter(measured["files"].values())))
         lines += ["", f"## Latency on {provider} (p50 / p99 ms, {measured['threads']} threads, one run)", "",

@@ -94,6 +94,8 @@ class ParityEntry:
     reason: str | None = None
     first_divergence: str | None = None  # on failure: the first layer boundary that leaves the reference
     per_output: dict[str, dict[str, float]] = field(default_factory=dict)
+    # per parity batch: its (batch, sequence) shape as run, max abs error and mean / min cosine over its rows
+    per_shape: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,7 +104,9 @@ class ParityEntry:
 def build_batches(
     texts: Sequence[str], tokenize: Callable[..., Batch], shapes: Sequence[tuple[int, int]], max_length: int
 ) -> list[Batch]:
-    """One batch per shape from real `texts`, rows cut to varied lengths so batches hold padding."""
+    """One batch per shape from real `texts`, rows cut to varied lengths so batches hold padding. A row of a
+    shape longer than 128 tokens joins consecutive texts until it holds as many words as the shape has tokens, so
+    the long shapes (the export's ``--max-length``) really run at their length."""
     batches, cursor = [], 0
     for batch_size, length in shapes:
         length = min(length, max_length)
@@ -110,6 +114,9 @@ def build_batches(
         for row in range(batch_size):
             words = texts[cursor % len(texts)].split()
             cursor += 1
+            while length > 128 and len(words) < length and len(texts) > 1:
+                words += texts[cursor % len(texts)].split()
+                cursor += 1
             # First row fills the sequence; later rows get shorter, so right padding appears in each batch.
             keep = max(3, int(len(words) * (1.0 - row / max(batch_size, 2) * 0.9))) if row else len(words)
             rows.append(" ".join(words[:keep]))
@@ -183,6 +190,15 @@ def compare(
         entry.per_output[name] = {"max_abs_error": max(errors), "mean_abs_error": sums / max(count, 1)}
         max_errors.append(max(errors))
         mean_errors.append(sums / max(count, 1))
+    for index, (feeds, ref, out) in enumerate(zip(batches, expected, actual, strict=True)):
+        mask = feeds["attention_mask"].astype(bool)
+        worst, row_cosines = 0.0, []
+        for name in ref:
+            per_token = token_level(task, name)
+            worst = max(worst, float(np.abs(_valid(ref[name], mask, per_token) - _valid(out[name], mask, per_token)).max()))
+            row_cosines.extend(_row_cosines(ref[name], out[name], mask, per_token))
+        entry.per_shape.append({"batch": index, "shape": list(mask.shape), "max_abs_error": worst,
+                                "mean_cosine": float(np.mean(row_cosines)), "min_cosine": float(np.min(row_cosines))})
     entry.max_abs_error = max(max_errors)
     entry.mean_abs_error = float(np.mean(mean_errors))
     entry.min_cosine = float(min(cosines))

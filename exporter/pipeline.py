@@ -480,6 +480,9 @@ def check_options(config: ExportConfig) -> None:
             )
 
 
+    if config.max_length is not None and (isinstance(config.max_length, bool) or not isinstance(config.max_length, int)
+                                          or not 16 <= config.max_length <= 8192):
+        raise UsageError(f"--max-length {config.max_length!r} must be an integer from 16 to 8192")
     if config.eval_fields and config.eval_data is None:
         raise UsageError("--eval-fields has no effect without --eval-data; pass --eval-data FILE or drop it")
     if isinstance(config.eval_batch_size, bool) or not isinstance(config.eval_batch_size, int) \
@@ -568,6 +571,16 @@ def _build(
                 evalset = read_eval_data(Path(config.eval_data), task, parse_fields(config.eval_fields, task),
                                          labels)
                 note["detail"] += f"; eval data {len(evalset.examples)} {evalset.format} rows"
+        model_max = min(arch.max_positions(hf_config), int(getattr(checkpoint.tokenizer, "model_max_length", 512)),
+                        *([checkpoint.sentence.max_seq_length] if checkpoint.sentence and checkpoint.sentence.max_seq_length
+                          else []))
+        if config.max_length is not None and config.max_length > model_max:
+            raise UsageError(f"--max-length {config.max_length} is longer than this model takes ({model_max} tokens: "
+                             "its positions, tokenizer and sentence-transformers limits); pass at most that")
+        max_length = config.max_length or min(model_max, 384 if task == "question-answering" else 512)
+        shapes = tuple(config.parity.shapes)
+        if max_length > max(length for _, length in shapes):  # a batch at the length the model is served at
+            shapes += ((2, max_length),)
         with stages.stage("compact") as note:
             compacted = copy.deepcopy(reference)
             compaction = compact_model(compacted, arch, hf_config, drops)
@@ -590,8 +603,6 @@ def _build(
             fp16 = _fp16_variant(config, built)
             if fp16.get("built"):
                 note["detail"] += f"; {FP16_FILE}"
-        max_length = min(arch.max_positions(hf_config), 512, int(getattr(checkpoint.tokenizer, "model_max_length", 512)),
-                         *([sentence.max_seq_length] if sentence and sentence.max_seq_length else []))
         pairs = task == "question-answering"
         tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, max_length, pairs=pairs)
         # The INT8 search chooses fallbacks on one half of the held-out texts; parity and latency use the other.
@@ -639,7 +650,7 @@ def _build(
             if tuning:
                 note["detail"] += f", tuned: {quantization.preset} fastest of {len(tuning)} presets"
         with stages.stage("parity") as note:
-            batches = build_batches(report_pool, tokenize, config.parity.shapes, max_length)
+            batches = build_batches(report_pool, tokenize, shapes, max_length)
             expected = reference_outputs(reference, batches, output_names(task, sentence is not None), pooling)
             entries = []
             checked = [(MODEL_FILE, "fp32"), (OPTIMIZED_FILE, "fp32"), (QUANTIZED_FILE, "int8")]
@@ -687,7 +698,8 @@ def _build(
                 "fp16": fp16,
                 "parity": [e.to_dict() for e in entries],
                 "parity_data": {"inputs": "parity/inputs.npz", "reference": "parity/reference.npz",
-                                "shapes": [list(s) for s in config.parity.shapes]},
+                                "shapes": [list(b["attention_mask"].shape) for b in batches]},
+                "max_length": max_length,
                 "latency": latency,
                 **({"eval_data": evalset.to_dict() | {
                     "fields": parse_fields(config.eval_fields, task),

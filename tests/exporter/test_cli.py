@@ -130,7 +130,9 @@ def test_parity_data_round_trips(exported: tuple[Path, Path, int]) -> None:
     _, out, _ = exported
     inputs = np.load(out / "parity" / "inputs.npz")
     reference = np.load(out / "parity" / "reference.npz")
-    assert {k.split("/")[0] for k in inputs} == {k.split("/")[0] for k in reference} == {"0", "1", "2"}
+    shapes = json.loads((out / "manifest.json").read_text())["parity_data"]["shapes"]
+    assert shapes[:3] == [[1, 16], [4, 64], [8, 128]] and shapes[3][1] == 512  # + a batch at the max length
+    assert {k.split("/")[0] for k in inputs} == {k.split("/")[0] for k in reference} == {"0", "1", "2", "3"}
     assert (inputs["1/attention_mask"] == 0).any()  # padded rows are part of the check
 
 
