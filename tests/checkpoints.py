@@ -706,3 +706,14 @@ def swap_no_norm(model: nn.Module) -> None:
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.LayerNorm):
                 setattr(parent, name, _NoNorm(child))
+
+
+def changed_copy(artifact: Path, copy: Path, file: str, at: float = 0.5) -> Path:
+    """A copy of `artifact` at `copy` with one bit of `file` flipped, at fraction `at` of its bytes (a weight byte
+    for a model file); returns `copy`."""
+    shutil.copytree(artifact, copy)
+    target = copy / file
+    data = bytearray(target.read_bytes())
+    data[int(len(data) * at)] ^= 0x01
+    target.write_bytes(bytes(data))
+    return copy

@@ -95,11 +95,8 @@ def test_verify_and_run_in_a_venv_without_torch(deploy_venv: Path, tmp_path: Pat
         cosines = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
         assert got.shape == want.shape and cosines.min() >= bar, (file, cosines)
 
-    copy = tmp_path / "changed"
-    shutil.copytree(artifact, copy)
-    target = copy / "model.onnx"
-    data = bytearray(target.read_bytes())
-    data[len(data) // 3] ^= 0x01
-    target.write_bytes(bytes(data))
+    from tests.checkpoints import changed_copy
+
+    copy = changed_copy(artifact, tmp_path / "changed", "model.onnx", at=1 / 3)
     done = _in(deploy_venv, "export-model", "verify", str(copy))
     assert done.returncode == 3 and "model.onnx: sha256 differs" in done.stderr, done.stderr[-2000:]

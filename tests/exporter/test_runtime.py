@@ -328,12 +328,9 @@ def test_default_file_and_verify_without_torch(minilm_artifact: Path, tmp_path: 
     fastest = min(passed, key=lambda f: sum(r["median_ms"] for r in timings[f].values()))
     assert chosen.stdout.strip() == fastest
     # One byte of a model file changed: verify exits 3 naming it, and run refuses the file the same way.
-    copy = tmp_path / "copy"
-    shutil.copytree(minilm_artifact, copy)
-    target = copy / "model_optimized.onnx"
-    data = bytearray(target.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    target.write_bytes(bytes(data))
+    from tests.checkpoints import changed_copy
+
+    copy = changed_copy(minilm_artifact, tmp_path / "copy", "model_optimized.onnx")
     done = torch_free(["verify", str(copy)])
     assert done.returncode == 3 and "model_optimized.onnx: sha256 differs" in done.stderr
     rows = tmp_path / "one.jsonl"

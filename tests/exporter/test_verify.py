@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from exporter.cli import main
+from tests.checkpoints import changed_copy
 from tests.exporter.test_cli import exported  # noqa: F401  (module-scoped fixture: one export for all tests)
 
 
@@ -23,12 +24,7 @@ def test_verify_fails_naming_the_file_after_one_byte_changes(
     exported: tuple[Path, Path, int], tmp_path: Path, capsys: pytest.CaptureFixture  # noqa: F811
 ) -> None:
     _, out, _ = exported
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-    target = copy / "model_optimized.onnx"
-    data = bytearray(target.read_bytes())
-    data[len(data) // 2] ^= 0x01  # one bit of one weight byte
-    target.write_bytes(bytes(data))
+    copy = changed_copy(out, tmp_path / "copy", "model_optimized.onnx")  # one bit of one weight byte
     assert main(["verify", str(copy)]) == 3
     err = capsys.readouterr().err
     assert "model_optimized.onnx: sha256 differs" in err
