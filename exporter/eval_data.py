@@ -71,10 +71,11 @@ class EvalSet:
     examples: list[Example]
     format: str
     squad_version: str | None = None  # "1.1" | "2.0" for question answering
+    fields: dict[str, str] = field(default_factory=dict)  # the field names read
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "sha256": self.sha256, "format": self.format, "examples": len(self.examples),
-                **({"squad_version": self.squad_version} if self.squad_version else {})}
+                **({"squad_version": self.squad_version} if self.squad_version else {}), "fields": self.fields}
 
 
 def parse_fields(spec: str, task: str) -> dict[str, str]:
@@ -131,7 +132,7 @@ def read_eval_data(path: Path, task: str, fields: Mapping[str, str], labels: Seq
     version = None
     if task == "question-answering":
         version = "2.0" if any(not e.answers for e in examples) else "1.1"
-    return EvalSet(task, str(path), digest.hexdigest(), examples, kind, version)
+    return EvalSet(task, str(path), digest.hexdigest(), examples, kind, version, dict(fields))
 
 
 # ----- formats -----

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,21 +123,25 @@ def evaluate(runtime: Runtime, data: EvalSet) -> dict[str, Any]:
             "latency_ms_std": float(ms.std()) if ms.size else None, "calls": int(ms.size)}
 
 
-def evaluation_rows(folder: Path, task: str, data: EvalSet, reference: Any, input_names: Sequence[str],
-                    output_names: Sequence[str], pooling: Any, files: Sequence[str], providers: Sequence[str],
-                    batch_size: int, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """One row for the PyTorch checkpoint and one per (file, provider); `folder` holds the tokenizer and config
-    files the runtime reads (the artifact being built)."""
+def _runtime(folder: Path, task: str, session: Any, name: str, batch_size: int) -> Runtime:
+    """The runtime's decoding over `session`, with the tokenizer and config of `folder` (the artifact being
+    built)."""
     from tokenizers import Tokenizer
 
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return Runtime(folder, name, session, {"task": task}, config, Tokenizer.from_file(str(folder / "tokenizer.json")),
+                   batch_size)
+
+
+def evaluation_rows(folder: Path, task: str, data: EvalSet, reference: Any, input_names: Sequence[str],
+                    output_names: Sequence[str], pooling: Any, files: Sequence[str], providers: Sequence[str],
+                    batch_size: int) -> list[dict[str, Any]]:
+    """One row for the PyTorch checkpoint and one per (file, provider); `folder` holds the tokenizer and config
+    files the runtime reads (the artifact being built)."""
     from exporter.parity import open_session
 
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    manifest = {"task": task}
-
     def runtime(session: Any, name: str) -> Runtime:
-        return Runtime(folder, name, session, manifest, config, Tokenizer.from_file(str(folder / "tokenizer.json")),
-                       batch_size)
+        return _runtime(folder, task, session, name, batch_size)
 
     rows = []
     size = sum(p.numel() * p.element_size() for p in reference.parameters()) / 1e6
@@ -146,8 +150,6 @@ def evaluation_rows(folder: Path, task: str, data: EvalSet, reference: Any, inpu
                  **evaluate(runtime(torch_session, "pytorch"), data)})
     for provider in providers:
         for name in files:
-            if progress:
-                progress(f"{name} on {provider}")
             path = folder / name
             size = (path.stat().st_size + sum(p.stat().st_size for p in folder.glob(f"{name}.data"))) / 1e6
             rows.append({"file": name, "provider": provider, "size_mb": size,
@@ -253,14 +255,10 @@ def split_for_search(data: EvalSet, every: int = 4) -> tuple[EvalSet, EvalSet]:
 
 def gold_search_metric(folder: Path, task: str, data: EvalSet, graph: Path, batch_size: int) -> GoldMetric:
     """The gold metric over `data` (the search part), with its validation batches recorded on `graph` (FP32)."""
-    from tokenizers import Tokenizer
-
     from exporter.parity import open_session
 
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     recorded = RecordingSession(open_session(graph, "CPUExecutionProvider"))
-    runtime = Runtime(folder, graph.name, recorded, {"task": task}, config,
-                      Tokenizer.from_file(str(folder / "tokenizer.json")), batch_size)
+    runtime = _runtime(folder, task, recorded, graph.name, batch_size)
     decode(runtime, data)
     runtime.session = recorded.session
     return GoldMetric(runtime, data, recorded)

@@ -702,7 +702,6 @@ def _build(
                 "max_length": max_length,
                 "latency": latency,
                 **({"eval_data": evalset.to_dict() | {
-                    "fields": parse_fields(config.eval_fields, task),
                     "search": gold_search,  # None: the search judged on agreement with FP32, as without labels
                     "reported_examples": len(reported.examples),
                     "reported_rows": "the rows the search did not use" if gold_search else "every row"},

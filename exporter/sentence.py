@@ -71,8 +71,8 @@ def read_sentence_modules(folder: Path) -> SentenceModules | None:
             raise CheckpointError(f"{folder / 'sentence_bert_config.json'}: max_seq_length {value!r} is not a "
                                   f"positive integer; {_FIX}")
         max_seq_length = value
-    for name in files:
-        read(folder / name)  # every copied file is a capped, regular JSON file inside the folder
+    if (folder / "config_sentence_transformers.json").exists():  # the one copied file not read above
+        read(folder / "config_sentence_transformers.json")  # capped, regular, inside the folder, like the rest
     return SentenceModules(pooling, files, max_seq_length)
 
 
