@@ -97,9 +97,11 @@ def own_outputs(model: nn.Module, task: str, inputs: dict[str, torch.Tensor],
 
 
 def check_export_forward(model: nn.Module, architecture: Architecture, task: str,
-                         inputs: dict[str, torch.Tensor], pooling: Pooling | None = None) -> float:
-    """Largest difference between the model's own forward and the export forward on ``inputs`` (eval mode);
-    ExportError beyond float rounding (1e-5 of the larger of 1 and the largest output)."""
+                         inputs: dict[str, torch.Tensor], pooling: Pooling | None = None
+                         ) -> tuple[float, dict[str, tuple[int, ...]]]:
+    """Largest difference between the model's own forward and the export forward on ``inputs`` (eval mode), and
+    each output's shape there; ExportError beyond float rounding (1e-5 of the larger of 1 and the largest
+    output)."""
     output_names = outputs_of(task, pooling is not None)
     with torch.no_grad():
         own = own_outputs(model, task, inputs, pooling)
@@ -118,7 +120,7 @@ def check_export_forward(model: nn.Module, architecture: Architecture, task: str
                 f"(allowed {bound:.3g}); this model is not the {architecture.name} the exporter describes"
             )
         worst = max(worst, diff)
-    return worst
+    return worst, {name: tuple(got.shape) for name, got in zip(output_names, ours, strict=True)}
 
 
 def output_axes(task: str, sentence: bool = False) -> dict[str, dict[int, str]]:
@@ -144,7 +146,7 @@ def export_onnx(model: nn.Module, architecture: Architecture, task: str, path: P
     axes = {name: {0: "batch_size", 1: "sequence_length"} for name in input_names} | output_axes(task, pooling is not None)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     wrapper = _Signature(model, input_names).eval()
-    worst = check_export_forward(model, architecture, task, dict(zip(input_names, args, strict=True)), pooling)
+    worst, shapes = check_export_forward(model, architecture, task, dict(zip(input_names, args, strict=True)), pooling)
     log.info("export forward matches %s's own forward to %.2g on the dummy batch", type(model).__name__, worst)
     # Past 2 GB the exporter writes one file per tensor beside the graph: keep those in a scratch folder and
     # merge them into a single `<name>.data` below, so the artifact holds only files the manifest describes.
@@ -176,11 +178,9 @@ def export_onnx(model: nn.Module, architecture: Architecture, task: str, path: P
     graph = onnx.load(str(path), load_external_data=False)
     if pooling is not None:
         # The tracer leaves the pooled width symbolic (after the normalization's Div); it is hidden x modes.
-        with torch.no_grad(), export_forward(model, architecture, task, pooling):
-            width = int(model(**dict(zip(input_names, args, strict=True)))[-1].shape[-1])
         output = next(o for o in graph.graph.output if o.name == SENTENCE_OUTPUT)
         output.type.tensor_type.shape.dim[1].Clear()
-        output.type.tensor_type.shape.dim[1].dim_value = width
+        output.type.tensor_type.shape.dim[1].dim_value = shapes[SENTENCE_OUTPUT][-1]
         onnx.save(graph, str(path))  # external tensors (if any) stay references to the unchanged .data file
         graph = onnx.load(str(path), load_external_data=False)
     onnx.checker.check_model(str(path))
