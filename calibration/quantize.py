@@ -41,7 +41,7 @@ from onnxruntime.quantization import (
 
 from calibration.fused import FUSED_METHODS, WEIGHT_ROUNDINGS, plan_fused
 from calibration.metrics import TaskMetric, get_metric
-from calibration.search import SearchReport, is_large, search_fallback
+from calibration.search import STRATEGIES, SearchReport, is_large, search_fallback
 from exporter.errors import QuantizationError
 
 logger = logging.getLogger(__name__)
@@ -152,6 +152,10 @@ class QuantizationConfig:
             nodes not yet ranked go back to FP32 together, or, once ranking is done, every node not yet tried
             does; one evaluation then records the scores, and the report says ``budget_reached`` and why each node
             stayed FP32.
+        search_strategy: ``paired`` (default: one paired FP32 / INT8 probe run ranks the nodes by their own INT8
+            error, then the shortest prefix of that ranking that meets the bars goes back, found by doubling and
+            bisection: a few evaluations whatever the node count) or ``leave-one-out`` (one trial per node ranks,
+            nodes go back one at a time; see :mod:`calibration.search`).
         validation_samples: held-out texts the search judges accuracy on (default 64, raised to what the
             task's bar needs, see ``validation_count``; the pipeline keeps them disjoint from the texts parity
             reports on).
@@ -189,6 +193,7 @@ class QuantizationConfig:
     max_accuracy_drop: float = 0.01
     search_ranking_batches: int = 8
     search_budget_s: float = 900.0
+    search_strategy: str = "paired"
     validation_samples: int = 64
     tune: bool = False
     int8_weights: str = "auto"
@@ -222,6 +227,8 @@ class QuantizationConfig:
             problems.append(f"max_accuracy_drop must be a finite fraction in (0, 1), got {self.max_accuracy_drop}")
         if self.graph not in ("fused", "unfused"):
             problems.append(f"graph {self.graph!r} not in ['fused', 'unfused']")
+        if self.search_strategy not in STRATEGIES:
+            problems.append(f"search_strategy {self.search_strategy!r} not in {list(STRATEGIES)}")
         if self.int8_weights not in INT8_WEIGHT_RANGES:
             problems.append(f"int8_weights {self.int8_weights!r} not in {list(INT8_WEIGHT_RANGES)}")
         if self.weight_rounding not in WEIGHT_ROUNDINGS:
@@ -568,6 +575,7 @@ def quantize_model(
                 config.max_accuracy_drop,
                 config.search_ranking_batches,
                 budget_s=config.search_budget_s,
+                strategy=config.search_strategy,
             )
             del float_model
         counts, kept = _count_quantized(quantized_model, config.op_types)
@@ -636,6 +644,10 @@ def _quantize_fused(
         quantized_model, search = search_fallback(
             model, quantized_model, validation, get_metric(metric), config.max_accuracy_drop,
             config.search_ranking_batches, build=plan.build, candidates=names, budget_s=config.search_budget_s,
+            strategy=config.search_strategy,
+            # An Attention's correction is in its own QKV bias, which the probe copies; a MatMul's is in the next
+            # node's bias, outside the probe: added to the MatMul's INT8 output there.
+            shifts={name: shift for name, (reader, _, shift) in plan.corrections.items() if reader != name},
         )
     fallen = set() if search is None else set(search.fallback_nodes)
     counts = Counter(target.op_type for target in plan.targets if target.name not in fallen)

@@ -1,14 +1,29 @@
-"""Accuracy-aware fallback: put the quantized nodes that hurt the task metric most back in FP32, one at a time.
+"""Accuracy-aware fallback: put the quantized nodes that hurt the task metric most back in FP32.
 
-Start from a fully quantized QDQ graph (every weight MatMul INT8, the fast end) and its FP32 source:
+Start from a fully quantized graph (every target INT8, the fast end) and its FP32 source:
 
 1. Run both on the held-out batches; the task metric (:mod:`calibration.metrics`) scores INT8 against FP32.
    If every bar holds, nothing falls back.
-2. Rank: for each quantized node, a trial graph with only that node back in FP32 is run on the first
-   ``ranking_batches`` batches; the node's *harm* is how much the relative error of the metric's summaries
-   drops (a greedy leave-one-out trial, measured end to end, so error that compounds downstream counts).
-3. Fall back: the most harmful node goes back to FP32, the task metric is re-measured on every held-out
-   batch, and so on until every bar holds. Each step is recorded with its scores.
+2. Rank the quantized nodes by harm. Two strategies (``strategy``):
+
+   - ``paired`` (default): ONE run of a probe graph on the first ``ranking_batches`` batches. The probe is the
+     FP32 graph with, beside every quantized node, its INT8 twin reading the same float input (the pairing of
+     onnxruntime.quantization's qdq_loss_debug, but each node's own error, not the error accumulated upstream);
+     a node's harm is the relative squared error of its INT8 output against its FP32 output over the real
+     tokens. Cost: one evaluation, whatever the number of nodes.
+   - ``leave-one-out``: for each quantized node, a trial graph with only that node back in FP32 is run on the
+     ranking batches; its harm is how much the relative error of the metric's summaries drops (measured end to
+     end). Cost: one evaluation per node.
+3. Fall back:
+
+   - ``paired``: the shortest prefix of the ranking that meets every bar on every held-out batch, found by
+     doubling the prefix (1, 2, 4, ...) until the bars hold, then bisecting between the last failing and the
+     first passing length: about 2 log2(k) evaluations for k nodes back, where putting nodes back one at a
+     time costs k.
+   - ``leave-one-out``: the most harmful node goes back to FP32, the task metric is re-measured on every
+     held-out batch, and so on until every bar holds.
+
+   Every trial is recorded with its scores.
 
 A fallback is graph surgery on the already calibrated graph, not a new calibration: the node reads the float
 activation (the QuantizeLinear input) and the original float weight again, and QuantizeLinear /
@@ -30,11 +45,12 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import helper, numpy_helper
 
 from calibration.metrics import TaskMetric, failures, relative_error
 from exporter.errors import QuantizationError
@@ -45,6 +61,9 @@ logger = logging.getLogger(__name__)
 Batch = Mapping[str, np.ndarray]
 
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+STRATEGIES = ("paired", "leave-one-out")
+"""How the search ranks and falls back (see module doc)."""
+MASK_INPUT = "attention_mask"
 PROTO_LIMIT = 1_900_000_000  # protobuf cannot serialize 2 GB; larger graphs go through a temporary file
 
 
@@ -71,9 +90,10 @@ class FallbackStep:
 class SearchReport:
     """What :func:`search_fallback` measured and decided; ``to_dict()`` goes into the manifest.
 
-    ``harm`` maps every ranked quantized node to the drop in relative error when it alone is FP32 (empty when the
-    fully quantized graph already met the bars and no ranking was needed). ``budget_reached``: None, or the phase
-    ("ranking" / "falling back") in which ``budget_s`` ran out.
+    ``harm`` maps every ranked quantized node to its harm (``leave-one-out``: the drop in relative error when it
+    alone is FP32; ``paired``: its own INT8 output's relative squared error), empty when the fully quantized graph
+    already met the bars and no ranking was needed. ``budget_reached``: None, or the phase ("ranking" /
+    "falling back") in which ``budget_s`` ran out.
     """
 
     metric: str
@@ -90,6 +110,10 @@ class SearchReport:
     seconds: float = 0.0
     budget_s: float | None = None
     budget_reached: str | None = None
+    strategy: str = "leave-one-out"
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    """``paired``: each fallback trial, ``{"fallen": k, "scores": ..., "met": bool}`` (the first k of the ranking
+    back in FP32), in the order measured."""
 
     @property
     def fallback_nodes(self) -> list[str]:
@@ -190,6 +214,116 @@ def evaluate(model: onnx.ModelProto, batches: Sequence[Batch], metric: TaskMetri
     return summaries
 
 
+def _tensors(model: onnx.ModelProto) -> set[str]:
+    graph = model.graph
+    return ({i.name for i in graph.input} | {i.name for i in graph.initializer}
+            | {out for node in graph.node for out in node.output})
+
+
+def probe_graph(
+    float_model: onnx.ModelProto, quantized: onnx.ModelProto, nodes: Sequence[str],
+    shifts: Mapping[str, np.ndarray] | None = None,
+) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
+    """The FP32 graph with each of ``nodes``' INT8 form from ``quantized`` beside it, reading the same float input.
+
+    ``float_model`` and ``quantized`` share tensor and node names (the FP32 twin and the INT8 graph of one plan).
+    For each node, the INT8 *island* is what ``quantized`` computes the node's first output from: the nodes reached
+    backwards from its producer until tensors that ``float_model`` also has (the float activation, shared
+    biases, the mask). The island is copied with every tensor it makes renamed, so it reads the FP32 graph's
+    activation and its output sits beside the FP32 output. ``shifts[node]`` (bias correction: what the INT8
+    graph adds to the bias after the node) is added to the INT8 output. The probe's outputs are, per node,
+    the squared error and the squared FP32 value summed over the last axis (``[batch, seq]`` for token outputs),
+    so a run returns a few numbers per token, not activations. Returns the probe and ``{node: (error output,
+    reference output)}``.
+    """
+    probe = copy.deepcopy(float_model)
+    known = _tensors(float_model)
+    producer = {out: node for node in quantized.graph.node for out in node.output}
+    position = {id(node): index for index, node in enumerate(quantized.graph.node)}
+    q_inits = {init.name: init for init in quantized.graph.initializer}
+    float_nodes = {node.name: node for node in float_model.graph.node}
+    opset = next((o.version for o in probe.opset_import if o.domain in ("", "ai.onnx")), 17)
+    copied: set[str] = set()
+    outputs: dict[str, tuple[str, str]] = {}
+    del probe.graph.output[:]
+    for index, name in enumerate(nodes):
+        if name not in float_nodes:
+            raise QuantizationError(f"cannot probe node {name!r}: not in the FP32 graph")
+        target = float_nodes[name].output[0]
+        if target not in producer:
+            raise QuantizationError(f"cannot probe node {name!r}: the INT8 graph does not compute {target!r}")
+        island, stack, seen = [], [producer[target]], set()
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            island.append(node)
+            stack += [producer[i] for i in node.input if i and i not in known and i in producer]
+        tag = f"__probe{index}"
+        made = {out for node in island for out in node.output}
+        rename = {tensor: tensor + tag for tensor in made}
+        for node in sorted(island, key=lambda n: position[id(n)]):
+            twin = copy.deepcopy(node)
+            twin.name = node.name + tag
+            for slot, tensor in enumerate(twin.input):
+                if tensor in rename:
+                    twin.input[slot] = rename[tensor]
+                elif tensor and tensor not in known and tensor in q_inits and tensor not in copied:
+                    probe.graph.initializer.append(q_inits[tensor])
+                    copied.add(tensor)
+            for slot, tensor in enumerate(twin.output):
+                twin.output[slot] = rename.get(tensor, tensor + tag)
+            probe.graph.node.append(twin)
+        estimate = rename[target]
+        if shifts and name in shifts:
+            shift = f"{name}{tag}_shift"
+            probe.graph.initializer.append(numpy_helper.from_array(np.asarray(shifts[name], np.float32), shift))
+            probe.graph.node.append(helper.make_node("Add", [estimate, shift], [estimate + "_shifted"]))
+            estimate += "_shifted"
+        probe.graph.node.append(helper.make_node("Sub", [estimate, target], [f"{name}{tag}_difference"]))
+        pair = (f"{name}{tag}_error", f"{name}{tag}_reference")
+        for source, out in ((f"{name}{tag}_difference", pair[0]), (target, pair[1])):
+            if opset >= 18:
+                axes = f"{out}_axes"
+                probe.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), axes))
+                probe.graph.node.append(helper.make_node("ReduceSumSquare", [source, axes], [out], keepdims=0))
+            else:
+                probe.graph.node.append(helper.make_node("ReduceSumSquare", [source], [out], axes=[-1], keepdims=0))
+            probe.graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+        outputs[name] = pair
+    for opset_id in quantized.opset_import:
+        if opset_id.domain and not any(o.domain == opset_id.domain for o in probe.opset_import):
+            probe.opset_import.append(opset_id)
+    return probe, outputs
+
+
+def paired_errors(
+    float_model: onnx.ModelProto, quantized: onnx.ModelProto, nodes: Sequence[str], batches: Sequence[Batch],
+    shifts: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, float]:
+    """Each node's INT8 output error against its FP32 output on the same float input, from one run of
+    :func:`probe_graph` over ``batches``: ``sum |int8 - fp32|^2 / sum |fp32|^2`` over the real tokens (those
+    the ``attention_mask`` feed marks; every row where there is none or the output is not per token)."""
+    probe, outputs = probe_graph(float_model, quantized, nodes, shifts)
+    error = dict.fromkeys(nodes, 0.0)
+    reference = dict.fromkeys(nodes, 0.0)
+    with tempfile.TemporaryDirectory(prefix="export-model-probe-") as work:
+        session = cpu_session(probe, Path(work))
+        del probe
+        names = {graph_input.name for graph_input in session.get_inputs()}
+        order = [output.name for output in session.get_outputs()]
+        for feeds in batches:
+            values = dict(zip(order, session.run(None, {k: v for k, v in feeds.items() if k in names}), strict=True))
+            mask = feeds.get(MASK_INPUT)
+            for name, (err, ref) in outputs.items():
+                e, r = values[err], values[ref]
+                weight = mask.astype(np.float64) if mask is not None and mask.shape == e.shape else 1.0
+                error[name] += float(np.sum(e * weight))
+                reference[name] += float(np.sum(r * weight))
+    return {name: error[name] / max(reference[name], 1e-30) for name in nodes}
+
+
 def search_fallback(
     float_model: onnx.ModelProto,
     quantized: onnx.ModelProto,
@@ -201,6 +335,8 @@ def search_fallback(
     candidates: Sequence[str] | None = None,
     budget_s: float | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    strategy: str = "paired",
+    shifts: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[onnx.ModelProto, SearchReport]:
     """Fall back the most harmful quantized nodes of ``quantized`` to FP32 until ``metric`` meets its bars.
 
@@ -219,6 +355,10 @@ def search_fallback(
             the unranked nodes go back to FP32 together (their harm unknown); in the fallback steps, every node
             not yet tried goes back at once. One evaluation records the scores of that graph.
         clock: the time source (tests pass a fake one).
+        strategy: ``paired`` (default: one probe run ranks, the shortest passing prefix of the ranking goes back)
+            or ``leave-one-out`` (one trial per node ranks, nodes go back one at a time); see module doc.
+        shifts: ``paired`` only: per node, what the INT8 graph adds after it (bias correction), added to the
+            node's INT8 output in the probe.
 
     Returns:
         The graph that meets the bars and a :class:`SearchReport`.
@@ -229,6 +369,8 @@ def search_fallback(
     """
     if not validation:
         raise QuantizationError("accuracy search needs at least one held-out batch; pass validation batches")
+    if strategy not in STRATEGIES:
+        raise QuantizationError(f"search strategy {strategy!r} not in {list(STRATEGIES)}")
     start = clock()
 
     def out_of_time() -> bool:
@@ -248,6 +390,7 @@ def search_fallback(
         validation_examples=sum(len(next(iter(batch.values()))) for batch in validation),
         evaluations=2,
         budget_s=budget_s,
+        strategy=strategy,
     )
     logger.info("accuracy search (%s, max drop %.3f): INT8 scores %s", metric.name, max_accuracy_drop, _fmt(before))
     if not failures(before, bars):
@@ -266,6 +409,10 @@ def search_fallback(
             return fall_back(quantized, float_model, fallen)
         back = set(fallen)
         return build([name for name in candidates if name not in back])
+
+    if strategy == "paired":
+        return _paired_fallback(report, reference, validation, ranking, metric, candidates, without, quantized,
+                                shifts, clock, start, out_of_time)
 
     harm: dict[str, float] = {}
     for name in bar(candidates, desc="ranking INT8 nodes"):
@@ -305,18 +452,98 @@ def search_fallback(
         if not failures(scores, bars) or reason.startswith("not tried"):
             break
     if failures(scores, bars):
-        steps = "; ".join(f"{step.node}: {_fmt(step.scores)}" for step in report.fallbacks)
-        raise QuantizationError(
-            f"{metric.name} bars {bars} not met even with all {len(fallen)} quantized nodes back in FP32 "
-            f"({steps}); check the metric and the held-out batches"
-        )
-    report.scores_after = scores
-    report.seconds = round(clock() - start, 3)
-    logger.info(
-        "accuracy search done: %d of %d nodes back in FP32, %d evaluations, %.1f s",
-        len(fallen), len(candidates), report.evaluations, report.seconds,
+        _unmet(metric, bars, len(fallen), "; ".join(f"{step.node}: {_fmt(step.scores)}" for step in report.fallbacks))
+    return _done(report, model, scores, len(candidates), clock() - start)
+
+
+def _unmet(metric: TaskMetric, bars: Mapping[str, float], fallen: int, steps: str) -> NoReturn:
+    raise QuantizationError(
+        f"{metric.name} bars {dict(bars)} not met even with all {fallen} quantized nodes back in FP32 "
+        f"({steps}); check the metric and the held-out batches"
     )
+
+
+def _done(report: SearchReport, model: onnx.ModelProto, scores: dict[str, float], candidates: int,
+          seconds: float) -> tuple[onnx.ModelProto, SearchReport]:
+    report.scores_after = scores
+    report.seconds = round(seconds, 3)
+    logger.info("accuracy search done (%s): %d of %d nodes back in FP32, %d evaluations, %.1f s", report.strategy,
+                len(report.fallbacks), candidates, report.evaluations, report.seconds)
     return model, report
+
+
+def _paired_fallback(
+    report: SearchReport, reference: list[np.ndarray], validation: Sequence[Batch], ranking: Sequence[Batch],
+    metric: TaskMetric, candidates: list[str], without: Callable[[Sequence[str]], onnx.ModelProto],
+    quantized: onnx.ModelProto, shifts: Mapping[str, np.ndarray] | None, clock: Callable[[], float],
+    start: float, out_of_time: Callable[[], bool],
+) -> tuple[onnx.ModelProto, SearchReport]:
+    """The ``paired`` strategy (module doc): rank by one probe run, then find the shortest passing prefix."""
+    op_types = {node.name: node.op_type for node in quantized.graph.node}
+    bars, count = report.bars, len(candidates)
+    measured: dict[int, tuple[onnx.ModelProto, dict[str, float]]] = {}
+
+    def trial(fallen: int) -> bool:
+        model = without(order[:fallen])
+        scores = metric.scores(reference, evaluate(model, validation, metric))
+        report.evaluations += 1
+        met = not failures(scores, bars)
+        measured[fallen] = (model, scores)
+        report.trials.append({"fallen": fallen, "scores": scores, "met": met})
+        logger.info("%d of %d nodes back in FP32 (most harmful first): %s", fallen, count, _fmt(scores))
+        shown.update(1)
+        return met
+
+    order = list(candidates)
+    passing: int | None = None
+    with bar(total=None, desc="accuracy search") as shown:
+        if out_of_time():
+            report.budget_reached = "ranking"
+        else:
+            harm = paired_errors(without(candidates), quantized, candidates, ranking, shifts)
+            report.evaluations += 1
+            shown.update(1)
+            report.harm = {name: round(value, 10) for name, value in sorted(harm.items(), key=lambda item: -item[1])}
+            order = list(report.harm)
+            failing, length = 0, 1  # doubling, then bisection between a failing and a passing prefix length
+            while passing is None:
+                if out_of_time():
+                    report.budget_reached = "falling back"
+                    break
+                if trial(length):
+                    passing = length
+                elif length == count:
+                    break
+                else:
+                    failing, length = length, min(2 * length, count)
+            while passing is not None and passing - failing > 1:
+                if out_of_time():
+                    report.budget_reached = "falling back"
+                    break
+                middle = (failing + passing) // 2
+                if trial(middle):
+                    passing = middle
+                else:
+                    failing = middle
+    if passing is None and report.budget_reached:  # out of time with no passing prefix measured: all back
+        logger.warning("accuracy search: the %g s budget ran out (%s) before a passing set was found; all %d "
+                       "nodes go back to FP32", report.budget_s, report.budget_reached, count)
+        if count not in measured:
+            trial(count)
+        passing = count
+        reason = ("not ranked: the search's time budget ran out" if report.budget_reached == "ranking"
+                  else "not tried: the search's time budget ran out")
+    elif passing is None:
+        _unmet(metric, bars, count, "; ".join(f"{t['fallen']} back: {_fmt(t['scores'])}" for t in report.trials))
+    else:
+        reason = f"in the shortest passing prefix ({passing}) of the paired-error ranking"
+    model, scores = measured[passing]
+    if failures(scores, bars):
+        _unmet(metric, bars, passing, "; ".join(f"{t['fallen']} back: {_fmt(t['scores'])}" for t in report.trials))
+    for name in order[:passing]:
+        known = report.harm.get(name)
+        report.fallbacks.append(FallbackStep(name, op_types[name], known, scores, reason))
+    return _done(report, model, scores, count, clock() - start)
 
 
 def _fmt(scores: Mapping[str, float]) -> str:

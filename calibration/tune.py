@@ -42,7 +42,7 @@ CPU_CANDIDATES = ("cpu-avx512-vnni", "cpu-avx512-vnni-static", "cpu-avx512-vnni-
 
 
 CARRIED = ("samples", "seed", "batch_size", "exclude_nodes", "calibration_chunk_batches", "max_accuracy_drop",
-           "search_ranking_batches", "search_budget_s", "validation_samples")
+           "search_ranking_batches", "search_budget_s", "search_strategy", "validation_samples")
 """The user's options every candidate keeps; everything else (the recipe) comes from the candidate preset."""
 
 

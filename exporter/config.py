@@ -42,6 +42,10 @@ class ExportConfig:
         checkpoint and every file (`exporter.eval_data`); None: no gold evaluation.
     eval_fields: "key=name,..." renaming the task's fields in `eval_data`.
     eval_batch_size: texts per model call in the evaluation (its latency column is per call).
+    latency: what the latency stage measures, per file and provider: "quick" (default) batch 1 and 8 at
+        sequence 128 and batch 1 at `max_length`, with peak memory at batch 8; "full" adds batch 2 and 4, one
+        thread per session at batch 1 and 8, and the CPU throughput modes (about 4x the time). The manifest's
+        `latency.mode` and `latency.shapes` say what was measured.
     """
 
     model: str | None = None
@@ -56,6 +60,7 @@ class ExportConfig:
     eval_data: str | None = None
     eval_fields: str = ""
     eval_batch_size: int = 8
+    latency: str = "quick"
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     parity: ParityConfig = field(default_factory=ParityConfig)
@@ -172,6 +177,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("--search-budget", "quantization.search_budget_s",
            "seconds the INT8 accuracy search may take (default 900); past them the untested nodes go back to FP32 "
            "and the manifest says so"),
+    Option("--search-strategy", "quantization.search_strategy",
+           "how the INT8 accuracy search ranks and falls back: paired (one paired FP32/INT8 run ranks the nodes, the "
+           "shortest passing prefix goes back) or leave-one-out (one trial per node, then one node at a time)",
+           ("paired", "leave-one-out")),
     Option("--parity-atol", "parity.fp32_atol", "largest absolute error allowed for FP32 files"),
     Option("--fp16", "fp16", "build model_fp16.onnx: auto (where CUDA is present), always, never",
            ("auto", "always", "never")),
@@ -181,6 +190,8 @@ OPTIONS: tuple[Option, ...] = (
            "folder (fields per task: see --eval-fields)"),
     Option("--eval-fields", "eval_fields", "rename eval-data fields, e.g. 'text=sentence,label=intent' (keys: "
            "text, text_pair, label | question, context, answers | tokens, tags | sentence1, sentence2, score)"),
+    Option("--latency", "latency", "what the latency stage measures: quick (batch 1 and 8 at 128 tokens, batch 1 at "
+           "--max-length) or full (also batch 2 and 4, one thread per session, throughput modes)", ("quick", "full")),
     Option("--eval-batch-size", "eval_batch_size", "texts per model call when evaluating (latency is per call)"),
     Option("--providers", "parity.providers", "execution providers for parity, comma-separated (cpu, cuda, ...)"),
 )

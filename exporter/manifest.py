@@ -162,8 +162,10 @@ def render_report(manifest: dict[str, Any]) -> str:
                          f"({', '.join(f'{k} {v:.0f}' for k, v in modes.items() if k.endswith('per_s'))})")
     if manifest.get("evaluation"):
         lines += ["", *evaluation_table(manifest)]
-    lines += ["", "## Stage timings (s)", "", "| stage | seconds |", "| --- | --- |"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in manifest["timings"].items()]
+    peaks = manifest.get("peak_rss_mb") or {}
+    lines += ["", "## Stage timings and peak memory", "", "| stage | seconds | peak RSS MB |", "| --- | --- | --- |"]
+    lines += [f"| {k} | {v:.1f} | {peaks[k]:.0f} |" if k in peaks else f"| {k} | {v:.1f} | - |"
+              for k, v in manifest["timings"].items()]
     return "\n".join(lines) + "\n"
 
 

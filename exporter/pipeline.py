@@ -105,11 +105,35 @@ class ExportResult:
     seconds: float
 
 
+def _reset_peak_rss() -> None:
+    """Reset this process's peak-RSS mark (``VmHWM``) to its current RSS (Linux ``clear_refs`` 5; elsewhere a no-op)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory since the last :func:`_reset_peak_rss`, in MB (None off Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
 class _Stages:
     """Prints "[i/N] stage: detail (s)" per stage and keeps the timings for the manifest."""
 
     def __init__(self, total: int = STAGES) -> None:
         self.timings: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}
+        """Per stage, the process's peak resident memory during it (Linux: the peak mark is reset at each
+        stage's start, so a stage's figure is its own peak, not an earlier stage's)."""
         self.total = total
         self._index = 0
         self.current = "setup"
@@ -119,6 +143,7 @@ class _Stages:
         self._index += 1
         self.current = name
         note: dict[str, str] = {"detail": ""}
+        _reset_peak_rss()
         start = time.perf_counter()
         try:
             yield note
@@ -131,6 +156,9 @@ class _Stages:
                 "rerun with --debug for the traceback, or report it with the manifest options"
             ) from error
         self.timings[name] = round(time.perf_counter() - start, 3)
+        peak = _peak_rss_mb()
+        if peak is not None:
+            self.peak_rss_mb[name] = peak
         log.info("[%d/%d] %-9s %s (%.1f s)", self._index, self.total, name, note["detail"], self.timings[name])
 
 
@@ -666,7 +694,8 @@ def _build(
             note["detail"] = ", ".join(f"{e.file} {e.status}" for e in entries if e.status != "skip")
         with stages.stage("latency") as note:
             latency = measure_files(built, tokenize, report_pool[:40], working_length, config.parity.providers,
-                                    [name for name, _ in checked])
+                                    [name for name, _ in checked], full=config.latency == "full",
+                                    max_length=max_length)
             cpu = latency.get("CPUExecutionProvider", {}).get("files", {})
             note["detail"] = ", ".join(f"{n} {v[f'b8xs{working_length}']['median_ms']:.0f} ms@b8"
                                        for n, v in cpu.items())
@@ -708,6 +737,7 @@ def _build(
                     "evaluation": evaluation} if evalset is not None and reported is not None else {}),
                 "deployable": not failed,
                 "timings": stages.timings,
+                "peak_rss_mb": stages.peak_rss_mb,
             })
             note["detail"] = f"{len(manifest['files'])} files"
         check_replaceable(output, config.force)  # a person may have put files there while the run lasted
@@ -717,10 +747,15 @@ def _build(
 
 def measure_files(
     built: Path, tokenize: Any, texts: list[str], length: int, providers: tuple[str, ...], names: list[str],
+    full: bool = False, max_length: int | None = None,
 ) -> dict[str, Any]:
-    """Per provider: latency percentiles and peak memory of each file over batch 1-8 with all threads; on CPU also
-    one thread per session at batch 1 and 8 (the thread-settings grid) and the best throughput mode."""
-    feeds = latency_feeds(tokenize, texts, [(b, length) for b in LATENCY_BATCHES])
+    """Per provider: latency percentiles of each file at batch 1 and 8 (``full``: 1, 2, 4, 8) of ``length``
+    tokens and at batch 1 of ``max_length`` (when longer), with all threads, and its peak memory at batch 8 in a
+    fresh process; ``full`` adds, on CPU, one thread per session at batch 1 and 8 (the thread-settings grid) and
+    the best throughput mode."""
+    batches = LATENCY_BATCHES if full else (LATENCY_BATCHES[0], LATENCY_BATCHES[-1])
+    shapes = [(b, length) for b in batches] + ([(1, max_length)] if max_length and max_length > length else [])
+    feeds = latency_feeds(tokenize, texts, shapes)
     smallest, largest = f"b{LATENCY_BATCHES[0]}xs{length}", f"b{LATENCY_BATCHES[-1]}xs{length}"
     cores = os.cpu_count() or 1
     result: dict[str, Any] = {}
@@ -728,10 +763,11 @@ def measure_files(
         files = {}
         for name in bar(names, desc=f"latency on {provider.replace('ExecutionProvider', '')}"):
             files[name] = measure_latency(built / name, provider, feeds)
-            # peak memory at the largest shape, each file in a fresh process
+            # peak memory at batch 8, each file in a fresh process
             files[name][largest]["peak_mb"] = peak_memory_mb(built / name, provider, feeds[largest])
-        result[provider] = {"files": files, "sequence": length, "threads": cores, "io_binding": binds_io(provider)}
-        if provider == "CPUExecutionProvider":
+        result[provider] = {"files": files, "sequence": length, "threads": cores, "io_binding": binds_io(provider),
+                            "mode": "full" if full else "quick", "shapes": list(feeds)}
+        if provider == "CPUExecutionProvider" and full:
             ends = {label: feeds[label] for label in (smallest, largest)}
             result[provider]["by_threads"] = {"1": {
                 name: measure_latency(built / name, provider, ends, threads=1) for name in names}} if cores > 1 else {}

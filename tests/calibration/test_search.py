@@ -47,10 +47,12 @@ def _quantize(
     )
 
 
+@pytest.mark.parametrize("strategy", ["paired", "leave-one-out"])
 def test_strict_bar_falls_back_the_most_harmful_nodes_until_met(
-    sensitive_bert: Path, tmp_path: Path, validation: list[dict[str, np.ndarray]]
+    sensitive_bert: Path, tmp_path: Path, validation: list[dict[str, np.ndarray]], strategy: str
 ) -> None:
-    config = QuantizationConfig(samples=16, max_accuracy_drop=0.0003, search_ranking_batches=2, graph="unfused")
+    config = QuantizationConfig(samples=16, max_accuracy_drop=0.0003, search_ranking_batches=2, graph="unfused",
+                                search_strategy=strategy)
     out = tmp_path / "strict.onnx"
     report = _quantize(sensitive_bert, out, config, validation, CosineMetric())
 
@@ -63,6 +65,7 @@ def test_strict_bar_falls_back_the_most_harmful_nodes_until_met(
     assert set(search["harm"]) == set(report.fallback_nodes) | set(quantized_nodes(onnx.load(str(out))))
     harms = [step["harm"] for step in search["fallbacks"]]
     assert harms == sorted(harms, reverse=True)  # most harmful first
+    assert search["strategy"] == strategy
     assert report.quantized_nodes == 12 - len(report.fallback_nodes)
     assert set(report.fallback_nodes) <= set(report.float_nodes_kept)
     assert not failures(search["scores_after"], search["bars"])
@@ -127,7 +130,7 @@ def test_a_search_out_of_time_puts_the_untested_nodes_back_and_says_so(
     quantized, float_model = onnx.load(str(out)), onnx.load(str(sensitive_bert))
     metric = CosineMetric()
     _, report = search_fallback(float_model, quantized, validation, metric, 0.0003, 2, budget_s=budget,
-                                clock=_Clock(1.0))
+                                clock=_Clock(1.0), strategy="leave-one-out")
     assert failures(report.scores_before, report.bars)  # the strict bar forces a search
     assert not failures(report.scores_after, report.bars)
     reasons = [step.reason for step in report.fallbacks]

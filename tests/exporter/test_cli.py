@@ -49,15 +49,14 @@ def test_success_writes_every_file_and_a_complete_manifest(exported: tuple[Path,
     latency = manifest["latency"]["CPUExecutionProvider"]
     assert set(latency["files"]) == {"model.onnx", "model_optimized.onnx", "model_quantized.onnx"}
     shapes = list(latency["files"]["model.onnx"])
-    b1, b8 = shapes[0], shapes[-1]
-    assert b8.startswith("b8x")
+    length = manifest["max_length"]
+    # The default (quick) latency: batch 1 and 8 at the working length, batch 1 at the model's max length.
+    b1, b8 = f"b1xs{latency['sequence']}", f"b8xs{latency['sequence']}"
+    assert latency["mode"] == "quick" and shapes == latency["shapes"] == [b1, b8] + (
+        [f"b1xs{length}"] if length > latency["sequence"] else [])
     for name, per in latency["files"].items():
         assert per[b8]["peak_mb"] > (out / name).stat().st_size / 2**20 / 2, name  # weights at least
-    if latency["threads"] > 1:
-        assert set(latency["by_threads"]) == {"1"}
-        one = latency["by_threads"]["1"]["model.onnx"]
-        assert set(one) == {b1, b8} and all(v["median_ms"] > 0 for v in one.values())
-        assert "thread settings" in (out / "report.html").read_text() and "@1 thr" in (out / "report.md").read_text()
+    assert "by_threads" not in latency and "throughput" not in latency
     for name, entry in manifest["files"].items():
         assert (out / name).stat().st_size == entry["bytes"], name
     assert manifest["options"]["task"] == "feature-extraction"
@@ -221,3 +220,24 @@ def test_a_failed_float16_conversion_is_fatal_only_when_asked_for(
     else:
         row = next(e for e in json.loads((out / "manifest.json").read_text())["parity"] if e["file"] == "model_fp16.onnx")
         assert row["status"] == "skip" and "converter refused for the test" in row["reason"]
+
+
+def test_full_latency_adds_batches_the_thread_grid_and_throughput(tmp_path: Path) -> None:
+    """--latency full: batch 1, 2, 4, 8 (and 1 x max length), one thread per session at batch 1 and 8, and the
+    throughput modes, in the manifest and both reports; the default run above measured none of these."""
+    import os
+
+    model = tiny_bert(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    assert main(["--model", str(model), "--output", str(out), "--calibration-samples", "16", "--latency", "full",
+                 "--max-length", "256"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    latency = manifest["latency"]["CPUExecutionProvider"]
+    assert latency["mode"] == "full" and latency["shapes"] == ["b1xs128", "b2xs128", "b4xs128", "b8xs128", "b1xs256"]
+    assert set(latency["files"]["model_quantized.onnx"]) == set(latency["shapes"])
+    assert set(latency["throughput"]) == {"model.onnx", "model_optimized.onnx", "model_quantized.onnx"}
+    if (os.cpu_count() or 1) > 1:
+        one = latency["by_threads"]["1"]["model.onnx"]
+        assert set(one) == {"b1xs128", "b8xs128"} and all(v["median_ms"] > 0 for v in one.values())
+        assert "thread settings" in (out / "report.html").read_text() and "@1 thr" in (out / "report.md").read_text()
+    assert manifest["options"]["latency"] == "full"
