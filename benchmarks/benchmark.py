@@ -55,12 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from benchmarks.finetune import SENTENCES_PER_PASSAGE, distill_pruned, finetune, qa_examples, topic_label  # noqa: E402
 from calibration.corpus import builtin_passages, builtin_texts, split_texts  # noqa: E402
 from calibration.metrics import ClassificationMetric, get_metric  # noqa: E402
-from calibration.quantize import QuantizationConfig  # noqa: E402
-from exporter.config import ExportConfig  # noqa: E402
-from exporter.errors import ExportError  # noqa: E402
 from exporter.loading import load_checkpoint  # noqa: E402
 from exporter.onnx_export import export_onnx  # noqa: E402
-from exporter.pipeline import export_model  # noqa: E402
 from exporter.text import make_tokenize  # noqa: E402
 from tests import checkpoints  # noqa: E402
 
@@ -81,9 +77,13 @@ KINDS: dict[str, Callable[[Path, Path], Path]] = {  # (scratch folder, folder of
     "minilm-cls": lambda folder, cache: finetune(cache / "minilm-cls", "text-classification", FINETUNE_STEPS),
     "minilm-qa-random": lambda folder, cache: checkpoints.minilm_with_head(folder, "question-answering"),
     "minilm-cls-random": lambda folder, cache: checkpoints.minilm_with_head(folder, "text-classification"),
+    "seed000": lambda folder, cache: checkpoints.seed000_bert_base(folder).path,
+    "bert-large-pruned": lambda folder, cache: checkpoints.pruned_bert_large(folder).path,
 }
 TASKS = {"minilm-qa": "question-answering", "minilm-cls": "text-classification",
-         "minilm-qa-random": "question-answering", "minilm-cls-random": "text-classification"}
+         "minilm-qa-random": "question-answering", "minilm-cls-random": "text-classification",
+         "seed000": "question-answering", "bert-large-pruned": "question-answering"}
+SEARCH_VARIANT = "model_quantized.onnx (leave-one-out search)"
 CALIBRATION_RSS_TEXTS = 1000
 
 
@@ -201,6 +201,43 @@ print(json.dumps({{"texts": len(texts), "rss_before_mb": before, "peak_rss_mb": 
 
 
 DENSE = "dense MiniLM model.onnx"
+DENSE_BASE = "dense BERT-base model_optimized.onnx"
+DENSES = (DENSE, DENSE_BASE)
+
+
+def run_export(source: Path, output: Path, task: str, *options: str) -> tuple[dict[str, Any] | None, float, str]:
+    """``export-model`` in a fresh process, as a build runs it: (manifest or None, wall seconds, error line).
+    Its manifest has each stage's time and peak resident memory (``timings``, ``peak_rss_mb``)."""
+    import subprocess
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(source), "--output", str(output),
+                           "--task", task, *options], capture_output=True, text=True, env=env, check=False)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        return None, seconds, f"exit {done.returncode}: {(done.stderr.strip().splitlines() or [''])[-1]}"
+    return json.loads((output / "manifest.json").read_text()), seconds, ""
+
+
+def _dense_bert_base(work: Path, task: str) -> Path:
+    """The dense BERT-base the seed-000 shape came from (same seeded weights), exported and fused by the
+    project's own stages (onnxruntime's transformer fusion, NoNorm folded), FP32: the speed baseline."""
+    from exporter.compaction import compact_model
+    from graphs.fusion import FusionConfig, GraphPlan, fuse_graph
+
+    truth = checkpoints.seed000_bert_base(work / "dense-checkpoint", dense=True)
+    checkpoint = load_checkpoint(truth.path, task)
+    arch, hf_config = checkpoint.architecture, checkpoint.model.config
+    compaction = compact_model(checkpoint.model, arch, hf_config, {})
+    folder = work / "dense-base"
+    folder.mkdir()
+    export_onnx(checkpoint.model, arch, task, folder / "model.onnx")
+    plan = GraphPlan(compaction.heads_per_layer, arch.hidden_size(hf_config), arch.name, checkpoint.layer_norm,
+                     arch.activation_name(hf_config))
+    fuse_graph(folder / "model.onnx", folder / "model_optimized.onnx", plan, FusionConfig())
+    return folder / "model_optimized.onnx"
 
 
 def labelled_file(kind: str, path: Path) -> Path | None:
@@ -221,31 +258,80 @@ def labelled_file(kind: str, path: Path) -> Path | None:
     return path
 
 
+def long_texts(count: int = 16, chars: int = 3000) -> list[str]:
+    """``count`` real texts of ``chars`` characters: consecutive held-out passages (never calibrated on; the report
+    half first, then the search half) joined until that long, then cut."""
+    texts, current = [], ""
+    heldout = split_texts(builtin_texts())[1]
+    for passage in heldout[1::2] + heldout[0::2]:
+        current = f"{current} {passage}".strip()
+        if len(current) >= chars:
+            texts.append(current[:chars])
+            current = ""
+            if len(texts) == count:
+                break
+    return texts
+
+
+def long_text_cosines(source: Path, artifact: Path, length: int = 512) -> dict[str, Any]:
+    """Mean-pooled cosine of each file's ``last_hidden_state`` to the PyTorch checkpoint's on :func:`long_texts` at
+    ``length`` tokens (feature extraction): per file the minimum and mean over the texts."""
+    import onnxruntime as ort
+    import torch
+
+    checkpoint = load_checkpoint(source, "feature-extraction")
+    tokenize = make_tokenize(checkpoint.tokenizer, checkpoint.architecture.input_names, length)
+    feeds = tokenize(long_texts())
+    mask = feeds["attention_mask"][..., None].astype(np.float64)
+
+    def pooled(hidden: np.ndarray) -> np.ndarray:
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    with torch.no_grad():
+        reference = pooled(checkpoint.model(**{k: torch.from_numpy(v) for k, v in feeds.items()})[0].numpy())
+    result: dict[str, Any] = {"texts": len(feeds["input_ids"]), "tokens": int(feeds["attention_mask"].sum(1).min())}
+    for name in ("model.onnx", "model_optimized.onnx", "model_quantized.onnx"):
+        session = ort.InferenceSession(str(artifact / name), providers=["CPUExecutionProvider"])
+        names = {i.name for i in session.get_inputs()}
+        got = pooled(session.run(["last_hidden_state"], {k: v for k, v in feeds.items() if k in names})[0])
+        cosine = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
+        result[name] = {"min": float(cosine.min()), "mean": float(cosine.mean())}
+    return result
+
+
+def _search_row(kind: str, strategy: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    quantization = manifest["quantization"]
+    search = quantization.get("search") or {}
+    return {"kind": kind, "variant": "(search)", "strategy": strategy, "metric": search.get("metric"),
+            "back": len(quantization["fallback_nodes"]), "nodes": quantization["quantized_nodes"]
+            + len(quantization["fallback_nodes"]), "evaluations": search.get("evaluations"),
+            "search_s": search.get("seconds"), "quantize_s": manifest["timings"].get("quantize")}
+
+
 def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, memory: bool,
-               compare_preset: str | None = None, cache: Path = Path("bench-out/finetuned")) -> list[dict[str, Any]]:
+               compare_preset: str | None = None, cache: Path = Path("bench-out/finetuned"),
+               compare_search: bool = False) -> list[dict[str, Any]]:
     source = KINDS[kind](work / "checkpoint", cache)
     task = TASKS.get(kind, "feature-extraction")
     artifact = work / "artifact"
     labelled = labelled_file(kind, work / "labelled.jsonl")  # gold EM/F1 and accuracy through --eval-data
-    t0 = time.perf_counter()
-    try:
-        result = export_model(ExportConfig(model=str(source), output=str(artifact), task=task,
-                                           eval_data=str(labelled) if labelled else None))
-    except ExportError as error:  # e.g. no INT8 node can stay within the accuracy bar: say so, go on
-        return [{"kind": kind, "variant": "(export failed)", "error": f"exit {error.exit_code}: {error}"}]
-    export_seconds = time.perf_counter() - t0
+    gold = ["--eval-data", str(labelled)] if labelled else []
+    manifest, export_seconds, error = run_export(source, artifact, task, *gold)
+    if manifest is None:  # e.g. no INT8 node can stay within the accuracy bar: say so, go on
+        return [{"kind": kind, "variant": "(export failed)", "error": error}]
+    result = type("Exported", (), {"manifest": manifest})  # what the rows below read
     other = f"model_quantized.onnx ({compare_preset})"
     other_result, other_note = None, ""
     if compare_preset:  # the same pipeline with another INT8 preset, its INT8 file timed beside the default one
-        config = ExportConfig(model=str(source), output=str(work / "other"), task=task,
-                              quantization=QuantizationConfig.from_preset(compare_preset))
-        try:
-            other_result = export_model(config)
-        except ExportError as error:  # shown in the export row instead of a timed variant
-            other_note = f"; {compare_preset}: export failed (exit {error.exit_code})"
-        else:
-            other_note = (f"; {compare_preset}: {len(other_result.manifest['quantization']['fallback_nodes'])} back "
-                          "in FP32")
+        other_result, _, error = run_export(source, work / "other", task, "--quantization-preset", compare_preset)
+        other_note = (f"; {compare_preset}: export failed ({error})" if other_result is None else
+                      f"; {compare_preset}: {len(other_result['quantization']['fallback_nodes'])} back in FP32")
+    searches = [_search_row(kind, (manifest["quantization"].get("search") or {}).get("strategy", "-"), manifest)]
+    searched_other = None
+    if compare_search:  # the same export with the previous search, its INT8 file timed beside in the same rounds
+        searched_other, _, error = run_export(source, work / "loo", task, *gold, "--search-strategy", "leave-one-out")
+        searches.append(_search_row(kind, "leave-one-out", searched_other) if searched_other else
+                        {"kind": kind, "variant": "(export failed)", "error": f"leave-one-out search: {error}"})
     checkpoint = load_checkpoint(source, task)
     arch = checkpoint.architecture
     pairs = task == "question-answering"
@@ -282,12 +368,17 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
         runners[name] = _ort_runner(artifact / name, threads)
     if other_result is not None:
         runners[other] = _ort_runner(work / "other" / "model_quantized.onnx", threads)
-    dense = work / "dense" / "model.onnx"
+    if searched_other is not None:
+        runners[SEARCH_VARIANT] = _ort_runner(work / "loo" / "model_quantized.onnx", threads)
+    dense, dense_name = work / "dense" / "model.onnx", DENSE
     if kind.startswith("pruned-minilm"):  # issue 4 compares the pruned INT8 file with the DENSE FP32 model: same rounds
         dense_checkpoint = load_checkpoint(checkpoints.minilm_path(), task)
         dense.parent.mkdir()
         export_onnx(dense_checkpoint.model, dense_checkpoint.architecture, task, dense)
         runners[DENSE] = _ort_runner(dense, threads)
+    elif kind == "seed000":  # issue 15: against the dense BERT-base it came from, fused FP32, same rounds
+        dense, dense_name = _dense_bert_base(work, task), DENSE_BASE
+        runners[DENSE_BASE] = _ort_runner(dense, threads)
 
     reference = [runners["torch eager fp32"](batch) for batch in eval_batches]
     asked_reference = [runners["torch eager fp32"](batch) for batch in asked]
@@ -305,12 +396,13 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
                 times[name][b].append((time.perf_counter() - start) * 1e3)
     rows = []
     sizes = {"model.onnx": artifact / "model.onnx", "model_optimized.onnx": artifact / "model_optimized.onnx",
-             "model_quantized.onnx": artifact / "model_quantized.onnx", other: work / "other" / "model_quantized.onnx", DENSE: dense}
+             "model_quantized.onnx": artifact / "model_quantized.onnx", other: work / "other" / "model_quantized.onnx",
+             SEARCH_VARIANT: work / "loo" / "model_quantized.onnx", dense_name: dense}
     for name, run in runners.items():
         row = {"kind": kind, "variant": name}
         for b in BATCHES:
             row[f"b{b}_ms"] = statistics.median(times[name][b])
-        if name == DENSE:  # another model than the pruned reference: no accuracy against it
+        if name in DENSES:  # another model than the pruned reference: no accuracy against it
             row |= {"cosine": None, "agreement": None, "agreement_name": "-"}
         else:
             row |= _accuracy(task, reference, [run(batch) for batch in eval_batches], eval_batches, labels, passages)
@@ -319,15 +411,20 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
         row["size_mb"] = sizes[name].stat().st_size / 1e6 if name in sizes else None
         rows.append(row)
     _add_ratios(rows, times, "model.onnx", "model_onnx")
-    _add_ratios(rows, times, DENSE, "dense")
+    _add_ratios(rows, times, dense_name, "dense")
     quantization = result.manifest["quantization"]
     rows.append({"kind": kind, "variant": "(export wall time s)", "b1_ms": export_seconds,
                  "compaction": result.manifest["compaction"]["summary"], "fusion": result.manifest["fusion"]["summary"],
                  "int8": f"INT8 {quantization['graph']} graph, {quantization['quantized_nodes']} nodes, "
                          f"{len(quantization['fallback_nodes'])} back in FP32{other_note}"})
+    rows.append({"kind": kind, "variant": "(stages)", "timings": manifest["timings"],
+                 "stage_peak_rss_mb": manifest.get("peak_rss_mb", {}), "export_s": export_seconds})
+    rows += searches
     if result.manifest.get("evaluation"):
         rows.append({"kind": kind, "variant": "(gold)", "evaluation": result.manifest["evaluation"],
                      "eval_data": result.manifest["eval_data"]})
+    if task == "feature-extraction" and kind in ("minilm", "pruned-minilm"):  # issue 15: at the longest length
+        rows.append({"kind": kind, "variant": "(long texts)", **long_text_cosines(source, artifact)})
     if kind == "minilm" and memory:
         rows.append({"kind": kind, "variant": "(calibration memory)",
                      **calibration_peak_rss(artifact / "model_optimized.onnx", source)})
@@ -365,6 +462,25 @@ def render(rows: list[dict[str, Any]], threads: int, rounds: int) -> str:
             lines.append(f"| {r['kind']} | calibration of {r['texts']} texts | peak RSS {r['peak_rss_mb']:.0f} MB "
                          f"(process before calibrating: {r['rss_before_mb']:.0f} MB), {r['seconds']:.0f} s | | | | | | |")
             continue
+        if r["variant"] == "(stages)":
+            peaks = r["stage_peak_rss_mb"]
+            stages = ", ".join(f"{k} {v:.0f} s" + (f" / {peaks[k] / 1024:.2f} GB" if k in peaks else "")
+                               for k, v in r["timings"].items())
+            peak = max(peaks.values(), default=0.0) / 1024
+            lines.append(f"| {r['kind']} | stages (s / peak RSS) | whole export {r['export_s']:.0f} s, peak RSS "
+                         f"{peak:.2f} GB | {stages} | | | | | |")
+            continue
+        if r["variant"] == "(long texts)":
+            files = [n for n in ("model.onnx", "model_optimized.onnx", "model_quantized.onnx") if n in r]
+            lines.append(f"| {r['kind']} | {r['texts']} real 3,000-character texts at {r['tokens']} tokens | "
+                         + " | ".join(f"{n}: min cosine {r[n]['min']:.5f} (mean {r[n]['mean']:.5f})" for n in files)
+                         + " | | | | | |")
+            continue
+        if r["variant"] == "(search)":
+            lines.append(f"| {r['kind']} | INT8 search: {r['strategy']} ({r['metric']}) | {r['back']} of {r['nodes']} "
+                         f"nodes back in FP32 | {r['evaluations']} evaluations | {_number(r['search_s'], 1)} s search, "
+                         f"{_number(r['quantize_s'], 1)} s quantize stage | | | | |")
+            continue
         if "evaluation" in r:  # export-model --eval-data: the gold metric of every file and the checkpoint
             data = r["eval_data"]
             for e in r["evaluation"]:
@@ -386,7 +502,7 @@ def render(rows: list[dict[str, Any]], threads: int, rounds: int) -> str:
                     f"{a['agreement']:.3f} [{a['agreement_ci'][0]:.3f}, {a['agreement_ci'][1]:.3f}]")
         ci = f" [{r['agreement_ci'][0]:.3f}, {r['agreement_ci'][1]:.3f}]" if r.get("agreement_ci") else ""
         variant = r["variant"] + (f" ({_ratio(r, 'b1_vs_dense')} / {_ratio(r, 'b8_vs_dense')} of dense)"
-                                  if "b1_vs_dense" in r and r["variant"] != DENSE else "")
+                                  if "b1_vs_dense" in r and r["variant"] not in DENSES else "")
         lines.append(f"| {r['kind']} | {variant} | {r['b1_ms']:.1f} | {r['b8_ms']:.1f} | {_ratio(r, 'b1_vs_model_onnx')} "
                      f"| {_ratio(r, 'b8_vs_model_onnx')} | {_number(r['cosine'], 4)} | {_number(r['agreement'], 3)}{ci} "
                      f"({r['agreement_name']}{gold}) "
@@ -430,6 +546,9 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip torch/optimum peers' optimum parts")
     parser.add_argument("--no-memory", action="store_true", help=f"skip the {CALIBRATION_RSS_TEXTS}-text calibration RSS run")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--compare-search", action="store_true",
+                        help="also export with the leave-one-out INT8 search and put its decisions and INT8 file beside "
+                             "the default (paired) search's, in the same rounds")
     parser.add_argument("--compare-preset", default=None,
                         help="also export with this INT8 preset (e.g. cpu-avx512-vnni-static) and time its file in the "
                              "same rounds")
@@ -443,7 +562,7 @@ def main() -> None:
     for kind in args.kinds.split(","):
         with tempfile.TemporaryDirectory() as work:
             rows += bench_kind(kind.strip(), Path(work), args.rounds, args.threads, not args.no_peers, not args.no_memory,
-                               args.compare_preset, args.out / "finetuned")
+                               args.compare_preset, args.out / "finetuned", args.compare_search)
         print(render(rows, args.threads, args.rounds), flush=True)
     (args.out / "results.md").write_text(render(rows, args.threads, args.rounds))
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))

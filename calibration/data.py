@@ -310,3 +310,45 @@ class TextCalibrationReader(CalibrationDataReader):
         self._start = min(start_index * self._batch_size, len(self._texts))
         self._end = min(end_index * self._batch_size, len(self._texts))
         self._position = self._start
+
+
+def joined_texts(texts: Sequence[str], words: int) -> list[str]:
+    """Consecutive ``texts`` joined (one space) until each holds at least ``words`` words; a last, shorter join is
+    dropped unless it is the only one. Calibration rows that reach a long ``--max-length`` from short passages."""
+    joined, current = [], []
+    for text in texts:
+        current += str(text).split()
+        if len(current) >= words:
+            joined.append(" ".join(current))
+            current = []
+    if not joined and current:
+        joined.append(" ".join(current))
+    return joined
+
+
+class ChainedReader(CalibrationDataReader):
+    """The batches of several readers, one after the other (``len`` is their sum; ``rewind`` rewinds all)."""
+
+    def __init__(self, readers: Sequence[TextCalibrationReader]) -> None:
+        self._readers = list(readers)
+        self._index = 0
+
+    def __len__(self) -> int:
+        return sum(len(reader) for reader in self._readers)
+
+    @property
+    def texts(self) -> Sequence[Text]:
+        return self._readers[0].texts
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        while self._index < len(self._readers):
+            feeds = self._readers[self._index].get_next()
+            if feeds is not None:
+                return feeds
+            self._index += 1
+        return None
+
+    def rewind(self) -> None:
+        for reader in self._readers:
+            reader.rewind()
+        self._index = 0

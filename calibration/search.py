@@ -481,14 +481,18 @@ def _paired_fallback(
     """The ``paired`` strategy (module doc): rank by one probe run, then find the shortest passing prefix."""
     op_types = {node.name: node.op_type for node in quantized.graph.node}
     bars, count = report.bars, len(candidates)
-    measured: dict[int, tuple[onnx.ModelProto, dict[str, float]]] = {}
+    measured: dict[int, dict[str, float]] = {}
+    kept: dict[int, onnx.ModelProto] = {}  # the shortest passing trial's graph only: each one is a whole model
 
     def trial(fallen: int) -> bool:
         model = without(order[:fallen])
         scores = metric.scores(reference, evaluate(model, validation, metric))
         report.evaluations += 1
         met = not failures(scores, bars)
-        measured[fallen] = (model, scores)
+        measured[fallen] = scores
+        if met or fallen == count:  # every later passing trial is shorter (bisection below the passing length)
+            kept.clear()
+            kept[fallen] = model
         report.trials.append({"fallen": fallen, "scores": scores, "met": met})
         logger.info("%d of %d nodes back in FP32 (most harmful first): %s", fallen, count, _fmt(scores))
         shown.update(1)
@@ -537,7 +541,7 @@ def _paired_fallback(
         _unmet(metric, bars, count, "; ".join(f"{t['fallen']} back: {_fmt(t['scores'])}" for t in report.trials))
     else:
         reason = f"in the shortest passing prefix ({passing}) of the paired-error ranking"
-    model, scores = measured[passing]
+    model, scores = kept[passing], measured[passing]
     if failures(scores, bars):
         _unmet(metric, bars, passing, "; ".join(f"{t['fallen']} back: {_fmt(t['scores'])}" for t in report.trials))
     for name in order[:passing]:

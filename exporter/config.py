@@ -36,8 +36,8 @@ class ExportConfig:
     fp16: build model_fp16.onnx (float16, float32 I/O): "auto" (default) where CUDA is present, "always" (e.g. a
         GPU deployment built on a CPU machine; checked on CPU, slowly), "never".
     max_length: the longest sequence the artifact is checked at (parity gets a 2 x max_length batch): None means
-        the model's own maximum (positions, tokenizer, sentence-transformers max_seq_length) capped at 512, and
-        384 for question answering (the usual serving window).
+        the model's own maximum (positions, tokenizer) capped at 512, and 384 for question answering (the usual
+        serving window). A sentence-transformers `max_seq_length` does not cap it (the runtime still truncates to it).
     eval_data: labelled data (JSONL, CSV, SQuAD JSON, or a `datasets` folder) for gold metrics of the PyTorch
         checkpoint and every file (`exporter.eval_data`); None: no gold evaluation.
     eval_fields: "key=name,..." renaming the task's fields in `eval_data`.
@@ -175,7 +175,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("--max-accuracy-drop", "quantization.max_accuracy_drop",
            "allowed task-metric drop of INT8 vs FP32 (fraction); the most harmful nodes fall back to FP32 until it holds"),
     Option("--search-budget", "quantization.search_budget_s",
-           "seconds the INT8 accuracy search may take (default 900); past them the untested nodes go back to FP32 "
+           "seconds the INT8 accuracy search may take (default 300); past them the untested nodes go back to FP32 "
            "and the manifest says so"),
     Option("--search-strategy", "quantization.search_strategy",
            "how the INT8 accuracy search ranks and falls back: paired (one paired FP32/INT8 run ranks the nodes, the "

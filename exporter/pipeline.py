@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 
 from calibration.corpus import builtin_texts, split_texts
-from calibration.data import TextCalibrationReader, load_texts, sample_texts
+from calibration.data import ChainedReader, TextCalibrationReader, joined_texts, load_texts, sample_texts
 from calibration.quantize import quantize_model
 from calibration.tune import tune_quantization
 from exporter.architectures import Architecture
@@ -88,6 +88,10 @@ MODEL_FILES = (MODEL_FILE, OPTIMIZED_FILE, QUANTIZED_FILE)
 FP16_FILE = "model_fp16.onnx"
 FP16_MODES = ("auto", "always", "never")
 LATENCY_BATCHES = (1, 2, 4, 8)
+LONG_CALIBRATION_TEXTS = 16
+"""Calibration rows of ``--max-length`` tokens (consecutive calibration texts joined), beside the texts at 128
+tokens: positions past 128 reach activation ranges (position embeddings, longer attention) that short texts never
+show."""
 STAGES = 8
 # errno values that mean "the output's filesystem cannot take more": the user can free space or move --output.
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -599,12 +603,13 @@ def _build(
                 evalset = read_eval_data(Path(config.eval_data), task, parse_fields(config.eval_fields, task),
                                          labels)
                 note["detail"] += f"; eval data {len(evalset.examples)} {evalset.format} rows"
-        model_max = min(arch.max_positions(hf_config), int(getattr(checkpoint.tokenizer, "model_max_length", 512)),
-                        *([checkpoint.sentence.max_seq_length] if checkpoint.sentence and checkpoint.sentence.max_seq_length
-                          else []))
+        # What the graph takes: positions and the tokenizer. A sentence-transformers max_seq_length (what
+        # SentenceTransformer.encode truncates to, and the runtime with it) does not cap the parity length: the
+        # graph is checked at the longest input it accepts.
+        model_max = min(arch.max_positions(hf_config), int(getattr(checkpoint.tokenizer, "model_max_length", 512)))
         if config.max_length is not None and config.max_length > model_max:
             raise UsageError(f"--max-length {config.max_length} is longer than this model takes ({model_max} tokens: "
-                             "its positions, tokenizer and sentence-transformers limits); pass at most that")
+                             "its positions and tokenizer limits); pass at most that")
         max_length = config.max_length or min(model_max, 384 if task == "question-answering" else 512)
         shapes = tuple(config.parity.shapes)
         if max_length > max(length for _, length in shapes):  # a batch at the length the model is served at
@@ -647,7 +652,13 @@ def _build(
         gold_search, reported = None, evalset  # with labelled data the search judges on its gold metric
         with stages.stage("quantize") as note:
             calibration_tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, working_length, pairs=pairs)
-            reader = TextCalibrationReader(samples, calibration_tokenize, config.quantization.batch_size)
+            reader: Any = TextCalibrationReader(samples, calibration_tokenize, config.quantization.batch_size)
+            # Rows that span the positions up to the longest length served (not for the histogram methods, whose
+            # chunked calibration needs one reader's set_range).
+            if max_length > working_length and config.quantization.method not in ("entropy", "percentile"):
+                joined = joined_texts(samples, max_length)[:LONG_CALIBRATION_TEXTS]
+                long_tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, max_length, pairs=pairs)
+                reader = ChainedReader([reader, TextCalibrationReader(joined, long_tokenize, 2)])
             wanted = config.quantization.validation_count(task)
             search_texts = search_pool[:wanted]
             metric: Any = task

@@ -595,6 +595,7 @@ def _build_tiny(
     norm_spread: float = 0.1,
     act: str = "gelu",
     layer_norm_type: str = "layer_norm",
+    block_gain: float = 1.0,
 ) -> CheckpointTruth:
     if architecture not in TASK_CLASSES or task not in TASKS:
         raise ValueError(
@@ -610,6 +611,12 @@ def _build_tiny(
     gen, rng = torch.Generator().manual_seed(seed), random.Random(seed)
     _randomize(model, gen, norm_spread)
     n = spec.layers
+    if block_gain != 1.0:  # smaller block outputs: the residual stream of a deep un-normalised stack stays bounded
+        with torch.no_grad():
+            for layer in _layers(model, architecture):
+                for linear in (layer.output, layer.ffn_out):
+                    linear.weight.mul_(block_gain)
+                    linear.bias.mul_(block_gain)
     plan = _make_plan(
         rng,
         spec.heads,
@@ -680,6 +687,40 @@ def nonorm_relu_bert(out: Path, seed: int = 0, task: str = "feature-extraction")
     return _build_tiny(
         Path(out), "bert", task, spec, seed, True, "safetensors", 0.3, act="relu", layer_norm_type="no_norm"
     )
+
+
+SEED000_GONE = (2, 3, 3, 4, 4, 5, 5, 6, 6, 6, 6, 5)
+"""Heads gone per layer in the seed-000 shape: 55 of 144 (one of each of layers 0-10 in ``pruned_heads``)."""
+SEED000_FFN_KEPT = (420, 380, 360, 340, 320, 300, 290, 280, 270, 230, 190, 123)
+"""FFN units kept per layer in the seed-000 shape: 3503 of 36864."""
+
+
+def seed000_bert_base(out: Path, seed: int = 0, dense: bool = False) -> CheckpointTruth:
+    """A BERT-base checkpoint of the shape of nn_pruning's block-pruned SQuAD model (the issue's "seed-000"):
+    12 layers x 768, 12 heads of 64, a QA head, NoNorm (``layer_norm_type: "no_norm"``) and ReLU; 55 of the 144 heads
+    gone (11 physically removed, listed in ``pruned_heads``: head ``layer`` of layers 0-10; 44 dead through zero V rows
+    or O columns), FFN 36864 -> 3503 units (:data:`SEED000_FFN_KEPT`; the others dead through zero rows or columns),
+    two zero 32x32 blocks per layer. Seeded weights of unit gain; the outputs of each attention and FFN block are
+    scaled by 0.3 so that the residual stream of twelve un-normalised layers grows as a trained NoNorm model's
+    does (measured: mean hidden-state norm 10 -> 129 over the twelve layers, not 2^12 times). ``dense=True``: the same seeded weights, nothing removed or zeroed (the dense
+    BERT-base the pruned one came from)."""
+    pruned = {} if dense else {layer: [layer] for layer in range(11)}
+    dead = [gone - (1 if layer < 11 else 0) for layer, gone in enumerate(SEED000_GONE)]
+    spec = _TinySpec(12, 768, 12, 3072, pruned, dead, [1.0 - kept / 3072 for kept in SEED000_FFN_KEPT])
+    return _build_tiny(Path(out), "bert", "question-answering", spec, seed, not dense, "safetensors", 0.3, act="relu",
+                       layer_norm_type="no_norm", block_gain=0.3)
+
+
+def pruned_bert_large(out: Path, seed: int = 0) -> CheckpointTruth:
+    """A BERT-large shape (24 layers x 1024, 16 heads of 64, FFN 4096, LayerNorm + GELU, QA head) with a third of the
+    heads gone (128 of 384: 5 or 6 per layer, one of each of layers 0-11 in ``pruned_heads``) and 70% of every FFN
+    dead (2867 of 4096 units per layer), zero 32x32 blocks; seeded weights as :func:`seed000_bert_base`."""
+    gone = [6 if layer % 3 == 0 else 5 for layer in range(24)]  # 8 x 6 + 16 x 5 = 128
+    pruned = {layer: [layer % 16] for layer in range(12)}
+    dead = [g - (1 if layer < 12 else 0) for layer, g in enumerate(gone)]
+    spec = _TinySpec(24, 1024, 16, 4096, pruned, dead, [2867 / 4096] * 24)
+    return _build_tiny(Path(out), "bert", "question-answering", spec, seed, True, "safetensors", 0.1,
+                       block_gain=0.3)
 
 
 class _NoNorm(nn.Module):

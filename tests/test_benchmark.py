@@ -56,3 +56,27 @@ def test_the_fine_tuned_kinds_get_labelled_rows_the_export_reads(tmp_path) -> No
                          parse_fields("", "text-classification"), list(TOPIC_GROUPS))
     assert len(cls.examples) > 100 and {e.label for e in cls.examples} == set(TOPIC_GROUPS)
     assert labelled_file("minilm", tmp_path / "x.jsonl") is None
+
+
+def test_long_texts_are_unseen_real_text_of_the_asked_length() -> None:
+    from benchmarks.benchmark import long_texts
+    from calibration.corpus import builtin_texts, split_texts
+
+    texts = long_texts(16, 3000)
+    assert len(texts) == 16 and all(len(text) == 3000 for text in texts) and len(set(texts)) == 16
+    calibration, heldout = split_texts(builtin_texts())
+    # every text starts with a held-out passage, the first ones with passages of the report half
+    starts = [next(p for p in heldout if text.startswith(p[:200])) for text in texts]
+    assert not set(starts) & set(calibration) and starts[0] == heldout[1]
+
+
+def test_render_shows_the_stage_and_search_rows() -> None:
+    from benchmarks.benchmark import render
+
+    rows = [{"kind": "seed000", "variant": "(stages)", "timings": {"load": 6.6, "quantize": 71.2},
+             "stage_peak_rss_mb": {"load": 982.0, "quantize": 2900.0}, "export_s": 130.0},
+            {"kind": "seed000", "variant": "(search)", "strategy": "paired", "metric": "question-answering",
+             "back": 16, "nodes": 49, "evaluations": 11, "search_s": 71.3, "quantize_s": 131.4}]
+    text = render(rows, 2, 10)
+    assert "whole export 130 s, peak RSS 2.83 GB | load 7 s / 0.96 GB, quantize 71 s / 2.83 GB" in text
+    assert "INT8 search: paired (question-answering) | 16 of 49 nodes back in FP32 | 11 evaluations" in text

@@ -316,3 +316,32 @@ def test_expected_encoder_params_hand_count(tmp_path: Path) -> None:
     encoder = load_stock(truth.path, "AutoModel")[0].encoder
     assert truth.expected_encoder_params() == sum(p.numel() for p in encoder.parameters())
     assert truth.original_encoder_params() == 3 * layer(4)
+
+
+@pytest.mark.slow
+def test_seed000_shape_and_its_dense_twin(tmp_path: Path) -> None:
+    """The BERT-base kind of the benchmark: nn_pruning's seed-000 shape (55 of 144 heads gone, 11 of them in
+    pruned_heads; FFN 36864 -> 3503 units; NoNorm + ReLU; QA), which the project's compaction finds exactly, and the
+    dense BERT-base it came from (the same seeded weights, nothing removed)."""
+    from exporter.compaction import compact_model
+    from exporter.loading import load_checkpoint
+    from tests.checkpoints import SEED000_FFN_KEPT, seed000_bert_base
+
+    seed = seed000_bert_base(tmp_path / "seed")
+    assert (seed.num_layers, seed.hidden_size, seed.intermediate_size) == (12, 768, 3072)
+    assert sum(map(len, seed.heads_kept)) == 144 - 55
+    assert sum(map(len, seed.ffn_units_kept)) == sum(SEED000_FFN_KEPT) == 3503
+    config = json.loads((seed.path / "config.json").read_text())
+    assert config["layer_norm_type"] == "no_norm" and config["hidden_act"] == "relu"
+    assert sum(map(len, config["pruned_heads"].values())) == 11
+    checkpoint = load_checkpoint(seed.path, "question-answering")
+    report = compact_model(checkpoint.model, checkpoint.architecture, checkpoint.config, {})
+    assert report.summary().startswith("55 of 144 heads removed (11 already in pruned_heads), FFN 36864 -> 3503 units")
+
+    dense = seed000_bert_base(tmp_path / "dense", dense=True)
+    config = json.loads((dense.path / "config.json").read_text())
+    assert not config.get("pruned_heads") and sum(map(len, dense.heads_kept)) == 144
+    pruned, full = (load_stock(t.path, t.auto_class)[0].state_dict() for t in (seed, dense))
+    unit = seed.ffn_units_kept[5][0]
+    name = "bert.encoder.layer.5.intermediate.dense.weight"
+    assert torch.equal(pruned[name][unit], full[name][unit])  # the surviving weights are the dense model's

@@ -151,3 +151,26 @@ def test_reader_set_range_reads_only_that_chunk_of_batches() -> None:
 def test_reader_rejects_no_texts() -> None:
     with pytest.raises(CalibrationDataError):
         TextCalibrationReader([], _fake_tokenize)
+
+
+def test_joined_texts_reach_the_word_count_and_chained_readers_read_each_in_turn() -> None:
+    from calibration.data import ChainedReader, TextCalibrationReader, joined_texts
+
+    texts = [f"w{i} " * (i + 1) for i in range(10)]  # 1, 2, ..., 10 words
+    joined = joined_texts(texts, 12)
+    assert all(len(text.split()) >= 12 for text in joined)
+    words = " ".join(joined).split()
+    assert words == " ".join(texts).split()[: len(words)]  # consecutive texts, in order, nothing dropped between
+    assert joined_texts(["a b", "c"], 100) == ["a b c"]  # too short to reach it: one join of everything
+
+    def tokenize(batch: list[str]) -> dict[str, np.ndarray]:
+        return {"input_ids": np.array([[len(text.split())] for text in batch])}
+
+    reader = ChainedReader([TextCalibrationReader(texts[:3], tokenize, 2), TextCalibrationReader(joined, tokenize, 1)])
+    assert len(reader) == 2 + len(joined) and reader.texts == texts[:3]
+    for _ in range(2):  # a second pass after rewind reads the same batches
+        seen = []
+        while (feeds := reader.get_next()) is not None:
+            seen.append(feeds["input_ids"][:, 0].tolist())
+        assert seen == [[1, 2], [3]] + [[len(text.split())] for text in joined]
+        reader.rewind()
