@@ -639,11 +639,14 @@ def _quantize_fused(
             "pass --quantization-preset cpu-avx512-vnni-unfused to quantize model.onnx instead"
         ) from error
     names = [target.name for target in plan.targets]
+    targeted = set(names)
+    kept = [node.name for node in model.graph.node if node.op_type in config.op_types and node.name not in targeted]
+    del model  # the smoothed twin is the FP32 reference from here on (equal in exact arithmetic; one copy less)
     quantized_model = plan.build(names)
     search = None
     if validation is not None:
         quantized_model, search = search_fallback(
-            model, quantized_model, validation, get_metric(metric), config.max_accuracy_drop,
+            plan.smoothed, quantized_model, validation, get_metric(metric), config.max_accuracy_drop,
             config.search_ranking_batches, build=plan.build, candidates=names, budget_s=config.search_budget_s,
             strategy=config.search_strategy,
             # An Attention's correction is in its own QKV bias, which the probe copies; a MatMul's is in the next
@@ -654,8 +657,6 @@ def _quantize_fused(
     counts = Counter(target.op_type for target in plan.targets if target.name not in fallen)
     if not counts:
         raise _all_fell_back(config, len(names), search.budget_reached if search is not None else None)
-    targeted = set(names)
-    kept = [node.name for node in model.graph.node if node.op_type in config.op_types and node.name not in targeted]
     save_quantized(quantized_model, output_path, large)
     seconds = time.perf_counter() - start
     report = QuantizationReport.of(config, counts, kept + sorted(fallen), reader, sample_sha256, seconds, search,

@@ -188,13 +188,20 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
     model.graph.initializer.extend(keep)
 
 
+SERIALIZE_LIMIT = 64 << 20
+"""Graphs larger than this (64 MiB) reach onnxruntime through a file in the work folder rather than as bytes, so a
+serialized copy does not sit in memory beside the session while it is built (BERT-base and up)."""
+
+
 def cpu_session(model: onnx.ModelProto, work: Path) -> ort.InferenceSession:
-    """A quiet CPU onnxruntime session on ``model``; graphs past protobuf's 2 GB limit go through ``work``."""
+    """A quiet CPU onnxruntime session on ``model``; graphs past protobuf's 2 GB limit go through ``work`` with
+    external data, graphs past :data:`SERIALIZE_LIMIT` through a file in ``work``."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if model.ByteSize() > PROTO_LIMIT:
+    size = model.ByteSize()
+    if size > SERIALIZE_LIMIT:
         path = work / "candidate.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=True)
+        onnx.save_model(model, str(path), save_as_external_data=size > PROTO_LIMIT)
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
@@ -222,7 +229,7 @@ def _tensors(model: onnx.ModelProto) -> set[str]:
 
 def probe_graph(
     float_model: onnx.ModelProto, quantized: onnx.ModelProto, nodes: Sequence[str],
-    shifts: Mapping[str, np.ndarray] | None = None,
+    shifts: Mapping[str, np.ndarray] | None = None, inplace: bool = False,
 ) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
     """The FP32 graph with each of ``nodes``' INT8 form from ``quantized`` beside it, reading the same float input.
 
@@ -234,10 +241,10 @@ def probe_graph(
     graph adds to the bias after the node) is added to the INT8 output. The probe's outputs are, per node,
     the squared error and the squared FP32 value summed over the last axis (``[batch, seq]`` for token outputs),
     so a run returns a few numbers per token, not activations. Returns the probe and ``{node: (error output,
-    reference output)}``.
+    reference output)}``. ``inplace``: the probe is ``float_model`` itself, changed (no copy of the weights).
     """
-    probe = copy.deepcopy(float_model)
     known = _tensors(float_model)
+    probe = float_model if inplace else copy.deepcopy(float_model)
     producer = {out: node for node in quantized.graph.node for out in node.output}
     position = {id(node): index for index, node in enumerate(quantized.graph.node)}
     q_inits = {init.name: init for init in quantized.graph.initializer}
@@ -304,8 +311,10 @@ def paired_errors(
 ) -> dict[str, float]:
     """Each node's INT8 output error against its FP32 output on the same float input, from one run of
     :func:`probe_graph` over ``batches``: ``sum |int8 - fp32|^2 / sum |fp32|^2`` over the real tokens (those
-    the ``attention_mask`` feed marks; every row where there is none or the output is not per token)."""
-    probe, outputs = probe_graph(float_model, quantized, nodes, shifts)
+    the ``attention_mask`` feed marks; every row where there is none or the output is not per token).
+    ``float_model`` is changed into the probe (pass a copy you do not need again)."""
+    probe, outputs = probe_graph(float_model, quantized, nodes, shifts, inplace=True)
+    del float_model
     error = dict.fromkeys(nodes, 0.0)
     reference = dict.fromkeys(nodes, 0.0)
     with tempfile.TemporaryDirectory(prefix="export-model-probe-") as work:

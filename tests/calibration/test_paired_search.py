@@ -69,7 +69,7 @@ def test_the_probe_measures_what_a_graph_with_only_that_node_int8_computes(
     shifts = _shifts(plan)
     assert shifts, "bias corrections of MatMuls must be part of the check"
     float_twin, quantized = plan.build([]), plan.build(names)
-    measured = paired_errors(float_twin, quantized, names, validation[:2], shifts)
+    measured = paired_errors(plan.build([]), quantized, names, validation[:2], shifts)
     for name in names:
         error = reference = 0.0
         single = plan.build([name])
