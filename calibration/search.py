@@ -549,7 +549,8 @@ def _paired_fallback(
     elif passing is None:
         _unmet(metric, bars, count, "; ".join(f"{t['fallen']} back: {_fmt(t['scores'])}" for t in report.trials))
     else:
-        reason = f"in the shortest passing prefix ({passing}) of the paired-error ranking"
+        reason = f"in the shortest passing prefix ({passing}) of the paired-error ranking" + (
+            " found before the search's time budget ran out" if report.budget_reached else "")
     model, scores = kept[passing], measured[passing]
     if failures(scores, bars):
         _unmet(metric, bars, passing, "; ".join(f"{t['fallen']} back: {_fmt(t['scores'])}" for t in report.trials))

@@ -666,15 +666,25 @@ def _build(
         deploy_config.architectures = [arch.class_name(task)]
         deploy_config.save_pretrained(built)
         gold_search, reported = None, evalset  # with labelled data the search judges on its gold metric
+        # The PyTorch outputs parity compares against, before the long stages: then, unless the evaluation needs
+        # it, the PyTorch model is released (a BERT-large reference is 1.3 GB the quantize stage can use) and
+        # loaded again only to localize a parity failure.
+        batches = build_batches(report_pool, tokenize, shapes, max_length)
+        expected = reference_outputs(reference, batches, output_names(task, sentence is not None), pooling)
+        if evalset is None:
+            reference = checkpoint.model = None
         with stages.stage("quantize") as note:
             calibration_tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, working_length, pairs=pairs)
             reader: Any = TextCalibrationReader(samples, calibration_tokenize, config.quantization.batch_size)
+            calibration_rows = [{"texts": len(samples), "tokens": working_length}]
             # Rows that span the positions up to the longest length served (not for the histogram methods, whose
             # chunked calibration needs one reader's set_range).
             if max_length > working_length and config.quantization.method not in ("entropy", "percentile"):
                 joined = joined_texts(samples, max_length)[:LONG_CALIBRATION_TEXTS]
                 long_tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, max_length, pairs=pairs)
                 reader = ChainedReader([reader, TextCalibrationReader(joined, long_tokenize, 2)])
+                calibration_rows.append({"texts": len(joined), "tokens": max_length,
+                                         "made_of": "consecutive calibration texts joined"})
             wanted = config.quantization.validation_count(task)
             search_texts = search_pool[:wanted]
             metric: Any = task
@@ -705,8 +715,6 @@ def _build(
             if tuning:
                 note["detail"] += f", tuned: {quantization.preset} fastest of {len(tuning)} presets"
         with stages.stage("parity") as note:
-            batches = build_batches(report_pool, tokenize, shapes, max_length)
-            expected = reference_outputs(reference, batches, output_names(task, sentence is not None), pooling)
             entries = []
             checked = [(MODEL_FILE, "fp32"), (OPTIMIZED_FILE, "fp32"), (QUANTIZED_FILE, "int8")]
             if fp16.get("built"):
@@ -717,6 +725,10 @@ def _build(
                 entries += check_file(built / name, precision, task, batches, expected, config.parity)
             failed = [e for e in entries if e.status == "fail"]
             if failed:
+                if reference is None:  # released before quantizing: the same load again
+                    reference = load_checkpoint(source, config.task).model
+                    if drops:
+                        mask_heads(reference, arch, hf_config, drops)
                 localize_failures(failed, built, reference, arch, batches[-1], config.parity)
             note["detail"] = ", ".join(f"{e.file} {e.status}" for e in entries if e.status != "skip")
         with stages.stage("latency") as note:
@@ -750,7 +762,8 @@ def _build(
                 "sentence_embedding": sentence.to_dict() if sentence else None,
                 "compaction": compaction.to_dict(),
                 "fusion": fusion.to_dict() | {"summary": fusion.summary()},
-                "quantization": quantization.to_dict() | ({"tuning": tuning} if tuning else {}),
+                "quantization": quantization.to_dict() | {"calibration_rows": calibration_rows}
+                | ({"tuning": tuning} if tuning else {}),
                 "fp16": fp16,
                 "parity": [e.to_dict() for e in entries],
                 "parity_data": {"inputs": "parity/inputs.npz", "reference": "parity/reference.npz",

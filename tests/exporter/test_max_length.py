@@ -27,11 +27,17 @@ def test_parity_runs_a_batch_at_the_max_length(checkpoint: Path, tmp_path: Path)
                  "--max-length", "200"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["max_length"] == 200
+    # calibration spans the lengths up to it: the texts at 128 tokens, then 16 joined rows of 200
+    short, long = manifest["quantization"]["calibration_rows"]
+    assert (short["texts"], short["tokens"]) == (16, 128)
+    assert long["tokens"] == 200 and 1 <= long["texts"] <= 16
     assert manifest["parity_data"]["shapes"] == [[1, 16], [4, 64], [8, 128], [2, 200]]  # as run: joined texts
     for entry in (e for e in manifest["parity"] if e["status"] != "skip"):
         assert [s["shape"] for s in entry["per_shape"]] == manifest["parity_data"]["shapes"]
         assert max(s["max_abs_error"] for s in entry["per_shape"]) == pytest.approx(entry["max_abs_error"])
     assert "| 2x200 |" in (out / "report.md").read_text()
+    latency = manifest["latency"]["CPUExecutionProvider"]
+    assert latency["shapes"] == ["b1xs128", "b8xs128", "b1xs200"]  # a latency row at the max length too
     done = subprocess.run([sys.executable, "-m", "exporter.cli", "verify", str(out)], capture_output=True,
                           text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
