@@ -134,14 +134,12 @@ def _reset_peak_rss() -> None:
 
 def _peak_rss_mb() -> float | None:
     """This process's peak resident memory since the last :func:`_reset_peak_rss`, in MB (None off Linux)."""
+    from exporter.memory_probe import status_bytes
+
     try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
+        return round(status_bytes("VmHWM") / 2**20, 1)
+    except (OSError, ValueError):
         return None
-    return None
 
 
 class _Stages:
@@ -681,8 +679,7 @@ def _build(
             # chunked calibration needs one reader's set_range).
             if max_length > working_length and config.quantization.method not in ("entropy", "percentile"):
                 joined = joined_texts(samples, max_length)[:LONG_CALIBRATION_TEXTS]
-                long_tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, max_length, pairs=pairs)
-                reader = ChainedReader([reader, TextCalibrationReader(joined, long_tokenize, 2)])
+                reader = ChainedReader([reader, TextCalibrationReader(joined, tokenize, 2)])  # tokenize: max_length
                 calibration_rows.append({"texts": len(joined), "tokens": max_length,
                                          "made_of": "consecutive calibration texts joined"})
             wanted = config.quantization.validation_count(task)
