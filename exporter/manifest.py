@@ -17,7 +17,7 @@ from exporter.report_html import evaluation_cells, render_html, thread_grid
 SCHEMA_VERSION = 1
 TOOL = "export-model"
 # Fields whose values legitimately differ between machines or runs; everything else is reproducible.
-VARYING_FIELDS = ("created", "host", "timings", "latency", "source.path", "options.output", "options.model",
+VARYING_FIELDS = ("created", "host", "timings", "peak_rss_mb", "latency", "source.path", "options.output", "options.model",
                   "fusion.seconds", "quantization.seconds", "quantization.search.seconds",
                   "files.report.md", "files.report.html")
 _DEPENDENCIES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxscript", "numpy")
