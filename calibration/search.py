@@ -18,8 +18,12 @@ Start from a fully quantized graph (every target INT8, the fast end) and its FP3
 
    - ``paired``: the shortest prefix of the ranking that meets every bar on every held-out batch, found by
      doubling the prefix (1, 2, 4, ...) until the bars hold, then bisecting between the last failing and the
-     first passing length: about 2 log2(k) evaluations for k nodes back, where putting nodes back one at a
-     time costs k.
+     first passing length: about 2 log2(k) evaluations for a prefix of k nodes, where putting nodes back one at
+     a time costs k. A node's own error does not say how much the task metric needs it back, so the prefix is
+     then refined: groups from its least harmful end (half the prefix, then quarters, ... single nodes) go back
+     to INT8, each kept INT8 only if every bar still holds (the complement tests of delta debugging). The
+     refinement takes at most as long as the search before it (``REFINE_SHARE``) and stops at the budget;
+     whatever it has not tried stays FP32.
    - ``leave-one-out``: the most harmful node goes back to FP32, the task metric is re-measured on every
      held-out batch, and so on until every bar holds.
 
@@ -93,7 +97,7 @@ class SearchReport:
     ``harm`` maps every ranked quantized node to its harm (``leave-one-out``: the drop in relative error when it
     alone is FP32; ``paired``: its own INT8 output's relative squared error), empty when the fully quantized graph
     already met the bars and no ranking was needed. ``budget_reached``: None, or the phase ("ranking" /
-    "falling back") in which ``budget_s`` ran out.
+    "falling back" / ``paired``: "refining") in which ``budget_s`` ran out.
     """
 
     metric: str
@@ -112,8 +116,9 @@ class SearchReport:
     budget_reached: str | None = None
     strategy: str = "leave-one-out"
     trials: list[dict[str, Any]] = field(default_factory=list)
-    """``paired``: each fallback trial, ``{"fallen": k, "scores": ..., "met": bool}`` (the first k of the ranking
-    back in FP32), in the order measured."""
+    """``paired``: each fallback trial, ``{"fallen": k, "phase": ..., "scores": ..., "met": bool}`` in the order
+    measured: k nodes back in FP32; phase "prefix" (the first k of the ranking), "refine" (a subset of the
+    passing prefix) or "all back" (the budget ran out before a passing prefix)."""
 
     @property
     def fallback_nodes(self) -> list[str]:
@@ -487,28 +492,33 @@ def _paired_fallback(
     quantized: onnx.ModelProto, shifts: Mapping[str, np.ndarray] | None, clock: Callable[[], float],
     start: float, out_of_time: Callable[[], bool],
 ) -> tuple[onnx.ModelProto, SearchReport]:
-    """The ``paired`` strategy (module doc): rank by one probe run, then find the shortest passing prefix."""
+    """The ``paired`` strategy (module doc): rank by one probe run, find the shortest passing prefix, then return
+    what of that prefix the bars do not need to INT8."""
     op_types = {node.name: node.op_type for node in quantized.graph.node}
     bars, count = report.bars, len(candidates)
-    measured: dict[int, dict[str, float]] = {}
-    kept: dict[int, onnx.ModelProto] = {}  # the shortest passing trial's graph only: each one is a whole model
+    measured: dict[frozenset[str], dict[str, float]] = {}
+    measured[frozenset()] = report.scores_before  # the all-INT8 graph, measured by the caller
+    best: list[Any] = []  # [nodes back, graph, scores] of the smallest passing set: each graph is a whole model
 
-    def trial(fallen: int) -> bool:
-        model = without(order[:fallen])
+    def trial(back: Sequence[str], phase: str) -> bool:
+        key = frozenset(back)
+        if key in measured:  # e.g. a refinement set that is also a prefix already measured
+            return not failures(measured[key], bars)
+        model = without(back)
         scores = metric.scores(reference, evaluate(model, validation, metric))
         report.evaluations += 1
         met = not failures(scores, bars)
-        measured[fallen] = scores
-        if met or fallen == count:  # every later passing trial is shorter (bisection below the passing length)
-            kept.clear()
-            kept[fallen] = model
-        report.trials.append({"fallen": fallen, "scores": scores, "met": met})
-        logger.info("%d of %d nodes back in FP32 (most harmful first): %s", fallen, count, _fmt(scores))
+        measured[key] = scores
+        if (met or len(back) == count) and (not best or len(back) <= len(best[0])):
+            best[:] = [list(back), model, scores]
+        report.trials.append({"fallen": len(back), "phase": phase, "scores": scores, "met": met})
+        logger.info("%s: %d of %d nodes back in FP32: %s", phase, len(back), count, _fmt(scores))
         shown.update(1)
         return met
 
     order = list(candidates)
     passing: int | None = None
+    refined = 0
     with bar(total=None, desc="accuracy search") as shown:
         if out_of_time():
             report.budget_reached = "ranking"
@@ -523,7 +533,7 @@ def _paired_fallback(
                 if out_of_time():
                     report.budget_reached = "falling back"
                     break
-                if trial(length):
+                if trial(order[:length], "prefix"):
                     passing = length
                 elif length == count:
                     break
@@ -534,30 +544,59 @@ def _paired_fallback(
                     report.budget_reached = "falling back"
                     break
                 middle = (failing + passing) // 2
-                if trial(middle):
+                if trial(order[:middle], "prefix"):
                     passing = middle
                 else:
                     failing = middle
+            if passing is not None and not report.budget_reached:
+                refined = _refine(best, trial, clock, start, out_of_time)
+                report.budget_reached = "refining" if out_of_time() else None
     if passing is None and report.budget_reached:  # out of time with no passing prefix measured: all back
         logger.warning("accuracy search: the %g s budget ran out (%s) before a passing set was found; all %d "
                        "nodes go back to FP32", report.budget_s, report.budget_reached, count)
-        if count not in measured:
-            trial(count)
-        passing = count
+        trial(order, "all back")
         reason = ("not ranked: the search's time budget ran out" if report.budget_reached == "ranking"
                   else "not tried: the search's time budget ran out")
     elif passing is None:
         _unmet(metric, bars, count, "; ".join(f"{t['fallen']} back: {_fmt(t['scores'])}" for t in report.trials))
     else:
-        reason = f"in the shortest passing prefix ({passing}) of the paired-error ranking" + (
-            " found before the search's time budget ran out" if report.budget_reached else "")
-    model, scores = kept[passing], measured[passing]
+        reason = (f"needed by the bars: of the shortest passing prefix ({passing}) of the paired-error ranking, "
+                  f"{refined} went back to INT8") + (f" before the search's time budget ran out ({report.budget_reached})"
+                                                    if report.budget_reached else "")
+    back, model, scores = best
     if failures(scores, bars):
-        _unmet(metric, bars, passing, "; ".join(f"{t['fallen']} back: {_fmt(t['scores'])}" for t in report.trials))
-    for name in order[:passing]:
+        _unmet(metric, bars, len(back), "; ".join(f"{t['fallen']} back: {_fmt(t['scores'])}" for t in report.trials))
+    for name in back:
         known = report.harm.get(name)
         report.fallbacks.append(FallbackStep(name, op_types[name], known, scores, reason))
     return _done(report, model, scores, count, clock() - start)
+
+
+REFINE_SHARE = 1.0
+"""The refinement may take at most this share of what the search took before it (1.0: it at most doubles the
+search's time), and never past the budget."""
+
+
+def _refine(best: list[Any], trial: Callable[[Sequence[str], str], bool], clock: Callable[[], float], start: float,
+            out_of_time: Callable[[], bool]) -> int:
+    """Return to INT8 what the passing set ``best[0]`` (most harmful first) does not need: groups from its least
+    harmful end, halving in size (the complement tests of delta debugging), each kept only if every bar still holds
+    on every held-out batch. Returns how many nodes went back to INT8; ``best`` is updated by ``trial``."""
+    prefix = len(best[0])
+    deadline = clock() + REFINE_SHARE * (clock() - start)
+    size = prefix // 2
+    while size >= 1:
+        end = len(best[0])
+        while end > 0:
+            if out_of_time() or clock() > deadline:
+                return prefix - len(best[0])
+            kept = best[0]
+            group = kept[max(0, end - size) : end]
+            rest = [name for name in kept if name not in group]
+            trial(rest, "refine")  # passing: best is now rest; either way the next group ends where this one began
+            end -= len(group)
+        size //= 2
+    return prefix - len(best[0])
 
 
 def _fmt(scores: Mapping[str, float]) -> str:
