@@ -300,11 +300,18 @@ def long_text_cosines(source: Path, artifact: Path, length: int = 512) -> dict[s
     return result
 
 
+def _node_list(names: list[str], shown: int = 4) -> str:
+    """The nodes a search put back, the first ``shown`` by name."""
+    if not names:
+        return "none back"
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def _search_row(kind: str, strategy: str, manifest: dict[str, Any]) -> dict[str, Any]:
     quantization = manifest["quantization"]
     search = quantization.get("search") or {}
     return {"kind": kind, "variant": "(search)", "strategy": strategy, "metric": search.get("metric"),
-            "back": len(quantization["fallback_nodes"]), "nodes": quantization["quantized_nodes"]
+            "back": len(quantization["fallback_nodes"]), "back_nodes": quantization["fallback_nodes"], "nodes": quantization["quantized_nodes"]
             + len(quantization["fallback_nodes"]), "evaluations": search.get("evaluations"),
             "search_s": search.get("seconds"), "quantize_s": manifest["timings"].get("quantize")}
 
@@ -487,7 +494,7 @@ def render(rows: list[dict[str, Any]], threads: int, rounds: int) -> str:
         if r["variant"] == "(search)":
             lines.append(f"| {r['kind']} | INT8 search: {r['strategy']} ({r['metric']}) | {r['back']} of {r['nodes']} "
                          f"nodes back in FP32 | {r['evaluations']} evaluations | {_number(r['search_s'], 1)} s search, "
-                         f"{_number(r['quantize_s'], 1)} s quantize stage | | | | |")
+                         f"{_number(r['quantize_s'], 1)} s quantize stage | {_node_list(r.get('back_nodes', []))} | | | |")
             continue
         if "evaluation" in r:  # export-model --eval-data: the gold metric of every file and the checkpoint
             data = r["eval_data"]

@@ -76,7 +76,9 @@ def test_render_shows_the_stage_and_search_rows() -> None:
     rows = [{"kind": "seed000", "variant": "(stages)", "timings": {"load": 6.6, "quantize": 71.2},
              "stage_peak_rss_mb": {"load": 982.0, "quantize": 2900.0}, "export_s": 130.0},
             {"kind": "seed000", "variant": "(search)", "strategy": "paired", "metric": "question-answering",
-             "back": 16, "nodes": 49, "evaluations": 11, "search_s": 71.3, "quantize_s": 131.4}]
+             "back": 5, "back_nodes": ["Attention_2", "MatMul_1", "MatMul_7", "Attention_0", "MatMul_3"], "nodes": 49,
+             "evaluations": 11, "search_s": 71.3, "quantize_s": 131.4}]
     text = render(rows, 2, 10)
     assert "whole export 130 s, peak RSS 2.83 GB | load 7 s / 0.96 GB, quantize 71 s / 2.83 GB" in text
-    assert "INT8 search: paired (question-answering) | 16 of 49 nodes back in FP32 | 11 evaluations" in text
+    assert "INT8 search: paired (question-answering) | 5 of 49 nodes back in FP32 | 11 evaluations" in text
+    assert "| Attention_2, MatMul_1, MatMul_7, Attention_0 and 1 more |" in text
