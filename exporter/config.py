@@ -179,7 +179,7 @@ OPTIONS: tuple[Option, ...] = (
            "and the manifest says so"),
     Option("--search-strategy", "quantization.search_strategy",
            "how the INT8 accuracy search ranks and falls back: paired (one paired FP32/INT8 run ranks the nodes, the "
-           "shortest passing prefix goes back) or leave-one-out (one trial per node, then one node at a time)",
+           "shortest passing prefix, refined, goes back) or leave-one-out (one trial per node, then one node at a time)",
            ("paired", "leave-one-out")),
     Option("--parity-atol", "parity.fp32_atol", "largest absolute error allowed for FP32 files"),
     Option("--fp16", "fp16", "build model_fp16.onnx: auto (where CUDA is present), always, never",
