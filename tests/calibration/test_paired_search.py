@@ -185,3 +185,26 @@ def test_the_refinement_stops_at_its_share_of_the_search_time() -> None:
     assert calls == [8, 0, 4] and best[0] == order[:4] and returned == 12
     best[:] = [order, "graph", {}]
     assert _refine(best, trial, _Clock(1.0), 0.0, lambda: True) == 0 and best[0] == order  # out of budget: none
+
+
+def test_paired_search_out_of_time_puts_every_node_back_and_says_so(
+    fused_plan: tuple[onnx.ModelProto, FusedPlan], validation: list[dict[str, np.ndarray]]
+) -> None:
+    """Fake clock, one second per reading: the budget runs out after the probe and the first trial (which fails),
+    so every node goes back, one evaluation records it, and each step says why."""
+    model, plan = fused_plan
+    names = [target.name for target in plan.targets]
+    metric = CosineMetric()
+    _, report = search_fallback(model, plan.build(names), validation, metric, 1e-6, 2, build=plan.build,
+                                candidates=names, budget_s=3.5, clock=_Clock(1.0))
+    assert report.budget_reached == "falling back"
+    assert report.fallback_nodes == list(report.harm) and len(report.fallback_nodes) == len(names)
+    assert all(step.reason == "not tried: the search's time budget ran out" for step in report.fallbacks)
+    assert not failures(report.scores_after, report.bars)
+
+
+def test_an_unknown_strategy_is_refused(validation: list[dict[str, np.ndarray]],
+                                        fused_plan: tuple[onnx.ModelProto, FusedPlan]) -> None:
+    model, plan = fused_plan
+    with pytest.raises(QuantizationError, match="strategy"):
+        search_fallback(model, plan.build([]), validation, CosineMetric(), 0.01, strategy="greedy")
