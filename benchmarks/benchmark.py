@@ -310,10 +310,11 @@ def _node_list(names: list[str], shown: int = 4) -> str:
 def _search_row(kind: str, strategy: str, manifest: dict[str, Any]) -> dict[str, Any]:
     quantization = manifest["quantization"]
     search = quantization.get("search") or {}
+    back = quantization["fallback_nodes"]
     return {"kind": kind, "variant": "(search)", "strategy": strategy, "metric": search.get("metric"),
-            "back": len(quantization["fallback_nodes"]), "back_nodes": quantization["fallback_nodes"], "nodes": quantization["quantized_nodes"]
-            + len(quantization["fallback_nodes"]), "evaluations": search.get("evaluations"),
-            "search_s": search.get("seconds"), "quantize_s": manifest["timings"].get("quantize")}
+            "back": len(back), "back_nodes": back, "nodes": quantization["quantized_nodes"] + len(back),
+            "evaluations": search.get("evaluations"), "search_s": search.get("seconds"),
+            "quantize_s": manifest["timings"].get("quantize")}
 
 
 def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, memory: bool,

@@ -583,7 +583,8 @@ def _refine(best: list[Any], trial: Callable[[Sequence[str], str], bool], clock:
     harmful end, halving in size (the complement tests of delta debugging), each kept only if every bar still holds
     on every held-out batch. Returns how many nodes went back to INT8; ``best`` is updated by ``trial``."""
     prefix = len(best[0])
-    deadline = clock() + REFINE_SHARE * (clock() - start)
+    now = clock()
+    deadline = now + REFINE_SHARE * (now - start)
     size = prefix // 2
     while size >= 1:
         end = len(best[0])

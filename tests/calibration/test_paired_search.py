@@ -163,7 +163,7 @@ def test_the_refinement_returns_to_int8_every_node_the_bars_do_not_need(needed: 
 
 
 def test_the_refinement_stops_at_its_share_of_the_search_time() -> None:
-    """The clock reads one second per call and the search before took 4 s, so the refinement gets 4 s: three
+    """The clock reads one second per call and the search before took 3 s, so the refinement gets 3 s: three
     trials (one clock reading each). Only the most harmful node is needed; after three trials half the prefix went
     back to INT8 and what was not tried stays FP32."""
     from calibration.search import _refine
