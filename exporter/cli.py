@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["metavar"] = option.flag.lstrip("-").upper().replace("-", "_")
         parser.add_argument(option.flag, **kwargs)
     parser.add_argument("--config", metavar="FILE", help="replay the options stored in a manifest.json (flags override)")
+    parser.add_argument("--sign-key", metavar="PEM", help="sign the artifact's manifest with this Ed25519 or ECDSA "
+                        "private key (manifest.sig; checked before the export starts; not stored in the manifest)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("--verbose", action="store_true", help="log every stage's details")
     return parser
@@ -133,34 +135,69 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def verify_main(argv: Sequence[str]) -> int:
-    """`export-model verify DIR [--providers ...]`: 0 when hashes and parity hold, 3 when not, 2 for bad input."""
-    parser = argparse.ArgumentParser(prog="export-model verify", description="Re-hash an artifact against its "
-                                     "manifest and re-run parity from its stored reference inputs and outputs.")
+    """`export-model verify DIR`: 0 when the trust anchors, hashes and parity hold; 3 when not (or a limit was
+    hit); 2 for bad input. Runs in a bounded child process (exporter/sandbox.py)."""
+    from exporter import sandbox
+    from exporter.run_cli import add_trust_options
+
+    parser = _Parser(prog="export-model verify", description="Check an artifact: its signature or pinned digest "
+                     "(when given), every file against the manifest, no unlisted files, and parity re-run from its "
+                     "stored reference inputs and outputs.")
     parser.add_argument("folder", help="artifact folder written by export-model")
     parser.add_argument("--providers", type=_comma_list, default=("auto",),
                         help="execution providers, comma-separated (default: auto, every provider present)")
+    add_trust_options(parser)
+    parser.add_argument("--time-limit", type=sandbox.positive_seconds, default=900.0, metavar="SECONDS",
+                        help="wall-clock limit of the whole check (default: 900)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    _configure_logging(args.debug, verbose=False, transformers_too=False)
+    if not sandbox.in_child():
+        return sandbox.run_bounded("verify", list(argv), "export-model verify", args.memory_limit, args.time_limit,
+                                   "verify", args.debug)
+    sandbox.enter_child(args.memory_limit, args.debug)
+    sandbox.arm(args.time_limit)
+    from exporter.run_cli import guarded
+
+    return guarded("export-model verify", args.debug, lambda: _verify(args))
+
+
+def _verify(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from exporter.run_cli import trust_from
     from exporter.verify import verify_artifact
 
-    try:
-        report = verify_artifact(Path(args.folder), args.providers)
-    except ExportError as error:
-        print(f"export-model verify: error: {error}", file=sys.stderr)
-        if args.debug:
-            traceback.print_exc()
-        return error.exit_code
+    report = verify_artifact(Path(args.folder), args.providers, trust_from(args))
     for entry in report.parity:
         detail = f"max abs {entry.max_abs_error:.2e}" if entry.max_abs_error is not None else entry.reason
         print(f"{entry.file:<24} {entry.provider:<24} {entry.status:<5} {detail}")
+    print(f"trust: {report.trust}")
     if not report.ok:
         print(f"export-model verify: FAILED for {args.folder}:\n{report.table()}", file=sys.stderr)
         return 3
-    print(f"verified: {args.folder} ({len(report.parity)} parity checks, every file's sha256 matches)")
+    print(f"verified: {args.folder} (manifest sha256:{report.manifest_sha256}; {len(report.parity)} parity checks, "
+          "every file's sha256 matches, no unlisted files)")
     return 0
+
+
+def sign_main(argv: Sequence[str]) -> int:
+    """`export-model sign DIR --key private.pem`: write DIR/manifest.sig (exporter/signing.py)."""
+    parser = _Parser(prog="export-model sign", description="Check an artifact against its manifest, then sign the "
+                     "manifest (which lists every file's sha256) with a private key: DIR/manifest.sig.")
+    parser.add_argument("folder", help="artifact folder written by export-model")
+    parser.add_argument("--key", required=True, metavar="PEM", help="Ed25519 or ECDSA private key (unencrypted PEM)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    from exporter.run_cli import guarded
+
+    def sign() -> int:
+        from exporter.signing import load_private_key, sign_artifact
+
+        record = sign_artifact(args.folder, load_private_key(args.key))
+        print(f"signed: {args.folder} (manifest sha256:{record['manifest_sha256']}, key {record['key_id']})")
+        return 0
+
+    return guarded("export-model sign", args.debug, sign)
 
 
 def _never_read_stdin() -> None:
@@ -179,14 +216,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         from exporter.run_cli import run_main
 
         return run_main(argv[1:])
+    if argv[:1] == ["sign"]:
+        return sign_main(argv[1:])
     args = build_parser().parse_args(argv)
     _configure_logging(args.debug, args.verbose)
     signal.signal(signal.SIGTERM, _interrupt)
     start = time.perf_counter()
     try:
+        key, signature = None, {}
+        if args.sign_key:  # a bad key is refused before hours of export, not after
+            from exporter.signing import load_private_key
+
+            key = load_private_key(args.sign_key)
         from exporter.pipeline import export_model
 
         result = export_model(config_from_args(args))
+        if key is not None:
+            from exporter.signing import sign_artifact
+
+            signature = sign_artifact(result.output, key)
     except ExportError as error:
         print(f"export-model: error: {error}", file=sys.stderr)
         if args.debug:
@@ -203,6 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     passed = [f"{e['file']} {e['status']}" for e in result.manifest["parity"] if e["status"] != "skip"]
     print(f"artifact: {result.output}")
+    from exporter.artifact import sha256_digest
+
+    digest = sha256_digest((result.output / "manifest.json").read_bytes())
+    print(f"manifest: sha256:{digest}" + (f" (signed by {signature['key_id']})" if key is not None else ""))
     print(f"parity: {', '.join(passed)}")
     print(f"total wall time: {time.perf_counter() - start:.1f} s")
     return 0

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from exporter.errors import ProviderUnavailableError
+from exporter.artifact import FP32_ATOL_MAX, MIN_COSINE_FLOOR
+from exporter.errors import ProviderUnavailableError, first_line, from_onnxruntime
 from exporter.outputs import SENTENCE_OUTPUT, token_level
 
 if TYPE_CHECKING:  # torch only where the PyTorch reference is computed: `verify` runs without it
@@ -54,12 +55,15 @@ class ParityConfig:
         # A NaN bar never fails (`err > nan` is False) and an infinite or negative one is no bar: refuse them here,
         # so flags and `--config` replays alike are checked.
         problems = []
-        if not _is_number(self.fp32_atol) or not math.isfinite(self.fp32_atol) or self.fp32_atol < 0:
-            problems.append(f"fp32_atol must be a finite number >= 0 (e.g. 1e-4), got {self.fp32_atol!r}")
+        # The same bars bound what `verify` accepts from a manifest (exporter/artifact.py): one written outside
+        # them was not written by export-model.
+        if not _is_number(self.fp32_atol) or not math.isfinite(self.fp32_atol) or not 0 <= self.fp32_atol <= FP32_ATOL_MAX:
+            problems.append(f"fp32_atol must be a finite number >= 0 and <= {FP32_ATOL_MAX:g} (e.g. 1e-4), got "
+                            f"{self.fp32_atol!r}")
         for name in ("int8_min_cosine", "fp16_min_cosine"):
             value = getattr(self, name)
-            if not _is_number(value) or not -1.0 <= value <= 1.0:  # NaN and infinities fail the range too
-                problems.append(f"{name} must be a number in [-1, 1], got {value!r}")
+            if not _is_number(value) or not MIN_COSINE_FLOOR <= value <= 1.0:  # NaN and infinities fail too
+                problems.append(f"{name} must be a number in [{MIN_COSINE_FLOOR:g}, 1], got {value!r}")
         if not isinstance(self.shapes, tuple) or not self.shapes or not all(
             isinstance(s, tuple) and len(s) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n > 0
                                                          for n in s) for s in self.shapes):
@@ -145,8 +149,10 @@ def reference_outputs(model: nn.Module, batches: Sequence[Batch], output_names: 
     return results
 
 
-def open_session(path: Path, provider: str, threads: int = 0) -> Any:
-    """An onnxruntime session on exactly `provider` (full name); a missing provider is an error."""
+def open_session(model: Path | bytes, provider: str, threads: int = 0) -> Any:
+    """An onnxruntime session on exactly `provider` (full name); a missing provider is an error. `model` is a path,
+    or the bytes of a model already read and checked (what the deployment side passes: the file is not opened by
+    name again, and a model that refers to external data cannot be loaded from bytes at all)."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -158,7 +164,8 @@ def open_session(path: Path, provider: str, threads: int = 0) -> Any:
         options.intra_op_num_threads = threads
     if provider != "CPUExecutionProvider":
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    session = ort.InferenceSession(str(path), options, providers=[provider])
+    source = model if isinstance(model, bytes) else str(model)
+    session = ort.InferenceSession(source, options, providers=[provider])
     if session.get_providers()[0] != provider:
         raise ProviderUnavailableError(f"{provider} requested but the session runs on {session.get_providers()}")
     return session
@@ -295,18 +302,31 @@ def resolve_providers(names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def check_file(
-    path: Path, precision: str, task: str, batches: Sequence[Batch], expected: Sequence[Batch],
-    config: ParityConfig,
+    path: Path | str, precision: str, task: str, batches: Sequence[Batch], expected: Sequence[Batch],
+    config: ParityConfig, model: bytes | None = None,
 ) -> list[ParityEntry]:
-    """Parity entries for one file on every configured provider (an absent one under "auto" is a recorded skip)."""
+    """Parity entries for one file on every configured provider (an absent one under "auto" is a recorded skip).
+    `model`: the file's bytes, already read and checked (the deployment side); None opens `path`. A file
+    onnxruntime cannot load or run is a `fail` entry saying why, not an exception."""
     run, skipped = resolve_providers(config.providers)
-    entries = [ParityEntry(path.name, provider, precision, "skip", reason=reason) for provider, reason in skipped.items()]
+    name = Path(path).name if model is None else str(path)
+    entries = [ParityEntry(name, provider, precision, "skip", reason=reason) for provider, reason in skipped.items()]
     output_names = list(expected[0])
     for provider in run:
         start = time.perf_counter()
-        actual = run_session(open_session(path, provider), batches, output_names)
-        entry = compare(path.name, provider, precision, task, batches, expected, actual, config)
-        log.info("parity %s on %s: %s (max abs %.2e, mean cosine %.6f) in %.1fs", path.name, provider, entry.status,
+        try:
+            actual = run_session(open_session(Path(path) if model is None else model, provider), batches,
+                                 output_names)
+        except ProviderUnavailableError:
+            raise
+        except Exception as error:
+            if not from_onnxruntime(error):
+                raise
+            entries.append(ParityEntry(name, provider, precision, "fail",
+                                       reason=f"onnxruntime cannot load or run it: {first_line(error, 200)}"))
+            continue
+        entry = compare(name, provider, precision, task, batches, expected, actual, config)
+        log.info("parity %s on %s: %s (max abs %.2e, mean cosine %.6f) in %.1fs", name, provider, entry.status,
                  entry.max_abs_error, entry.mean_cosine, time.perf_counter() - start)
         entries.append(entry)
     return entries

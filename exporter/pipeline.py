@@ -280,7 +280,7 @@ def not_an_artifact(folder: Path) -> str | None:
             seen += 1
             relative = str(here / name) if str(here) != "." else name
             path = Path(root) / name
-            if relative == "manifest.json":
+            if relative in ("manifest.json", "manifest.sig"):  # the signature signs the manifest, unlisted in it
                 continue
             if path.is_symlink():
                 extra.append(relative + " (a symbolic link)")

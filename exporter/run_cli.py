@@ -2,9 +2,14 @@
 
 Rows are ``{"text": ...}`` (``{"question": ..., "context": ...}`` for question answering); each output line is
 ``{"embedding": [...]}``, ``{"label": ..., "score": ...}``, ``{"answer": ..., "score": ..., "start": ..., "end": ...}``
-or ``{"entities": [{"entity": ..., "start": ..., "end": ..., "score": ...}]}`` (see exporter/runtime.py). Every
-row is read and checked before anything runs, so bad input prints nothing on stdout: one line
-``export-model run: error: ...`` naming the row on stderr, exit code 2. Needs no torch or transformers.
+or ``{"entities": [{"entity": ..., "start": ..., "end": ..., "score": ...}]}`` (see exporter/runtime.py).
+
+Streaming: rows are read ``--batch-size`` at a time, run, and their lines printed and flushed before the next rows
+are read, so memory does not grow with the number of rows. A bad row (not JSON, a line over 1 MiB, a missing
+field, a lone surrogate) ends the run with one line ``export-model run: error: ... row N ...`` and exit 2, after
+the lines of the rows before it. The work runs in a bounded child process (exporter/sandbox.py): a batch that
+takes longer than ``--time-limit`` or a process that passes ``--memory-limit`` is exit 3. Needs no torch or
+transformers.
 """
 
 from __future__ import annotations
@@ -12,16 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import stat
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
+from exporter import sandbox
+from exporter.artifact import Trust, parse_json
 from exporter.errors import ExportError, UsageError, first_line
 from exporter.telemetry import quiet_onnxruntime
 
 PROG = "export-model run"
+MAX_LINE_BYTES = 2**20  # one JSON row; a JSON line cannot be cut, so a longer one is refused
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,12 +39,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
+def add_trust_options(parser: argparse.ArgumentParser) -> None:
+    """--public-key, --digest, --require-signature, --memory-limit: shared by `verify` and `run`."""
+    parser.add_argument("--public-key", action="append", default=[], metavar="PEM",
+                        help="public key the manifest must be signed with (repeatable; never from the folder)")
+    parser.add_argument("--digest", default=None, metavar="sha256:HEX",
+                        help="the manifest's pinned sha256 (as export-model sign and verify print it)")
+    parser.add_argument("--require-signature", action="store_true",
+                        help="refuse an artifact without a valid signature by a --public-key")
+    parser.add_argument("--memory-limit", type=sandbox.parse_size, default=sandbox.DEFAULT_MEMORY, metavar="SIZE",
+                        help="address-space cap of the process that opens the artifact (default: 8G)")
+
+
+def trust_from(args: argparse.Namespace) -> Trust:
+    return Trust(tuple(Path(p) for p in args.public_key), args.digest, args.require_signature)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Run an artifact on the rows of a JSONL file: one JSON line per row "
                      "on stdout (needs only onnxruntime, numpy and tokenizers).")
     parser.add_argument("folder", help="artifact folder written by export-model")
     parser.add_argument("--input", required=True, metavar="FILE.jsonl",
-                        help='rows {"text": ...} or, for question answering, {"question": ..., "context": ...}')
+                        help='rows {"text": ...} or, for question answering, {"question": ..., "context": ...} '
+                        "(a file or a FIFO; read as a stream)")
     parser.add_argument("--file", default=None, metavar="NAME",
                         help="model file to run (default: the fastest deployable one in the manifest)")
     parser.add_argument("--provider", default="cpu", help="execution provider: cpu, cuda, ... (default: cpu)")
@@ -43,62 +70,141 @@ def build_parser() -> argparse.ArgumentParser:
                         help="question answering: longest answer in tokens (default: 15)")
     parser.add_argument("--always-answer", action="store_true",
                         help="question answering: never return the empty (no) answer")
+    add_trust_options(parser)
+    parser.add_argument("--time-limit", type=sandbox.positive_seconds, default=120.0, metavar="SECONDS",
+                        help="wall-clock limit per batch (default: 120)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
-def read_rows(path: Path) -> list[tuple[int, Any]]:
-    """(line number, parsed value) for each non-blank line of `path`; a UsageError naming the line if not JSON."""
-    if not path.is_file():
-        raise UsageError(f"--input {path}: no such file; pass a JSONL file, one JSON object per line")
+def open_input(path: Path) -> IO[bytes]:
+    """`path` opened for reading as a stream: a regular file or a FIFO; anything else is one UsageError line."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise UsageError(f"--input {path} is not UTF-8 text ({error})") from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+        handle = open(path, "rb")  # noqa: SIM115  (closed by the caller)
+    except FileNotFoundError:
+        raise UsageError(f"--input {path}: no such file; pass a JSONL file, one JSON object per line") from None
+    except OSError as error:
+        raise UsageError(f"--input {path} cannot be opened ({error.strerror}); pass a JSONL file") from None
+    mode = os.fstat(handle.fileno()).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        handle.close()
+        raise UsageError(f"--input {path} is not a regular file or FIFO; pass a JSONL file, one JSON object per line")
+    return handle
+
+
+def read_rows(handle: IO[bytes], path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line, read one line at a time (at most MAX_LINE_BYTES);
+    a UsageError naming the line if it is too long, not UTF-8 or not JSON."""
+    number = 0
+    while True:
+        line = handle.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            raise UsageError(f"--input {path} row {number}: longer than {MAX_LINE_BYTES:,} bytes; split the text "
+                             "(the model reads at most its maximum length of it anyway)")
         if not line.strip():
             continue
+        yield number, parse_json(line, f"--input {path} row {number}")
+
+
+def check_strings(row: dict[str, Any], fields: Sequence[str], where: str) -> None:
+    """A lone surrogate ("\\ud800" is valid JSON) cannot be tokenized: refused as bad input."""
+    for name in fields:
         try:
-            rows.append((number, json.loads(line)))
-        except json.JSONDecodeError as error:
-            raise UsageError(f"--input {path} row {number}: not valid JSON ({error.msg} at column {error.colno})"
-                             ) from None
-    return rows
+            row[name].encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"{where}: {name!r} holds a lone surrogate (not Unicode text)") from None
+
+
+def _execute(args: argparse.Namespace) -> int:
+    from exporter.runtime import Runtime
+
+    sandbox.arm(args.time_limit)  # loading counts as one batch
+    runtime = Runtime.load(Path(args.folder), file=args.file, provider=args.provider, batch_size=args.batch_size,
+                           trust=trust_from(args))
+    sandbox.disarm()
+    path = Path(args.input)
+    options: dict[str, Any] = {}
+    fields = ("question", "context") if runtime.task == "question-answering" else ("text",)
+    if runtime.task == "question-answering":
+        options = {"max_answer_length": args.max_answer_length, "null_answer": not args.always_answer}
+    with open_input(path) as handle:
+        rows: list[dict[str, Any]] = []
+        names: list[str] = []
+        problem: UsageError | None = None
+        stream = read_rows(handle, path)
+        while True:
+            try:
+                number, row = next(stream)
+                name = f"--input {path} row {number}"
+                checked = runtime.check_row(row, name)
+                check_strings(checked, fields, name)
+                rows.append({key: checked[key] for key in fields})
+                names.append(name)
+            except StopIteration:
+                number = -1
+            except UsageError as error:
+                problem, number = error, -1
+            if rows and (number < 0 or len(rows) == args.batch_size):
+                sandbox.arm(args.time_limit)
+                results = runtime.predict_rows(rows, names=names, **options)
+                sandbox.disarm()
+                sys.stdout.write("".join(json.dumps(result, ensure_ascii=False) + "\n" for result in results))
+                sys.stdout.flush()
+                rows, names = [], []
+            if number < 0:
+                break
+        if problem is not None:
+            raise problem
+    return 0
 
 
 def run_main(argv: Sequence[str]) -> int:
-    """The `run` subcommand; returns the exit code (0, 2 bad input, 3 a changed file, 1 internal error)."""
+    """The `run` subcommand; returns the exit code (0; 2 bad input; 3 an artifact that does not match what it
+    claims, or hit a limit; 1 only for a bug of this tool)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s",
-                        stream=sys.stderr)
+    if args.batch_size < 1 or args.max_answer_length < 1:
+        print(f"{PROG}: error: --batch-size and --max-answer-length must be >= 1", file=sys.stderr)
+        return 2
+    if not sandbox.in_child():
+        return sandbox.run_bounded("run", list(argv), PROG, args.memory_limit, args.time_limit, "a batch",
+                                   args.debug)
+    sandbox.enter_child(args.memory_limit, args.debug)
+    return guarded(PROG, args.debug, lambda: _execute(args))
+
+
+def guarded(prog: str, debug: bool, work: Any) -> int:
+    """`work()`'s exit code, every failure one line on stderr: ExportError its own code; running out of the
+    memory limit, onnxruntime failing on the artifact's graph, or a library panic on its files 3; anything else
+    (a bug of this tool) 1. Tracebacks only with `debug`."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr,
+                        format=f"{prog}: %(levelname)s: %(message)s")
     quiet_onnxruntime()
     try:
-        if args.batch_size < 1 or args.max_answer_length < 1:
-            raise UsageError("--batch-size and --max-answer-length must be >= 1")
-        from exporter.runtime import Runtime
-
-        runtime = Runtime.load(Path(args.folder), file=args.file, provider=args.provider,
-                               batch_size=args.batch_size)
-        path = Path(args.input)
-        numbered = read_rows(path)
-        names = [f"--input {path} row {number}" for number, _ in numbered]
-        rows = [runtime.check_row(row, name) for name, (_, row) in zip(names, numbered, strict=True)]
-        options: dict[str, Any] = {}
-        if runtime.task == "question-answering":
-            options = {"max_answer_length": args.max_answer_length, "null_answer": not args.always_answer}
-        results = runtime.predict_rows(rows, names=names, **options)  # all rows first: an error prints nothing
-        sys.stdout.write("".join(json.dumps(result, ensure_ascii=False) + "\n" for result in results))
-        sys.stdout.flush()
+        return work()
     except ExportError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        if args.debug:
-            traceback.print_exc()
-        return error.exit_code
-    except Exception as error:  # one line, traceback on request
-        print(f"{PROG}: internal error: {type(error).__name__}: {first_line(error)} (rerun with --debug for the "
-              "traceback)", file=sys.stderr)
-        if args.debug:
-            traceback.print_exc()
-        return 1
-    return 0
+        code, line = error.exit_code, f"error: {error}"
+    except MemoryError:
+        code, line = 3, "error: the artifact passed the memory limit (--memory-limit) and was stopped"
+    except RecursionError:
+        code, line = 2, "error: input nested too deep to read"
+    except KeyboardInterrupt:
+        code, line = 130, "interrupted"
+    except Exception as error:
+        from exporter.errors import from_onnxruntime
+
+        if from_onnxruntime(error):
+            code, line = 3, (f"error: onnxruntime failed on the artifact's graph ({first_line(error, 200)}); "
+                             "refuse the artifact")
+        else:
+            code, line = 1, (f"internal error: {type(error).__name__}: {first_line(error)} (rerun with --debug for "
+                             "the traceback)")
+    except BaseException as error:  # noqa: B036  (a Rust panic in a library: pyo3's PanicException)
+        code, line = 3, f"error: a library panicked on the artifact's files ({first_line(error, 200)})"
+    print(f"{prog}: {line}", file=sys.stderr)
+    if debug:
+        traceback.print_exc()
+    return code
+

@@ -40,12 +40,13 @@ from typing import Any
 
 import numpy as np
 
-from exporter.errors import ParityError, UsageError
+from exporter.artifact import Artifact, Limits, Trust
+from exporter.errors import ParityError, UsageError, first_line, from_onnxruntime
 from exporter.telemetry import quiet_onnxruntime
+from exporter.text import cap_chars
 
 log = logging.getLogger(__name__)
 
-TASKS = ("feature-extraction", "text-classification", "question-answering", "token-classification")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 # Preference when the manifest has no latency for the candidates: the fused FP32 graph, then the plain one.
 _FALLBACK_ORDER = ("model_optimized.onnx", "model.onnx", "model_quantized.onnx", "model_fp16.onnx")
@@ -103,6 +104,28 @@ def _read_json(path: Path) -> Any:
         raise UsageError(f"{path} cannot be read as JSON ({error}); the artifact is damaged: re-export it") from None
 
 
+def _int(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31 else default
+
+
+def tokenizer_call(call: Callable[[], Any], where: str, plain: bool = True) -> Any:
+    """`call()` into the tokenizers library, its failures as one ParityError line (exit 3). A panic inside the
+    Rust library (``pyo3_runtime.PanicException``, a BaseException that escapes ``except Exception``) is caught
+    here too. With `plain=False` ordinary exceptions pass through (the caller words them)."""
+    try:
+        return call()
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except Exception as error:
+        if not plain:
+            raise
+        raise ParityError(f"{where} cannot be used by tokenizers ({first_line(error, 200)}); the artifact is "
+                          "damaged or was not written by export-model") from None
+    except BaseException as error:  # noqa: B036  (the panic's class is not importable by name)
+        raise ParityError(f"{where}: the tokenizers library panicked on it ({first_line(error, 200)}); refuse this "
+                          "artifact") from None
+
+
 def _token_text(value: Any) -> str | None:
     """A special token as tokenizer_config.json stores it: a string or an AddedToken dict."""
     if isinstance(value, dict):
@@ -110,12 +133,15 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def sentence_modules(folder: Path, read: Callable[[Path], Any] | None = None) -> list[tuple[str, str]] | None:
+def sentence_modules(folder: Path, read: Callable[[Path], Any] | None = None,
+                     exists: Callable[[Path], bool] | None = None) -> list[tuple[str, str]] | None:
     """(module kind, relative path) per entry of the folder's ``modules.json``, or None without one. `read` reads
-    a JSON file (the exporter passes its size-capped, regular-file-only reader); unsupported kinds are refused."""
+    a JSON file and `exists` tells whether one is there (the exporter passes its size-capped, regular-file-only
+    reader; the runtime reads only what the artifact's manifest lists); unsupported kinds are refused."""
     read = read or _read_json
+    exists = exists or Path.is_file
     modules_path = folder / "modules.json"
-    if not modules_path.is_file():
+    if not exists(modules_path):
         return None
     modules = read(modules_path)
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
@@ -135,10 +161,11 @@ def sentence_modules(folder: Path, read: Callable[[Path], Any] | None = None) ->
     return kinds
 
 
-def read_pooling(folder: Path, read: Callable[[Path], Any] | None = None) -> Pooling:
+def read_pooling(folder: Path, read: Callable[[Path], Any] | None = None,
+                 exists: Callable[[Path], bool] | None = None) -> Pooling:
     """The pooling the folder's sentence-transformers files define, or mean pooling where there are none."""
     read = read or _read_json
-    kinds = sentence_modules(folder, read)
+    kinds = sentence_modules(folder, read, exists)
     if kinds is None:
         return Pooling()
     modes: tuple[str, ...] = ("mean_tokens",)
@@ -231,73 +258,91 @@ class Runtime:
     """One model file of an artifact folder, with its tokenizer and task head decoding. See the module docstring."""
 
     def __init__(self, folder: Path, file: str, session: Any, manifest: dict[str, Any], config: dict[str, Any],
-                 tokenizer: Any, batch_size: int = 8) -> None:
+                 tokenizer: Any, batch_size: int = 8, settings: dict[str, Any] | None = None,
+                 pooling: Pooling | None = None, st_max_length: int | None = None) -> None:
+        """Use :meth:`load`. `settings`: tokenizer_config.json over special_tokens_map.json; `pooling`: the
+        sentence-transformers pooling (feature extraction); `st_max_length`: sentence_bert_config's
+        max_seq_length."""
         self.folder, self.file, self.session, self.manifest, self.config = folder, file, session, manifest, config
         self.task: str = manifest["task"]
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.inputs = {i.name: (np.int32 if "int32" in i.type else np.int64) for i in session.get_inputs()}
         self.outputs = [o.name for o in session.get_outputs()]
-        self._read_tokenizer_config()
-        self.pooling = read_pooling(folder) if self.task == "feature-extraction" else None
+        self._apply_tokenizer_settings(settings or {}, st_max_length)
+        self.pooling = (pooling or Pooling()) if self.task == "feature-extraction" else None
         if self.pooling is not None and "sentence_embedding" in self.outputs:
             self.pooling = Pooling(source="the graph's sentence_embedding output")
 
     # ----- loading -----
 
     @classmethod
-    def load(cls, folder: str | Path, file: str | None = None, provider: str = "cpu", check_hashes: bool = True,
-             batch_size: int = 8) -> Runtime:
-        """Open `folder` (an export-model artifact). `file`: a model file name, or None for the fastest
-        deployable one recorded in the manifest. `provider`: cpu, cuda, ... or a full onnxruntime name.
-        `check_hashes`: refuse (ParityError, exit 3) when the model, tokenizer or config file differs from the
-        manifest's sha256."""
+    def load(cls, folder: str | Path, file: str | None = None, provider: str = "cpu", batch_size: int = 8,
+             trust: Trust | None = None, limits: Limits | None = None) -> Runtime:
+        """Open `folder` (an export-model artifact) through :class:`exporter.artifact.Artifact`: every file read
+        is a plain file inside the folder, listed in the manifest, within its size cap and equal to its sha256
+        (ParityError, exit 3, if not), and the session is built from the very bytes that were checked. `file`: a
+        model file name, or None for the fastest deployable one recorded in the manifest. `provider`: cpu, cuda,
+        ... or a full onnxruntime name. `trust`: a signature or digest to check the manifest against.
+
+        Not bounded here: the graph's and the tokenizer's own compute and memory (the CLI runs this in a bounded
+        child, exporter/sandbox.py)."""
         quiet_onnxruntime()
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        from exporter.manifest import sha256_file
-        from exporter.verify import _read_manifest
-
-        folder = Path(folder)
-        manifest = _read_manifest(folder)
-        if manifest["task"] not in TASKS:
-            raise UsageError(f"{folder}: task {manifest['task']!r} is not one the runtime decodes ({list(TASKS)})")
-        full = PROVIDERS.get(provider.lower(), provider)
-        if full not in ort.get_available_providers():
-            raise UsageError(f"provider {full} requested; this onnxruntime offers {ort.get_available_providers()}")
-        models = sorted(name for name in manifest["files"] if name.endswith(".onnx") and "/" not in name)
-        if file is None:
-            file = choose_file(manifest, full)
-        elif file not in models:
-            raise UsageError(f"--file {file!r} is not a model file of {folder}; it holds {models}")
-        elif file not in deployable_files(manifest):
-            log.warning("%s did not pass parity at export (manifest.json 'parity'); running it anyway", file)
-        for name in (file, "tokenizer.json", "config.json"):
-            path, expected = folder / name, manifest["files"].get(name)
-            if not path.is_file():
-                raise UsageError(f"{folder} lacks {name}; the artifact is incomplete: re-export it")
-            if check_hashes and expected and (path.stat().st_size != expected["bytes"]
-                                              or sha256_file(path) != expected["sha256"]):
-                raise ParityError(f"{path}: sha256 differs from the manifest (file changed since export); run "
-                                  f"export-model verify {folder}")
-        config = _read_json(folder / "config.json")
-        try:
-            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        except Exception as error:  # tokenizers raises plain Exception
-            raise UsageError(f"{folder / 'tokenizer.json'} cannot be read by tokenizers ({error})") from None
         from exporter.parity import open_session
 
-        session = open_session(folder / file, full)
-        log.info("runtime: %s on %s", folder / file, full)
-        return cls(folder, file, session, manifest, config, tokenizer, batch_size)
+        folder = Path(folder)
+        with Artifact.open(folder, trust, limits) as artifact:
+            manifest = artifact.manifest
+            full = PROVIDERS.get(provider.lower(), provider)
+            if full not in ort.get_available_providers():
+                raise UsageError(f"provider {full} requested; this onnxruntime offers "
+                                 f"{ort.get_available_providers()}")
+            models = sorted(name for name in manifest["files"] if name.endswith(".onnx") and "/" not in name)
+            if file is None:
+                file = choose_file(manifest, full)
+            elif file not in models:
+                raise UsageError(f"--file {file!r} is not a model file of {folder}; it holds {models}")
+            elif file not in deployable_files(manifest):
+                log.warning("%s did not pass parity at export (manifest.json 'parity'); running it anyway", file)
+            model = artifact.read(file)
+            config = artifact.read_json("config.json")
+            if not isinstance(config, dict):
+                raise ParityError(f"{folder / 'config.json'} is not a JSON object; re-export the artifact")
+            text = artifact.read("tokenizer.json").decode("utf-8", "replace")
+            tokenizer = tokenizer_call(lambda: Tokenizer.from_str(text), f"{folder / 'tokenizer.json'}")
+            settings: dict[str, Any] = {}
+            for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
+                if artifact.has(name):
+                    values = artifact.read_json(name)
+                    settings.update(values if isinstance(values, dict) else {})
+            st_max = None
+            if manifest["task"] == "feature-extraction" and artifact.has("sentence_bert_config.json"):
+                st_config = artifact.read_json("sentence_bert_config.json")
+                st_max = st_config.get("max_seq_length") if isinstance(st_config, dict) else None
+            pooling = None
+            if manifest["task"] == "feature-extraction":
+                def relative(path: Path) -> str:
+                    return path.relative_to(folder).as_posix()
 
-    def _read_tokenizer_config(self) -> None:
-        folder, tok = self.folder, self.tokenizer
-        settings: dict[str, Any] = {}
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
-            if (folder / name).is_file():
-                settings.update(_read_json(folder / name))
+                pooling = read_pooling(folder, lambda path: artifact.read_json(relative(path)),
+                                       lambda path: artifact.has(relative(path)))
+            try:
+                session = open_session(model, full)
+            except Exception as error:
+                if not from_onnxruntime(error):
+                    raise
+                raise ParityError(f"{folder / file}: onnxruntime cannot load it ({first_line(error, 200)}); the "
+                                  "artifact is damaged or was not written by export-model") from None
+            del model
+        log.info("runtime: %s on %s", folder / file, full)
+        return cls(folder, file, session, manifest, config, tokenizer, batch_size, settings, pooling,
+                   st_max if isinstance(st_max, int) and not isinstance(st_max, bool) else None)
+
+    def _apply_tokenizer_settings(self, settings: dict[str, Any], st_max_length: int | None) -> None:
+        tok = self.tokenizer
         tok.no_padding()
         tok.no_truncation()  # tokenizer.json may carry the exporter's own settings (fixed padding to 128)
 
@@ -307,13 +352,13 @@ class Runtime:
 
         self.pad_id = token_id("pad_token")
         if self.pad_id is None:
-            self.pad_id = self.config.get("pad_token_id") or 0
+            self.pad_id = _int(self.config.get("pad_token_id"), 0)
         self.cls_id = token_id("cls_token")
         if self.cls_id is None:
             self.cls_id = token_id("bos_token")
-        self.pad_type_id = int(settings.get("pad_token_type_id") or 0)
-        self.padding_side = str(settings.get("padding_side") or "right")
-        self.truncation_side = str(settings.get("truncation_side") or "right")
+        self.pad_type_id = _int(settings.get("pad_token_type_id"), 0)
+        self.padding_side = "left" if settings.get("padding_side") == "left" else "right"
+        self.truncation_side = "left" if settings.get("truncation_side") == "left" else "right"
         limits = []
         model_max = settings.get("model_max_length")
         if isinstance(model_max, (int, float)) and 0 < model_max < 1e6:
@@ -323,11 +368,9 @@ class Runtime:
             # RoBERTa-style position ids start after the padding index: 514 positions hold 512 tokens.
             offset = 2 if self.config.get("model_type") in ("roberta", "xlm-roberta", "camembert") else 0
             limits.append(positions - offset)
-        if self.task == "feature-extraction" and (folder / "sentence_bert_config.json").is_file():
-            st_max = _read_json(folder / "sentence_bert_config.json").get("max_seq_length")
-            if isinstance(st_max, int) and st_max > 0:
-                limits.append(st_max)
-        self.max_length = min(limits) if limits else 512
+        if self.task == "feature-extraction" and st_max_length is not None and st_max_length > 0:
+            limits.append(st_max_length)
+        self.max_length = max(1, min(min(limits) if limits else 512, 8192))
 
     # ----- tokenization and inference -----
 
@@ -335,7 +378,13 @@ class Runtime:
         """Tokenized `texts` (a text, or a (text, text_pair) pair; with `words`, lists of words), truncated to
         ``max_length``."""
         self.tokenizer.enable_truncation(self.max_length, strategy="longest_first", direction=self.truncation_side)
-        encoded = self.tokenizer.encode_batch(list(texts), is_pretokenized=words)
+        if words:  # one word is at least one token: no more words than positions
+            items: list[Any] = [list(text)[: self.max_length] for text in texts]
+        else:  # no tokenizer call sees more text than max_length positions can use (exporter/text.py)
+            items = [cap_chars(t, self.max_length) if isinstance(t, str) else
+                     (cap_chars(t[0], self.max_length), cap_chars(t[1], self.max_length)) for t in texts]
+        encoded = tokenizer_call(lambda: self.tokenizer.encode_batch(items, is_pretokenized=words),
+                                 f"{self.folder / 'tokenizer.json'}")
         return [_Tokenized(e.ids, e.type_ids, e.sequence_ids, e.offsets, e.special_tokens_mask, e.word_ids)
                 for e in encoded]
 
@@ -430,7 +479,11 @@ class Runtime:
         results = []
         for number, (question, context) in enumerate(zip(questions, contexts, strict=True)):
             try:
-                encoding = self.tokenizer.encode(question, context)
+                question = cap_chars(question, window)
+                encoding = tokenizer_call(lambda: self.tokenizer.encode(question, context),  # noqa: B023
+                                          f"{self.folder / 'tokenizer.json'}", plain=False)
+            except ParityError:
+                raise
             except Exception as error:  # tokenizers' truncation error: the question alone fills the window
                 where = names[number] if names is not None else f"question {number + 1}"
                 raise UsageError(f"{where}: the question cannot fit with its context in {window} tokens "

@@ -402,7 +402,7 @@ def test_a_killed_runs_work_folder_is_swept_by_the_next_run(checkpoint: Path, tm
         (["--parity-atol", "inf"], None, ("--parity-atol inf", "fp32_atol must be a finite number")),
         (["--parity-atol", "-1"], None, ("--parity-atol -1.0", "fp32_atol must be a finite number >= 0")),
         ([], '{"parity": {"fp32_atol": NaN}}', ("--config", "fp32_atol must be a finite number >= 0", "got nan")),
-        ([], '{"parity": {"int8_min_cosine": Infinity}}', ("--config", "int8_min_cosine must be a number in [-1, 1]")),
+        ([], '{"parity": {"int8_min_cosine": Infinity}}', ("--config", "int8_min_cosine must be a number in [0.9, 1]")),
         ([], '{"parity": {"fp16_min_cosine": "high"}}', ("--config", "fp16_min_cosine must be a number")),
     ],
     ids=["atol-nan", "atol-inf", "atol-negative", "config-atol-nan", "config-cosine-inf", "config-cosine-text"],
