@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from exporter.architectures import TASKS, Architecture, architecture_for, infer_task
+from exporter.artifact import Limits
 from exporter.errors import CheckpointError, UsageError
 from exporter.sentence import SentenceModules, read_sentence_modules
 from exporter.weights import WeightFiles, read_json, regular_file
@@ -38,7 +39,14 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 # What a tokenizer may also read from the folder (hashed into the manifest's source when present).
 TOKENIZER_EXTRA = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt")
-MAX_TOKENIZER_BYTES = 64 * 2**20  # BERT's tokenizer.json is 0.7 MB, XLM-R's 17 MB
+# BERT's tokenizer.json is 0.7 MB, XLM-R's 17 MB; the deployment side's cap (exporter/artifact.py) is the same, so
+# what export admits, `run` can open.
+MAX_TOKENIZER_BYTES = Limits.tokenizer_bytes
+# A regex in tokenizer.json (a Split pre-tokenizer, a Replace normalizer) runs on every text. These texts make a
+# backtracking pattern panic (Oniguruma's retry limit) or run long; they are tokenized in a bounded child first.
+_REGEX_PROBE_TEXTS = ("a" * 64 + "!", "a" * 4096, " " * 4096 + "x", "1" * 4096, "ab " * 1365, "\u00e9" * 2048 + "!",
+                      "\n" * 1024 + "x", "aA1!" * 1024, ". " * 2048)
+_REGEX_PROBE_SECONDS = 30
 # Encoder layer index in a tensor name (BERT/RoBERTa encoder.layer.N., DistilBERT transformer.layer.N.).
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:encoder|transformer)\.layer\.(\d+)\.")
 _TOKENIZER_PROBE = ("export-model tokenizer check: naïve café, 42 \u2603 zqxjv!", "a second text")
@@ -539,9 +547,12 @@ def _load_tokenizer(path: Path, vocab_size: int) -> tuple[Any, list[Path]]:
             f"{settings_file}: model_max_length is {length!r}; expected a positive token count such as 512 (or no "
             "model_max_length): fix tokenizer_config.json"
         )
+    _probe_tokenizer_regexes(path, fix)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except Exception as error:  # the Rust tokenizers library raises plain Exception for a malformed tokenizer.json
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except BaseException as error:  # noqa: B036  plain Exception for a malformed tokenizer.json; a Rust panic too
         raise CheckpointError(
             f"no usable tokenizer in {path} ({_one_line(error, 200)}); calibration and parity tokenize real text: {fix}"
         ) from error
@@ -549,12 +560,48 @@ def _load_tokenizer(path: Path, vocab_size: int) -> tuple[Any, list[Path]]:
     return tokenizer, files
 
 
+def _probe_tokenizer_regexes(path: Path, fix: str) -> None:
+    """A tokenizer.json holding a regex is first run, in a child process under a time and memory limit, on texts
+    that make a backtracking pattern panic or run away; either is refused with one line (the child's panic never
+    reaches this process as a BaseException)."""
+    import json
+    import subprocess
+    import sys
+
+    from exporter.telemetry import child_env
+
+    file = path / "tokenizer.json"
+    if not file.is_file() or b'"Regex"' not in file.read_bytes():
+        return
+    script = ("import json, resource, sys\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n"
+              "from tokenizers import Tokenizer\n"
+              "tokenizer = Tokenizer.from_file(sys.argv[1])\n"
+              "for text in json.loads(sys.argv[2]):\n"
+              "    tokenizer.encode(text)\n"
+              "    tokenizer.encode(text, text)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", script, str(file), json.dumps(_REGEX_PROBE_TEXTS)],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+                              timeout=_REGEX_PROBE_SECONDS, env={**child_env(), "RUST_BACKTRACE": "0"})
+    except subprocess.TimeoutExpired:
+        raise CheckpointError(f"{file}: a regex in it ran for more than {_REGEX_PROBE_SECONDS} s on a 4 KB test text "
+                              f"(catastrophic backtracking); every text would risk that: {fix}") from None
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if "panicked" in line or "Error" in line or "error" in line]
+        why = lines[-1].strip() if lines else f"exit code {done.returncode}"
+        raise CheckpointError(f"{file}: its regex fails on a test text inside the tokenizers library ({why[:200]}); "
+                              f"{fix}")
+
+
 def _check_tokenizer(path: Path, tokenizer: Any, vocab_size: int, fix: str) -> None:
     """One real tokenization (a pair, an unknown character): it must run and give ids the embeddings hold."""
     try:
         encoded = tokenizer(*_TOKENIZER_PROBE, truncation=True, max_length=64)
         ids = list(encoded["input_ids"])
-    except Exception as error:  # any failure here is the tokenizer files' fault, not this tool's
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except BaseException as error:  # noqa: B036  the tokenizer files' fault (a Rust panic is a BaseException)
         raise CheckpointError(
             f"the tokenizer in {path} cannot tokenize a test sentence ({_one_line(error, 200)}); {fix}"
         ) from error

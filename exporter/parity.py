@@ -322,14 +322,22 @@ def check_file(
         except Exception as error:
             if not from_onnxruntime(error):
                 raise
-            entries.append(ParityEntry(name, provider, precision, "fail",
-                                       reason=f"onnxruntime cannot load or run it: {first_line(error, 200)}"))
+            entries.append(ParityEntry(name, provider, precision, "fail", reason=ort_failure(error)))
             continue
         entry = compare(name, provider, precision, task, batches, expected, actual, config)
         log.info("parity %s on %s: %s (max abs %.2e, mean cosine %.6f) in %.1fs", name, provider, entry.status,
                  entry.max_abs_error, entry.mean_cosine, time.perf_counter() - start)
         entries.append(entry)
     return entries
+
+
+def ort_failure(error: BaseException) -> str:
+    """One line for onnxruntime failing on a model: an allocation past the memory limit named as such."""
+    text = str(error)
+    if "Failed to allocate memory" in text or "bad_alloc" in text:
+        return ("onnxruntime cannot load or run it: it asked for more memory than the limit allows "
+                f"({text[text.find('Failed to allocate'):][:120] if 'Failed to allocate' in text else 'bad_alloc'})")
+    return f"onnxruntime cannot load or run it: {first_line(error, 200)}"
 
 
 def failure_table(entries: Sequence[ParityEntry]) -> str:

@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
 def open_input(path: Path) -> IO[bytes]:
     """`path` opened for reading as a stream: a regular file or a FIFO; anything else is one UsageError line."""
     try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UsageError(f"--input {path}: no such file; pass a JSONL file, one JSON object per line") from None
+    except OSError as error:
+        raise UsageError(f"--input {path} cannot be read ({error.strerror}); pass a JSONL file") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        raise UsageError(f"--input {path} is not a regular file or FIFO; pass a JSONL file, one JSON object per line")
+    try:
         handle = open(path, "rb")  # noqa: SIM115  (closed by the caller)
     except FileNotFoundError:
         raise UsageError(f"--input {path}: no such file; pass a JSONL file, one JSON object per line") from None
@@ -196,8 +204,9 @@ def guarded(prog: str, debug: bool, work: Any) -> int:
         from exporter.errors import from_onnxruntime
 
         if from_onnxruntime(error):
-            code, line = 3, (f"error: onnxruntime failed on the artifact's graph ({first_line(error, 200)}); "
-                             "refuse the artifact")
+            from exporter.parity import ort_failure
+
+            code, line = 3, f"error: the artifact's graph failed: {ort_failure(error)}; refuse the artifact"
         else:
             code, line = 1, (f"internal error: {type(error).__name__}: {first_line(error)} (rerun with --debug for "
                              "the traceback)")

@@ -50,6 +50,8 @@ def enter_child(memory: int, debug: bool = False) -> None:
     """In the child: cap the address space (and core dumps) before anything from the artifact is opened. Without
     `debug`, native code's writes to descriptor 2 (a Rust panic's message, onnxruntime's own log) go nowhere; the
     tool's Python-level lines still reach stderr through a duplicate of it."""
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)  # a lower limit inherited from the caller stays
+    memory = memory if hard == resource.RLIM_INFINITY else min(memory, hard)
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     signal.signal(signal.SIGALRM, signal.SIG_DFL)

@@ -36,7 +36,7 @@ def test_a_piped_export_prints_only_its_stage_lines(nonorm: Path, tmp_path: Path
     stages = done.stderr.splitlines()
     assert [re.match(r"\[(\d)/8\] (\w+)", line).group(2) for line in stages] == [  # type: ignore[union-attr]
         "load", "compact", "export", "fuse", "quantize", "parity", "latency", "package"], done.stderr
-    assert [line.split(":")[0] for line in done.stdout.splitlines()] == ["artifact", "parity", "total wall time"]
+    assert [line.split(":")[0] for line in done.stdout.splitlines()] == ["artifact", "manifest", "parity", "total wall time"]
 
 
 def test_a_terminal_sees_progress_bars(nonorm: Path, tmp_path: Path) -> None:
