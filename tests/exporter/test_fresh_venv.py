@@ -39,7 +39,7 @@ def deploy_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    pins = [f"{name}=={version(name)}" for name in ("onnxruntime", "numpy", "tokenizers")]
+    pins = [f"{name}=={version(name)}" for name in ("onnxruntime", "numpy", "tokenizers", "cryptography")]
     done = subprocess.run([*pip, *pins], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"installing {pins} failed: {done.stderr[-1500:]}"
     source = root / "source"  # a copy, so the build writes nothing into the checkout
@@ -100,3 +100,44 @@ def test_verify_and_run_in_a_venv_without_torch(deploy_venv: Path, tmp_path: Pat
     copy = changed_copy(artifact, tmp_path / "changed", "model.onnx", at=1 / 3)
     done = _in(deploy_venv, "export-model", "verify", str(copy))
     assert done.returncode == 3 and "model.onnx: sha256 differs" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_signed_verify_in_a_venv_without_torch(deploy_venv: Path, tmp_path: Path) -> None:
+    """Signed at export, checked on the deployment venv with the public key: passes; one changed byte in any
+    file, or a manifest re-written with fresh hashes, is exit 3 naming what failed; unsigned fails
+    --require-signature."""
+    import hashlib
+
+    import exporter.pipeline
+    from exporter.cli import main
+    from tests.checkpoints import changed_copy
+    from tests.exporter.test_loading import tiny_bert
+    from tests.exporter.test_signing import write_key_pair
+
+    private, public = write_key_pair(tmp_path / "keys")
+    artifact = tmp_path / "signed"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(exporter.pipeline, "measure_files", lambda *args, **kwargs: {})
+        assert main(["--model", str(tiny_bert(tmp_path / "ckpt", max_position_embeddings=64)), "--output",
+                     str(artifact), "--calibration-samples", "8", "--sign-key", str(private)]) == 0
+    key = ["--public-key", str(public), "--require-signature"]
+    done = _in(deploy_venv, "export-model", "verify", str(artifact), *key)
+    assert done.returncode == 0 and "trust: signature by key" in done.stdout, done.stdout + done.stderr[-2000:]
+    names = sorted(json.loads((artifact / "manifest.json").read_text())["files"])
+    for index, name in enumerate([*names, "manifest.json"]):
+        copy = changed_copy(artifact, tmp_path / f"changed{index}", name)
+        done = _in(deploy_venv, "export-model", "verify", str(copy), *key)
+        expected = "the signature does not match" if name == "manifest.json" else f"{name}:"
+        assert done.returncode == 3 and expected in done.stderr, (name, done.stderr[-2000:])
+    copy = changed_copy(artifact, tmp_path / "rehashed", "model.onnx")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    data = (copy / "model.onnx").read_bytes()
+    manifest["files"]["model.onnx"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    done = _in(deploy_venv, "export-model", "verify", str(copy), *key)
+    assert done.returncode == 3 and "the signature does not match" in done.stderr, done.stderr[-2000:]
+    unsigned = shutil.copytree(artifact, tmp_path / "unsigned")
+    (unsigned / "manifest.sig").unlink()
+    done = _in(deploy_venv, "export-model", "verify", str(unsigned), *key)
+    assert done.returncode == 3 and "it is not signed" in done.stderr, done.stderr[-2000:]
