@@ -28,12 +28,14 @@ Imports only the standard library, numpy and exporter.errors (``cryptography`` w
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
 import os
 import re
 import stat
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -333,6 +335,23 @@ class Artifact:
                     yield from self._walk(inner, relative + "/")
                 finally:
                     os.close(inner)
+
+    @contextlib.contextmanager
+    def model_source(self, name: str) -> Iterator[bytes | Path]:
+        """What an onnxruntime session is built from for model file `name`: its checked bytes; for a model whose
+        weights live in a listed ``<name>.data`` file (export writes one past 2 GB), a private copy (mode 0700
+        folder) of both checked files, removed when the block ends. Either way the session never opens the
+        artifact's files by name."""
+        data_name = f"{name}.data"
+        if data_name not in self.files:
+            yield self.read(name)
+            return
+        with tempfile.TemporaryDirectory(prefix="export-model-") as private:
+            for part in (name, data_name):
+                fd = os.open(Path(private) / part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(self.read(part))
+            yield Path(private) / name
 
     def batches(self, name: str) -> list[dict[str, np.ndarray]]:
         """Parity batches of listed npz `name` ("<index>/<array>" members), bounded; see :class:`Limits`."""

@@ -557,7 +557,26 @@ def _load_tokenizer(path: Path, vocab_size: int) -> tuple[Any, list[Path]]:
             f"no usable tokenizer in {path} ({_one_line(error, 200)}); calibration and parity tokenize real text: {fix}"
         ) from error
     _check_tokenizer(path, tokenizer, vocab_size, fix)
+    _check_saved_size(path, tokenizer)
     return tokenizer, files
+
+
+def _check_saved_size(path: Path, tokenizer: Any) -> None:
+    """The artifact's tokenizer.json is the tokenizer as transformers saves it (indented: up to twice the bytes of a
+    compact file). One the deployment side would refuse (over Limits.tokenizer_bytes) is refused here, before the
+    export's long stages; small tokenizers skip the trial save."""
+    import tempfile
+
+    source = path / "tokenizer.json"
+    if not source.is_file() or source.stat().st_size <= Limits.tokenizer_bytes // 2:
+        return
+    with tempfile.TemporaryDirectory(prefix="export-model-tokenizer-") as trial:
+        tokenizer.save_pretrained(trial)
+        saved = Path(trial) / "tokenizer.json"
+        if saved.is_file() and saved.stat().st_size > Limits.tokenizer_bytes:
+            raise CheckpointError(f"{source}: saved into the artifact it becomes {saved.stat().st_size:,} bytes, over "
+                                  f"the {Limits.tokenizer_bytes:,} the deployment side opens; use a smaller "
+                                  "vocabulary")
 
 
 def _probe_tokenizer_regexes(path: Path, fix: str) -> None:

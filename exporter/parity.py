@@ -303,10 +303,11 @@ def resolve_providers(names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
 
 def check_file(
     path: Path | str, precision: str, task: str, batches: Sequence[Batch], expected: Sequence[Batch],
-    config: ParityConfig, model: bytes | None = None,
+    config: ParityConfig, model: bytes | Path | None = None,
 ) -> list[ParityEntry]:
     """Parity entries for one file on every configured provider (an absent one under "auto" is a recorded skip).
-    `model`: the file's bytes, already read and checked (the deployment side); None opens `path`. A file
+    `model`: the file's bytes, already read and checked, or a private copy of them (the deployment side, see
+    `Artifact.model_source`); None opens `path`. A file
     onnxruntime cannot load or run is a `fail` entry saying why, not an exception."""
     run, skipped = resolve_providers(config.providers)
     name = Path(path).name if model is None else str(path)

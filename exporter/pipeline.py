@@ -48,11 +48,13 @@ from calibration.data import ChainedReader, TextCalibrationReader, joined_texts,
 from calibration.quantize import quantize_model
 from calibration.tune import tune_quantization
 from exporter.architectures import Architecture
+from exporter.artifact import Limits
 from exporter.compaction import compact_model, mask_heads, parse_drop_heads
 from exporter.config import ExportConfig
 from exporter.divergence import boundaries, locate, torch_boundaries
 from exporter.errors import (
     CalibrationDataError,
+    CheckpointError,
     ExportError,
     OutputError,
     ParityError,
@@ -656,6 +658,12 @@ def _build(
         search_pool, report_pool = heldout[0::2], heldout[1::2]
         working_length = min(128, max_length)  # calibration and latency sequence length
         checkpoint.tokenizer.save_pretrained(built)  # what the runtime (and the evaluation) reads
+        for saved in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            cap = Limits().cap(saved)  # what `run` will open: an artifact it would refuse is not written
+            if (built / saved).is_file() and (built / saved).stat().st_size > cap:
+                raise CheckpointError(f"the tokenizer saves as a {(built / saved).stat().st_size:,}-byte {saved}, "
+                                      f"over the {cap:,} bytes the deployment side opens (exporter/artifact.py); "
+                                      "use a smaller vocabulary")
         for name in sentence.files if sentence else []:  # read and checked at load: small regular JSON files
             (built / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(checkpoint.path / name, built / name)

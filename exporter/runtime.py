@@ -307,7 +307,6 @@ class Runtime:
                 raise UsageError(f"--file {file!r} is not a model file of {folder}; it holds {models}")
             elif file not in deployable_files(manifest):
                 log.warning("%s did not pass parity at export (manifest.json 'parity'); running it anyway", file)
-            model = artifact.read(file)
             config = artifact.read_json("config.json")
             if not isinstance(config, dict):
                 raise ParityError(f"{folder / 'config.json'} is not a JSON object; re-export the artifact")
@@ -330,13 +329,13 @@ class Runtime:
                 pooling = read_pooling(folder, lambda path: artifact.read_json(relative(path)),
                                        lambda path: artifact.has(relative(path)))
             try:
-                session = open_session(model, full)
+                with artifact.model_source(file) as source:
+                    session = open_session(source, full)
             except Exception as error:
                 if not from_onnxruntime(error):
                     raise
                 raise ParityError(f"{folder / file}: onnxruntime cannot load it ({first_line(error, 200)}); the "
                                   "artifact is damaged or was not written by export-model") from None
-            del model
         log.info("runtime: %s on %s", folder / file, full)
         return cls(folder, file, session, manifest, config, tokenizer, batch_size, settings, pooling,
                    st_max if isinstance(st_max, int) and not isinstance(st_max, bool) else None)

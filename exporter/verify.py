@@ -73,7 +73,8 @@ def verify_artifact(folder: Path, providers: tuple[str, ...] = ("auto",), trust:
             if name in changed:
                 report.parity.append(ParityEntry(name, "-", precision, "fail", reason="file changed: not run"))
                 continue
-            report.parity += check_file(name, precision, manifest["task"], inputs, reference, config,
-                                        model=artifact.read(name))
+            with artifact.model_source(name) as source:
+                report.parity += check_file(name, precision, manifest["task"], inputs, reference, config,
+                                            model=source)
     log.info("verify %s: %s", folder, "pass" if report.ok else "FAIL")
     return report

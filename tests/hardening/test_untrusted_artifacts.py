@@ -71,8 +71,15 @@ def deploy(argv: list[str], tmp: Path, seconds: float = 180, memory: int = TEST_
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 
-    done = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=seconds, env=env,
-                          cwd=tmp, preexec_fn=cap, stdin=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                               env=env, cwd=tmp, preexec_fn=cap, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:  # the whole tree, so no orphan keeps the pipes open
+        os.killpg(process.pid, 9)
+        process.communicate()
+        raise AssertionError(f"export-model {argv[0]} ran past the test's {seconds} s limit") from None
+    done = subprocess.CompletedProcess(command, process.returncode, out, err)
     opened = log.read_text().splitlines() if log.exists() else []
     if strace and Path(str(log) + ".strace").exists():
         for line in Path(str(log) + ".strace").read_text(errors="replace").splitlines():
@@ -534,3 +541,41 @@ def test_a_model_onnxruntime_cannot_load_is_exit_3(copy: Path, outside: Path, tm
 def test_an_input_that_is_not_a_file_is_exit_2(artifact: Path, tmp_path: Path) -> None:
     done = deploy(["run", str(artifact), "--input", str(tmp_path)], tmp_path)
     assert_refused(done, 2, "is not a regular file or FIFO", prog="export-model run")
+
+
+def test_a_model_with_external_data_runs_from_a_checked_private_copy(artifact: Path, copy: Path, outside: Path,
+                                                                     tmp_path: Path) -> None:
+    """Past 2 GB export writes weights to `model.onnx.data` (XLM-R large, say). Both files are checked and
+    copied to a private folder for onnxruntime, so the listed data file is used and nothing else is opened."""
+    import onnx
+
+    model = onnx.load(str(copy / "model.onnx"))
+    onnx.save(model, str(copy / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=0)
+    rewrite(copy, rehash=("model.onnx", "model.onnx.data"))
+    done = deploy(["verify", str(copy)], tmp_path)
+    assert done.code == 0, done.err[-2000:]
+    source = rows(tmp_path)
+    want = deploy(["run", str(artifact), "--input", str(source), "--file", "model.onnx"], tmp_path)
+    got = deploy(["run", str(copy), "--input", str(source), "--file", "model.onnx"], tmp_path)
+    assert got.code == 0 and got.out == want.out, got.err
+    never_opened(got, outside)
+
+
+def test_export_refuses_a_tokenizer_the_deployment_side_would_refuse(tmp_path: Path) -> None:
+    """31 MB of compact JSON (1.4 million entries) is under the 32 MiB input cap but saves indented as 39 MB: it
+    is refused at load, one line, before the long stages, not shipped as an artifact `run` cannot open."""
+    checkpoint = tiny_bert(tmp_path / "ckpt", max_position_embeddings=64)
+    (checkpoint / "vocab.txt").unlink()
+    spec = json.loads((checkpoint / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab.update({f"zz{i:08d}": len(vocab) + i for i in range(1_400_000 - len(vocab))})
+    (checkpoint / "tokenizer.json").write_text(json.dumps(spec, separators=(",", ":")))
+    assert (checkpoint / "tokenizer.json").stat().st_size < 32 << 20
+    done = subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(checkpoint), "--output",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=child_env())
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("export-model: error:")]
+    assert len(errors) == 1 and "over the 33,554,432 the deployment side opens" in errors[0], done.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
