@@ -25,7 +25,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from calibration.corpus import builtin_texts, split_texts
-from exporter.errors import CalibrationDataError
+from graphs.core.errors import CalibrationDataError
 
 logger = logging.getLogger(__name__)
 

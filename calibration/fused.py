@@ -52,8 +52,8 @@ from onnxruntime.quantization import CalibrationDataReader
 from onnxruntime.transformers.onnx_model import OnnxModel
 
 from calibration.search import cpu_session, drop_unused_initializers
-from exporter.errors import QuantizationError
-from exporter.progress import bar
+from graphs.core.errors import QuantizationError
+from graphs.core.progress import bar
 from graphs.graph_view import GraphView
 
 logger = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from onnxruntime.quantization import (
 from calibration.fused import FUSED_METHODS, WEIGHT_ROUNDINGS, plan_fused
 from calibration.metrics import TaskMetric, get_metric
 from calibration.search import STRATEGIES, SearchReport, is_large, search_fallback
-from exporter.errors import QuantizationError
+from graphs.core.errors import QuantizationError
 
 logger = logging.getLogger(__name__)
 

@@ -53,12 +53,12 @@ from typing import Any, NoReturn
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from calibration.metrics import TaskMetric, failures, relative_error
-from exporter.errors import QuantizationError
-from exporter.progress import bar
+from graphs.core.errors import QuantizationError
+from graphs.core.progress import bar
+from graphs.core.sessions import open_session
 
 logger = logging.getLogger(__name__)
 
@@ -198,17 +198,15 @@ SERIALIZE_LIMIT = 64 << 20
 serialized copy does not sit in memory beside the session while it is built (BERT-base and up)."""
 
 
-def cpu_session(model: onnx.ModelProto, work: Path) -> ort.InferenceSession:
+def cpu_session(model: onnx.ModelProto, work: Path) -> Any:
     """A quiet CPU onnxruntime session on ``model``; graphs past protobuf's 2 GB limit go through ``work`` with
     external data, graphs past :data:`SERIALIZE_LIMIT` through a file in ``work``."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     size = model.ByteSize()
     if size > SERIALIZE_LIMIT:
         path = work / "candidate.onnx"
         onnx.save_model(model, str(path), save_as_external_data=size > PROTO_LIMIT)
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return open_session(path)
+    return open_session(model.SerializeToString())
 
 
 def evaluate(model: onnx.ModelProto, batches: Sequence[Batch], metric: TaskMetric) -> list[np.ndarray]:

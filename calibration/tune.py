@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 
 from calibration.quantize import (
@@ -33,7 +32,8 @@ from calibration.quantize import (
     save_quantized,
 )
 from calibration.search import is_large
-from exporter.errors import QuantizationError, first_line, from_onnxruntime
+from graphs.core.errors import QuantizationError, first_line, from_onnxruntime
+from graphs.core.sessions import open_session
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +128,7 @@ def _time_round_robin(
     sessions, refused = {}, {}
     for preset, path in files.items():
         try:
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            session = open_session(path, spinning=False)
             names = {i.name for i in session.get_inputs()}
             local = {label: {k: v for k, v in f.items() if k in names} for label, f in feeds.items()}
             for f in local.values():  # warm-up, and the first run that may fail

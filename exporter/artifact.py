@@ -22,7 +22,7 @@ What it does not bound: the compute of the ONNX graph and tokenizer the artifact
 `run` in a child process under a memory and time limit for that (exporter/sandbox.py); a Python caller of
 :class:`Artifact` or :class:`exporter.runtime.Runtime` gets the containment, hashing and size bounds only.
 
-Imports only the standard library, numpy and exporter.errors (``cryptography`` when a signature is checked).
+Imports only the standard library, numpy and graphs.core.errors (``cryptography`` when a signature is checked).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.errors import ParityError, UsageError
+from graphs.core.errors import ParityError, UsageError
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"  # written by `export-model sign`; not listed in the manifest it signs

@@ -19,8 +19,8 @@ import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from exporter.errors import ExportError, UsageError
-from exporter.telemetry import quiet_onnxruntime
+from graphs.core.errors import ExportError, UsageError
+from graphs.core.telemetry import quiet_onnxruntime
 
 if TYPE_CHECKING:  # imported where used: `verify` and `run` must start without torch, onnx or transformers
     from exporter.config import ExportConfig, Option
@@ -209,7 +209,7 @@ def _never_read_stdin() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _never_read_stdin()
-    quiet_onnxruntime()  # no telemetry from this process or its children (exporter/telemetry.py)
+    quiet_onnxruntime()  # no telemetry from this process or its children (graphs/core/telemetry.py)
     if argv[:1] == ["verify"]:
         return verify_main(argv[1:])
     if argv[:1] == ["run"]:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from exporter.architectures import Architecture, LayerView
-from exporter.errors import UsageError
+from graphs.core.errors import UsageError
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from calibration.data import file_kind
 from calibration.quantize import QuantizationConfig
-from exporter.errors import UsageError
 from exporter.parity import ParityConfig
+from graphs.core.errors import UsageError
 from graphs.fusion import FusionConfig
 
 

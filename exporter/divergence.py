@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from exporter.architectures import Architecture
+from graphs.core.sessions import open_session
 
 _LAYER = re.compile(r"/layer\.(\d+)/")
 
@@ -77,7 +78,6 @@ def locate(
 ) -> Divergence | None:
     """The first boundary where `candidate` leaves the reference by more than `atol` (max abs error over
     unmasked positions) or below `min_cosine` (mean per-row cosine); None when every probed boundary holds."""
-    import onnxruntime as ort
 
     model = onnx.load(str(candidate))
     produced = {out for node in model.graph.node for out in node.output}
@@ -86,9 +86,7 @@ def locate(
     for _, name in probes:
         if name not in existing:
             model.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = open_session(model.SerializeToString())
     names = {i.name for i in session.get_inputs()}
     values = session.run([n for _, n in probes], {k: v for k, v in feeds.items() if k in names})
     mask = feeds["attention_mask"].astype(bool)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from calibration.data import JSONL_LINE_BYTES, MAX_FILE_BYTES, MAX_TEXT_CHARS, MAX_TEXTS, _lines, file_kind
-from exporter.errors import EvalDataError
+from graphs.core.errors import EvalDataError
 
 DEFAULT_FIELDS: dict[str, dict[str, str]] = {
     "text-classification": {"text": "text", "text_pair": "text_pair", "label": "label"},

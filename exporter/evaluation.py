@@ -138,7 +138,7 @@ def evaluation_rows(folder: Path, task: str, data: EvalSet, reference: Any, inpu
                     batch_size: int) -> list[dict[str, Any]]:
     """One row for the PyTorch checkpoint and one per (file, provider); `folder` holds the tokenizer and config
     files the runtime reads (the artifact being built)."""
-    from exporter.parity import open_session
+    from graphs.core.sessions import open_session
 
     def runtime(session: Any, name: str) -> Runtime:
         return _runtime(folder, task, session, name, batch_size)
@@ -255,7 +255,7 @@ def split_for_search(data: EvalSet, every: int = 4) -> tuple[EvalSet, EvalSet]:
 
 def gold_search_metric(folder: Path, task: str, data: EvalSet, graph: Path, batch_size: int) -> GoldMetric:
     """The gold metric over `data` (the search part), with its validation batches recorded on `graph` (FP32)."""
-    from exporter.parity import open_session
+    from graphs.core.sessions import open_session
 
     recorded = RecordingSession(open_session(graph, "CPUExecutionProvider"))
     runtime = _runtime(folder, task, recorded, graph.name, batch_size)

@@ -40,9 +40,9 @@ import torch
 from torch import nn
 
 from exporter.architectures import TASK_OUTPUTS, Architecture
-from exporter.errors import ExportError
 from exporter.runtime import Pooling
 from exporter.sentence import torch_pool
+from graphs.core.errors import ExportError
 
 _Forward = Callable[..., Any]
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from exporter.parity import open_session
-from exporter.telemetry import child_env
+from graphs.core.sessions import open_session
+from graphs.core.telemetry import child_env
 
 Feeds = dict[str, np.ndarray]
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def peak_memory_mb(path: Path, provider: str, feeds: Feeds, timeout: float = 300
         inputs = Path(work) / "feeds.npz"
         np.savez(inputs, **feeds)
         root = str(Path(__file__).resolve().parents[1])
-        # ORT_DISABLE_TELEMETRY=1: the child's onnxruntime sends no usage events (exporter/telemetry.py).
+        # ORT_DISABLE_TELEMETRY=1: the child's onnxruntime sends no usage events (graphs/core/telemetry.py).
         env = child_env({**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))})
         try:
             done = subprocess.run([sys.executable, "-m", "exporter.memory_probe", str(path), provider, str(inputs)],

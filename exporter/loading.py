@@ -29,9 +29,9 @@ from torch import nn
 
 from exporter.architectures import TASKS, Architecture, architecture_for, infer_task
 from exporter.artifact import Limits
-from exporter.errors import CheckpointError, UsageError
 from exporter.sentence import SentenceModules, read_sentence_modules
 from exporter.weights import WeightFiles, read_json, regular_file
+from graphs.core.errors import CheckpointError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -587,7 +587,7 @@ def _probe_tokenizer_regexes(path: Path, fix: str) -> None:
     import subprocess
     import sys
 
-    from exporter.telemetry import child_env
+    from graphs.core.telemetry import child_env
 
     file = path / "tokenizer.json"
     if not file.is_file() or b'"Regex"' not in file.read_bytes():

@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-import onnxruntime as ort
+
+from graphs.core.sessions import open_session
 
 
 def status_bytes(field: str) -> int:
@@ -31,10 +32,7 @@ def probe(path: str, provider: str, inputs: str) -> int:
     except OSError:
         pass
     baseline = status_bytes("VmRSS")
-    options = ort.SessionOptions()
-    if provider != "CPUExecutionProvider":
-        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    session = ort.InferenceSession(path, options, providers=[provider])
+    session = open_session(path, provider)
     names = {i.name for i in session.get_inputs()}
     for _ in range(2):
         session.run(None, {k: v for k, v in feeds.items() if k in names})

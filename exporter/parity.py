@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from exporter.artifact import FP32_ATOL_MAX, MIN_COSINE_FLOOR
-from exporter.errors import ProviderUnavailableError, first_line, from_onnxruntime
 from exporter.outputs import SENTENCE_OUTPUT, token_level
+from graphs.core.errors import ProviderUnavailableError, first_line, from_onnxruntime
+from graphs.core.sessions import PROVIDERS, open_session
 
 if TYPE_CHECKING:  # torch only where the PyTorch reference is computed: `verify` runs without it
     from torch import nn
@@ -29,7 +30,6 @@ if TYPE_CHECKING:  # torch only where the PyTorch reference is computed: `verify
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 Batch = dict[str, np.ndarray]
 
 
@@ -147,28 +147,6 @@ def reference_outputs(model: nn.Module, batches: Sequence[Batch], output_names: 
                 outputs[SENTENCE_OUTPUT] = torch_pool(outputs["last_hidden_state"], inputs["attention_mask"], pooling)
             results.append({name: outputs[name].float().numpy() for name in output_names})
     return results
-
-
-def open_session(model: Path | bytes, provider: str, threads: int = 0) -> Any:
-    """An onnxruntime session on exactly `provider` (full name); a missing provider is an error. `model` is a path,
-    or the bytes of a model already read and checked (what the deployment side passes: the file is not opened by
-    name again, and a model that refers to external data cannot be loaded from bytes at all)."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if provider not in available:
-        raise ProviderUnavailableError(f"{provider} requested; available: {available}. Install its onnxruntime build")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    if provider != "CPUExecutionProvider":
-        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    source = model if isinstance(model, bytes) else str(model)
-    session = ort.InferenceSession(source, options, providers=[provider])
-    if session.get_providers()[0] != provider:
-        raise ProviderUnavailableError(f"{provider} requested but the session runs on {session.get_providers()}")
-    return session
 
 
 def run_session(session: Any, batches: Sequence[Batch], output_names: Sequence[str]) -> list[Batch]:

@@ -52,16 +52,6 @@ from exporter.artifact import Limits
 from exporter.compaction import compact_model, mask_heads, parse_drop_heads
 from exporter.config import ExportConfig
 from exporter.divergence import boundaries, locate, torch_boundaries
-from exporter.errors import (
-    CalibrationDataError,
-    CheckpointError,
-    ExportError,
-    OutputError,
-    ParityError,
-    UsageError,
-    first_line,
-    from_onnxruntime,
-)
 from exporter.eval_data import parse_fields, read_eval_data
 from exporter.evaluation import SEARCHABLE, evaluation_rows, gold_search_metric, split_for_search
 from exporter.latency import binds_io, latency_feeds, measure_latency, peak_memory_mb, throughput_modes
@@ -79,8 +69,18 @@ from exporter.parity import (
     reference_outputs,
     resolve_providers,
 )
-from exporter.progress import bar
 from exporter.text import make_tokenize
+from graphs.core.errors import (
+    CalibrationDataError,
+    CheckpointError,
+    ExportError,
+    OutputError,
+    ParityError,
+    UsageError,
+    first_line,
+    from_onnxruntime,
+)
+from graphs.core.progress import bar
 from graphs.float16 import to_float16
 from graphs.fusion import GraphPlan, fuse_graph
 

@@ -27,8 +27,8 @@ from typing import IO, Any, NoReturn
 
 from exporter import sandbox
 from exporter.artifact import Trust, parse_json
-from exporter.errors import ExportError, UsageError, first_line
-from exporter.telemetry import quiet_onnxruntime
+from graphs.core.errors import ExportError, UsageError, first_line
+from graphs.core.telemetry import quiet_onnxruntime
 
 PROG = "export-model run"
 MAX_LINE_BYTES = 2**20  # one JSON row; a JSON line cannot be cut, so a longer one is refused
@@ -201,7 +201,7 @@ def guarded(prog: str, debug: bool, work: Any) -> int:
     except KeyboardInterrupt:
         code, line = 130, "interrupted"
     except Exception as error:
-        from exporter.errors import from_onnxruntime
+        from graphs.core.errors import from_onnxruntime
 
         if from_onnxruntime(error):
             from exporter.parity import ort_failure

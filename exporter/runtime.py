@@ -41,13 +41,13 @@ from typing import Any
 import numpy as np
 
 from exporter.artifact import Artifact, Limits, Trust
-from exporter.errors import ParityError, UsageError, first_line, from_onnxruntime
-from exporter.telemetry import quiet_onnxruntime
 from exporter.text import cap_chars
+from graphs.core.errors import ParityError, UsageError, first_line, from_onnxruntime
+from graphs.core.sessions import open_session, require
+from graphs.core.telemetry import quiet_onnxruntime
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 # Preference when the manifest has no latency for the candidates: the fused FP32 graph, then the plain one.
 _FALLBACK_ORDER = ("model_optimized.onnx", "model.onnx", "model_quantized.onnx", "model_fp16.onnx")
 _ST_SUPPORTED = {"Transformer", "Pooling", "Normalize"}
@@ -288,18 +288,12 @@ class Runtime:
         Not bounded here: the graph's and the tokenizer's own compute and memory (the CLI runs this in a bounded
         child, exporter/sandbox.py)."""
         quiet_onnxruntime()
-        import onnxruntime as ort
         from tokenizers import Tokenizer
-
-        from exporter.parity import open_session
 
         folder = Path(folder)
         with Artifact.open(folder, trust, limits) as artifact:
             manifest = artifact.manifest
-            full = PROVIDERS.get(provider.lower(), provider)
-            if full not in ort.get_available_providers():
-                raise UsageError(f"provider {full} requested; this onnxruntime offers "
-                                 f"{ort.get_available_providers()}")
+            full = require(provider)
             models = sorted(name for name in manifest["files"] if name.endswith(".onnx") and "/" not in name)
             if file is None:
                 file = choose_file(manifest, full)

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from exporter.errors import CheckpointError, UsageError
 from exporter.runtime import Pooling, read_pooling, sentence_modules
 from exporter.weights import inside, read_json
+from graphs.core.errors import CheckpointError, UsageError
 
 OUTPUT = "sentence_embedding"
 # Files sentence-transformers reads beside the Transformer module's own; copied into the artifact where present.

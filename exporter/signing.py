@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.artifact import SIGNATURE, Artifact, key_id, signed_message
-from exporter.errors import ParityError, UsageError
+from graphs.core.errors import ParityError, UsageError
 
 FORMAT = "export-model-signature"
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exporter.artifact import Artifact, Limits, Trust
-from exporter.errors import ParityError
 from exporter.parity import ParityConfig, ParityEntry, check_file
-from exporter.telemetry import quiet_onnxruntime
+from graphs.core.errors import ParityError
+from graphs.core.telemetry import quiet_onnxruntime
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from exporter.errors import CheckpointError
+from graphs.core.errors import CheckpointError
 
 MAX_TENSORS = 100_000
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit

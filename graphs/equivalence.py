@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+
+from graphs.core.sessions import open_session
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +93,8 @@ def compare_graphs(
 
 
 def _run(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    options = ort.SessionOptions()
     # Compare the graphs as written: onnxruntime's own fusions would blur which side did what.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = open_session(path, optimize=False)
     wanted = {i.name for i in session.get_inputs()}
     outputs = session.run(None, {k: v for k, v in feeds.items() if k in wanted})
     return {o.name: np.asarray(v) for o, v in zip(session.get_outputs(), outputs, strict=True)}

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import onnx
 
-from exporter.errors import FusionError
 from graphs import inspection
+from graphs.core.errors import FusionError
 from graphs.equivalence import compare_graphs
 from graphs.fold_nonorm import fold_nonorm
 from graphs.fuse_distilbert_attention import fuse_distilbert_attention

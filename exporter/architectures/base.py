@@ -12,8 +12,8 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from exporter.errors import CheckpointError
 from exporter.outputs import TASK_OUTPUTS  # noqa: F401  (re-exported)
+from graphs.core.errors import CheckpointError
 
 TASKS: tuple[str, ...] = (
     "feature-extraction",

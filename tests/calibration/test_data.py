@@ -10,7 +10,7 @@ import pytest
 
 from calibration.corpus import builtin_texts, split_texts
 from calibration.data import TextCalibrationReader, load_texts, sample_texts
-from exporter.errors import CalibrationDataError
+from graphs.core.errors import CalibrationDataError
 
 
 def test_builtin_texts_are_real_prose_in_a_fixed_order() -> None:

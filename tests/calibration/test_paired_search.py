@@ -17,7 +17,7 @@ from calibration.data import TextCalibrationReader, sample_texts
 from calibration.fused import FusedPlan, plan_fused
 from calibration.metrics import failures
 from calibration.search import evaluate, paired_errors, probe_graph, search_fallback
-from exporter.errors import QuantizationError
+from graphs.core.errors import QuantizationError
 from graphs.fusion import FusionConfig, GraphPlan, fuse_graph
 from tests.calibration.conftest import tokenize
 from tests.calibration.test_search import CosineMetric, _Clock

@@ -15,7 +15,7 @@ import pytest
 from calibration.corpus import builtin_texts, split_texts
 from calibration.data import TextCalibrationReader, sample_texts
 from calibration.quantize import PRESETS, QuantizationConfig, QuantizationReport, quantize_model
-from exporter.errors import QuantizationError
+from graphs.core.errors import QuantizationError
 from tests.calibration.conftest import tokenize
 
 

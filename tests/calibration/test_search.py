@@ -14,7 +14,7 @@ from calibration.data import TextCalibrationReader, sample_texts
 from calibration.metrics import EmbeddingMetric, failures
 from calibration.quantize import QuantizationConfig, QuantizationReport, quantize_model
 from calibration.search import evaluate, fall_back, quantized_nodes
-from exporter.errors import QuantizationError
+from graphs.core.errors import QuantizationError
 from tests.calibration.conftest import tokenize
 
 

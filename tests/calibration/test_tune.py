@@ -13,7 +13,7 @@ from calibration.corpus import builtin_texts, split_texts
 from calibration.data import TextCalibrationReader, sample_texts
 from calibration.quantize import PRESETS, QuantizationConfig, QuantizationReport, quantize_model
 from calibration.tune import CPU_CANDIDATES, candidate_config, tune_quantization
-from exporter.errors import QuantizationError
+from graphs.core.errors import QuantizationError
 from graphs.fusion import FusionConfig, GraphPlan, fuse_graph
 from tests.calibration.conftest import tokenize
 

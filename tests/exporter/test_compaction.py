@@ -11,7 +11,7 @@ import transformers
 
 from exporter.architectures import architecture_for
 from exporter.compaction import compact_model, mask_heads, parse_drop_heads
-from exporter.errors import UsageError
+from graphs.core.errors import UsageError
 from tests.checkpoints import prune_heads
 
 

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from exporter import gold
-from exporter.errors import EvalDataError
 from exporter.eval_data import parse_fields, read_eval_data
+from graphs.core.errors import EvalDataError
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = ["river", "bridge", "market", "storm", "garden", "engine", "letter", "harbour", "violin", "desert"]

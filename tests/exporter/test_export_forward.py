@@ -22,10 +22,10 @@ from torch import nn
 
 from exporter.architectures import TASK_OUTPUTS, architecture_for
 from exporter.compaction import compact_model
-from exporter.errors import ExportError
 from exporter.export_forward import export_forward, layer_heads
 from exporter.onnx_export import export_onnx
 from graphs import inspection
+from graphs.core.errors import ExportError
 from graphs.equivalence import sample_mask
 from graphs.fusion import GraphPlan, fuse_graph
 from tests.checkpoints import NUM_LABELS, TASK_CLASSES, prune_heads

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporter.telemetry import child_env
+from graphs.core.telemetry import child_env
 
 REPO = Path(__file__).resolve().parents[2]
 TEXTS = [

@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 
-from exporter.errors import CheckpointError, UsageError
 from exporter.loading import NoNorm, load_checkpoint, resolve_checkpoint
+from graphs.core.errors import CheckpointError, UsageError
 
 MINILM_TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 

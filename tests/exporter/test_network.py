@@ -1,5 +1,5 @@
 """No network from an export of a local checkpoint, nor from `verify` / `run`: onnxruntime telemetry is off in
-every process the tool starts (exporter/telemetry.py), and nothing else reaches out.
+every process the tool starts (graphs/core/telemetry.py), and nothing else reaches out.
 
 Two guards. Python level: socket.connect / connect_ex / sendto / getaddrinfo replaced to record (and refuse) any
 non-loopback attempt, in the test process and, through a sitecustomize on PYTHONPATH, in every child. Native level
@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporter import latency, telemetry
+from exporter import latency
+from graphs.core import telemetry
 
 REPO = Path(__file__).resolve().parents[2]
 

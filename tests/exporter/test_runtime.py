@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from exporter.errors import UsageError
 from exporter.runtime import Answer, Pooling, Runtime, _group, choose_file, pool, read_pooling
+from graphs.core.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[2]
 BLOCKED = ("torch", "transformers", "optimum", "onnx", "sentence_transformers")

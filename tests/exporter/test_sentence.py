@@ -20,9 +20,9 @@ import onnx
 import pytest
 import torch
 
-from exporter.errors import CheckpointError
 from exporter.runtime import Pooling, Runtime, pool
 from exporter.sentence import read_sentence_modules, torch_pool
+from graphs.core.errors import CheckpointError
 
 MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
 ST_NAMES = {"cls_token": "cls", "max_tokens": "max", "mean_tokens": "mean",

@@ -22,9 +22,9 @@ import transformers
 from torch import nn
 
 from exporter.architectures import architecture_for
-from exporter.errors import FusionError
 from exporter.export_forward import export_forward
 from graphs import inspection
+from graphs.core.errors import FusionError
 from graphs.equivalence import sample_mask
 from graphs.float16 import to_float16
 from graphs.fusion import SUM_LAYER_NORM, FusionConfig, GraphPlan, fuse_graph

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from exporter.cli import main
-from exporter.telemetry import child_env
+from graphs.core.telemetry import child_env
 from tests.exporter.test_loading import tiny_bert
 
 REPO = Path(__file__).resolve().parents[2]
