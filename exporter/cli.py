@@ -1,6 +1,6 @@
 """`export-model`: the command line. Flags come from `config.OPTIONS`; errors map to exit codes.
 
-`export-model verify DIR` re-checks an artifact (see exporter/verify.py).
+`export-model verify DIR` re-checks an artifact (see exporter/runtime/verify.py).
 
 Exit codes: 0 success; 2 bad input or usage; 3 parity failed (artifact kept, marked not deployable);
 4 a pipeline stage failed; 1 an unexpected internal error; 130 interrupted (SIGINT/SIGTERM).
@@ -17,8 +17,9 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
+from exporter.runtime.cli import Parser, comma_list
 from graphs.core.errors import ExportError, UsageError
 from graphs.core.telemetry import quiet_onnxruntime
 
@@ -44,21 +45,10 @@ def _choices(option: Option) -> Sequence[str] | None:
     return option.choices
 
 
-def _comma_list(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (what is wrong, and where the flags are listed), exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from exporter.config import OPTIONS, field_default
 
-    parser = _Parser(
+    parser = Parser(
         prog="export-model",
         description="Compact, export, fuse, quantize and verify a BERT-family checkpoint as a deployable ONNX artifact.",
     )
@@ -70,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["action"] = "store_true"
         else:
             if isinstance(default, tuple):
-                kwargs["type"] = _comma_list
+                kwargs["type"] = comma_list
             elif isinstance(default, (int, float)):
                 kwargs["type"] = type(default)
             elif option.kind is not None:
@@ -134,72 +124,6 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def verify_main(argv: Sequence[str]) -> int:
-    """`export-model verify DIR`: 0 when the trust anchors, hashes and parity hold; 3 when not (or a limit was
-    hit); 2 for bad input. Runs in a bounded child process (exporter/sandbox.py)."""
-    from exporter import sandbox
-    from exporter.run_cli import add_trust_options
-
-    parser = _Parser(prog="export-model verify", description="Check an artifact: its signature or pinned digest "
-                     "(when given), every file against the manifest, no unlisted files, and parity re-run from its "
-                     "stored reference inputs and outputs.")
-    parser.add_argument("folder", help="artifact folder written by export-model")
-    parser.add_argument("--providers", type=_comma_list, default=("auto",),
-                        help="execution providers, comma-separated (default: auto, every provider present)")
-    add_trust_options(parser)
-    parser.add_argument("--time-limit", type=sandbox.positive_seconds, default=900.0, metavar="SECONDS",
-                        help="wall-clock limit of the whole check (default: 900)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
-    if not sandbox.in_child():
-        return sandbox.run_bounded("verify", list(argv), "export-model verify", args.memory_limit, args.time_limit,
-                                   "verify", args.debug)
-    sandbox.enter_child(args.memory_limit, args.debug)
-    sandbox.arm(args.time_limit)
-    from exporter.run_cli import guarded
-
-    return guarded("export-model verify", args.debug, lambda: _verify(args))
-
-
-def _verify(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from exporter.run_cli import trust_from
-    from exporter.verify import verify_artifact
-
-    report = verify_artifact(Path(args.folder), args.providers, trust_from(args))
-    for entry in report.parity:
-        detail = f"max abs {entry.max_abs_error:.2e}" if entry.max_abs_error is not None else entry.reason
-        print(f"{entry.file:<24} {entry.provider:<24} {entry.status:<5} {detail}")
-    print(f"trust: {report.trust}")
-    if not report.ok:
-        print(f"export-model verify: FAILED for {args.folder}:\n{report.table()}", file=sys.stderr)
-        return 3
-    print(f"verified: {args.folder} (manifest sha256:{report.manifest_sha256}; {len(report.parity)} parity checks, "
-          "every file's sha256 matches, no unlisted files)")
-    return 0
-
-
-def sign_main(argv: Sequence[str]) -> int:
-    """`export-model sign DIR --key private.pem`: write DIR/manifest.sig (exporter/signing.py)."""
-    parser = _Parser(prog="export-model sign", description="Check an artifact against its manifest, then sign the "
-                     "manifest (which lists every file's sha256) with a private key: DIR/manifest.sig.")
-    parser.add_argument("folder", help="artifact folder written by export-model")
-    parser.add_argument("--key", required=True, metavar="PEM", help="Ed25519 or ECDSA private key (unencrypted PEM)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
-    from exporter.run_cli import guarded
-
-    def sign() -> int:
-        from exporter.signing import load_private_key, sign_artifact
-
-        record = sign_artifact(args.folder, load_private_key(args.key))
-        print(f"signed: {args.folder} (manifest sha256:{record['manifest_sha256']}, key {record['key_id']})")
-        return 0
-
-    return guarded("export-model sign", args.debug, sign)
-
-
 def _never_read_stdin() -> None:
     """The tool reads nothing from stdin: a library's prompt (transformers' "trust this code?") gets end-of-file,
     never the "y" of `yes | export-model ...`."""
@@ -211,12 +135,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _never_read_stdin()
     quiet_onnxruntime()  # no telemetry from this process or its children (graphs/core/telemetry.py)
     if argv[:1] == ["verify"]:
+        from exporter.runtime.cli import verify_main
+
         return verify_main(argv[1:])
     if argv[:1] == ["run"]:
-        from exporter.run_cli import run_main
+        from exporter.runtime.cli import run_main
 
         return run_main(argv[1:])
     if argv[:1] == ["sign"]:
+        from exporter.runtime.cli import sign_main
+
         return sign_main(argv[1:])
     args = build_parser().parse_args(argv)
     _configure_logging(args.debug, args.verbose)
@@ -225,14 +153,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         key, signature = None, {}
         if args.sign_key:  # a bad key is refused before hours of export, not after
-            from exporter.signing import load_private_key
+            from exporter.runtime.signing import load_private_key
 
             key = load_private_key(args.sign_key)
         from exporter.pipeline import export_model
 
         result = export_model(config_from_args(args))
         if key is not None:
-            from exporter.signing import sign_artifact
+            from exporter.runtime.signing import sign_artifact
 
             signature = sign_artifact(result.output, key)
     except ExportError as error:
@@ -251,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     passed = [f"{e['file']} {e['status']}" for e in result.manifest["parity"] if e["status"] != "skip"]
     print(f"artifact: {result.output}")
-    from exporter.artifact import sha256_digest
+    from exporter.runtime.files import sha256_digest
 
     digest = sha256_digest((result.output / "manifest.json").read_bytes())
     print(f"manifest: sha256:{digest}" + (f" (signed by {signature['key_id']})" if key is not None else ""))

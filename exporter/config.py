@@ -16,7 +16,7 @@ from typing import Any
 
 from calibration.data import file_kind
 from calibration.quantize import QuantizationConfig
-from exporter.parity import ParityConfig
+from exporter.runtime.parity import ParityConfig
 from graphs.core.errors import UsageError
 from graphs.fusion import FusionConfig
 

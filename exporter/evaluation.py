@@ -30,7 +30,7 @@ import numpy as np
 from calibration.metrics import TaskMetric
 from exporter import gold
 from exporter.eval_data import METRICS, EvalSet
-from exporter.runtime import Runtime
+from exporter.runtime.model import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class TorchSession:
         return self.outputs
 
     def run(self, names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        from exporter.parity import reference_outputs
+        from exporter.reference import reference_outputs
 
         wanted = [o.name for o in self.outputs] if names is None else list(names)
         return [reference_outputs(self.model, [feeds], wanted, self.pooling)[0][name] for name in wanted]

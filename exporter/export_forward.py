@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from exporter.architectures import TASK_OUTPUTS, Architecture
-from exporter.runtime import Pooling
+from exporter.runtime.pooling import Pooling
 from exporter.sentence import torch_pool
 from graphs.core.errors import ExportError
 

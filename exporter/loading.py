@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from exporter.architectures import TASKS, Architecture, architecture_for, infer_task
-from exporter.artifact import Limits
+from exporter.runtime.files import Limits
 from exporter.sentence import SentenceModules, read_sentence_modules
 from exporter.weights import WeightFiles, read_json, regular_file
 from graphs.core.errors import CheckpointError, UsageError
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 # What a tokenizer may also read from the folder (hashed into the manifest's source when present).
 TOKENIZER_EXTRA = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt")
-# BERT's tokenizer.json is 0.7 MB, XLM-R's 17 MB; the deployment side's cap (exporter/artifact.py) is the same, so
+# BERT's tokenizer.json is 0.7 MB, XLM-R's 17 MB; the deployment side's cap (exporter/runtime/artifact.py) is the same, so
 # what export admits, `run` can open.
 MAX_TOKENIZER_BYTES = Limits.tokenizer_bytes
 # A regex in tokenizer.json (a Split pre-tokenizer, a Replace normalizer) runs on every text. These texts make a

@@ -43,9 +43,9 @@ from torch import nn
 
 from exporter.architectures import TASK_OUTPUTS, Architecture
 from exporter.export_forward import export_forward
-from exporter.outputs import SENTENCE_OUTPUT, token_level
-from exporter.outputs import output_names as outputs_of
-from exporter.runtime import Pooling
+from exporter.runtime.outputs import SENTENCE_OUTPUT, token_level
+from exporter.runtime.outputs import output_names as outputs_of
+from exporter.runtime.pooling import Pooling
 from exporter.sentence import torch_pool
 from graphs.core.errors import ExportError
 

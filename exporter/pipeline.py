@@ -48,7 +48,6 @@ from calibration.data import ChainedReader, TextCalibrationReader, joined_texts,
 from calibration.quantize import quantize_model
 from calibration.tune import tune_quantization
 from exporter.architectures import Architecture
-from exporter.artifact import Limits
 from exporter.compaction import compact_model, mask_heads, parse_drop_heads
 from exporter.config import ExportConfig
 from exporter.divergence import boundaries, locate, torch_boundaries
@@ -58,15 +57,15 @@ from exporter.latency import binds_io, latency_feeds, measure_latency, peak_memo
 from exporter.loading import load_checkpoint, resolve_checkpoint
 from exporter.manifest import TOOL, checkpoint_hash, write_manifest
 from exporter.onnx_export import export_onnx
-from exporter.outputs import output_names
-from exporter.parity import (
+from exporter.reference import build_batches, reference_outputs
+from exporter.runtime.files import Limits
+from exporter.runtime.outputs import output_names
+from exporter.runtime.parity import (
     PROVIDERS,
     ParityConfig,
     ParityEntry,
-    build_batches,
     check_file,
     failure_table,
-    reference_outputs,
     resolve_providers,
 )
 from exporter.text import make_tokenize
@@ -662,7 +661,7 @@ def _build(
             cap = Limits().cap(saved)  # what `run` will open: an artifact it would refuse is not written
             if (built / saved).is_file() and (built / saved).stat().st_size > cap:
                 raise CheckpointError(f"the tokenizer saves as a {(built / saved).stat().st_size:,}-byte {saved}, "
-                                      f"over the {cap:,} bytes the deployment side opens (exporter/artifact.py); "
+                                      f"over the {cap:,} bytes the deployment side opens (exporter/runtime/artifact.py); "
                                       "use a smaller vocabulary")
         for name in sentence.files if sentence else []:  # read and checked at load: small regular JSON files
             (built / name).parent.mkdir(parents=True, exist_ok=True)

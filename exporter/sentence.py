@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from exporter.runtime import Pooling, read_pooling, sentence_modules
+from exporter.runtime.pooling import Pooling, read_pooling, sentence_modules
 from exporter.weights import inside, read_json
 from graphs.core.errors import CheckpointError, UsageError
 

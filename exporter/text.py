@@ -7,18 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from exporter.runtime.text import CHARS_PER_POSITION, cap_chars  # noqa: F401  (one definition, both sides)
+
 Text = str | tuple[str, str]
-
-CHARS_PER_POSITION = 64
-"""Texts are cut to `max_length * CHARS_PER_POSITION` characters before tokenization: a WordPiece or BPE token
-spans a handful of characters (about 4-6 in English prose), so the cut keeps every token that fits in `max_length`
-while no tokenizer call ever sees a megabyte-long text."""
-
-
-def cap_chars(text: str, max_length: int) -> str:
-    """`text` cut to what `max_length` positions can use (see CHARS_PER_POSITION)."""
-    return text[: max(1, max_length) * CHARS_PER_POSITION]
-
 
 def as_pair(text: str, question_words: int = 8) -> tuple[str, str]:
     """A (question, context) pair from one passage: the start of its first sentence asks, the passage answers."""

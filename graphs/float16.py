@@ -4,7 +4,7 @@ onnxruntime's ``OnnxModel.convert_float_to_float16(keep_io_types=True)`` convert
 tensor to float16 and puts a Cast at the graph's float inputs and outputs, so a caller feeds and reads the same
 types as with the FP32 files. Its default block list keeps the ops that have no float16 kernel in float32
 (with Casts around them). The converter does not check what it made, so this module runs onnx's checker and
-counts what was converted; parity (``exporter.parity``, ``fp16`` profile) judges the numbers.
+counts what was converted; parity (``exporter.runtime.parity``, ``fp16`` profile) judges the numbers.
 
 This is a CUDA artifact: on CPU onnxruntime runs most float16 ops through Casts, slower than FP32; the
 pipeline builds it where CUDA is present (or when asked, for a GPU deployment built on a CPU machine).

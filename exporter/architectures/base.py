@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from exporter.outputs import TASK_OUTPUTS  # noqa: F401  (re-exported)
+from exporter.runtime.outputs import TASK_OUTPUTS  # noqa: F401  (re-exported)
 from graphs.core.errors import CheckpointError
 
 TASKS: tuple[str, ...] = (

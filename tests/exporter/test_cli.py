@@ -146,7 +146,7 @@ def test_quantization_preset_applies_its_settings_and_flags_refine_it() -> None:
 
 
 def test_fp16_always_builds_checks_and_verifies_the_float16_variant(tmp_path: Path) -> None:
-    from exporter.verify import verify_artifact
+    from exporter.runtime.verify import verify_artifact
 
     model = tiny_bert(tmp_path / "ckpt")
     out = tmp_path / "out"

@@ -1,4 +1,4 @@
-"""The torch-free runtime (exporter/runtime.py, `export-model run`) and a torch-free `verify`.
+"""The torch-free runtime (exporter/runtime/model.py, `export-model run`) and a torch-free `verify`.
 
 The runtime and `verify` run in a child process whose `import torch` / `import transformers` / `import optimum` /
 `import onnx` fail (a sys.meta_path finder installed before anything else), and their outputs are compared with
@@ -21,7 +21,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from exporter.runtime import Answer, Pooling, Runtime, _group, choose_file, pool, read_pooling
+from exporter.runtime.decode import Answer
+from exporter.runtime.decode import group_entities
+from exporter.runtime.model import Runtime, choose_file
+from exporter.runtime.pooling import Pooling, pool, read_pooling
 from graphs.core.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -109,7 +112,7 @@ def test_the_guard_really_blocks_torch() -> None:
 
 def test_the_verify_and_run_paths_import_no_torch_transformers_or_onnx() -> None:
     """Without the guard, in the full environment: the modules `verify` and `run` load pull in none of them."""
-    code = ("import sys\nimport exporter.cli, exporter.verify, exporter.runtime, exporter.run_cli, exporter.parity\n"
+    code = ("import sys\nimport exporter.cli, exporter.runtime.verify, exporter.runtime.model, exporter.runtime.cli, exporter.runtime.parity\n"
             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert done.stdout.strip() == "[]", done.stdout
@@ -181,10 +184,10 @@ def test_entity_grouping_follows_the_simple_strategy() -> None:
     text = "Ann Lee flew to New York from Rome"
     tokens = [("B-PER", 0.9, 0, 3), ("I-PER", 0.7, 4, 7), ("O", 0.99, 8, 12), ("O", 0.9, 13, 15),
               ("B-LOC", 0.8, 16, 19), ("I-LOC", 0.6, 20, 24), ("O", 0.9, 25, 29), ("I-LOC", 0.5, 30, 34)]
-    got = [(e.entity, e.word, e.start, e.end, round(e.score, 6)) for e in _group(tokens, text)]
+    got = [(e.entity, e.word, e.start, e.end, round(e.score, 6)) for e in group_entities(tokens, text)]
     assert got == [("PER", "Ann Lee", 0, 7, 0.8), ("LOC", "New York", 16, 24, 0.7), ("LOC", "Rome", 30, 34, 0.5)]
     # B- starts a new entity even after the same type; labels without a prefix continue while they repeat
-    split = _group([("B-LOC", 1.0, 0, 3), ("B-LOC", 1.0, 4, 7), ("LABEL_1", 0.5, 8, 9), ("LABEL_1", 0.7, 9, 12)],
+    split = group_entities([("B-LOC", 1.0, 0, 3), ("B-LOC", 1.0, 4, 7), ("LABEL_1", 0.5, 8, 9), ("LABEL_1", 0.7, 9, 12)],
                    "Foo Bar bazz")
     assert [(e.entity, e.start, e.end) for e in split] == [("LOC", 0, 3), ("LOC", 4, 7), ("LABEL_1", 8, 12)]
 

@@ -20,7 +20,8 @@ import onnx
 import pytest
 import torch
 
-from exporter.runtime import Pooling, Runtime, pool
+from exporter.runtime.model import Runtime
+from exporter.runtime.pooling import Pooling, pool
 from exporter.sentence import read_sentence_modules, torch_pool
 from graphs.core.errors import CheckpointError
 

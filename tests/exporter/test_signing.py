@@ -1,4 +1,4 @@
-"""Signing an artifact's manifest and checking it on the deployment side (exporter/signing.py, exporter/artifact.py).
+"""Signing an artifact's manifest and checking it on the deployment side (exporter/runtime/signing.py, exporter/runtime/artifact.py).
 
 The key pair is made here with `cryptography`, as `openssl genpkey -algorithm ed25519` would make it.
 """
@@ -13,8 +13,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from exporter.artifact import sha256_digest
 from exporter.cli import main
+from exporter.runtime.files import sha256_digest
 from tests.checkpoints import changed_copy
 from tests.exporter.test_loading import tiny_bert
 

@@ -241,13 +241,13 @@ def test_a_model_swapped_right_after_its_check_is_never_served(artifact: Path, c
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The worst timing, made certain: the file is swapped the moment after its bytes were read and hashed. The
     session is built from those bytes, so the genuine model runs (the old runtime opened the name again)."""
-    import exporter.artifact
-    from exporter.runtime import Runtime
+    import exporter.runtime.artifact
+    from exporter.runtime.model import Runtime
 
     evil = tmp_path / "evil.onnx"
     _scaled_model(copy / "model.onnx", evil)
     genuine = Runtime.load(artifact, file="model.onnx").embed(TEXTS)
-    real_read = exporter.artifact._read_capped
+    real_read = exporter.runtime.artifact.read_capped
 
     def read_then_swap(root_fd: int, name: str, cap: int) -> bytes:
         data = real_read(root_fd, name, cap)
@@ -255,7 +255,7 @@ def test_a_model_swapped_right_after_its_check_is_never_served(artifact: Path, c
             os.replace(evil, copy / "model.onnx")
         return data
 
-    monkeypatch.setattr(exporter.artifact, "_read_capped", read_then_swap)
+    monkeypatch.setattr(exporter.runtime.artifact, "read_capped", read_then_swap)
     served = Runtime.load(copy, file="model.onnx")
     assert (copy / "model.onnx").read_bytes() != (artifact / "model.onnx").read_bytes()  # the swap happened
     np.testing.assert_array_equal(served.embed(TEXTS), genuine)

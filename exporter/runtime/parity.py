@@ -1,4 +1,4 @@
-"""Numerical parity: every ONNX file against the PyTorch reference, on real text, with padding.
+"""Numerical parity: an ONNX file's outputs against stored PyTorch reference outputs, on real text, with padding.
 
 Inputs are real passages at several (batch, sequence) shapes, cut to different lengths so every batch holds
 padded rows. Token-level outputs are compared where the attention mask is 1 (what a padded position holds is
@@ -11,22 +11,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from exporter.artifact import FP32_ATOL_MAX, MIN_COSINE_FLOOR
-from exporter.outputs import SENTENCE_OUTPUT, token_level
+from exporter.runtime.files import FP32_ATOL_MAX, MIN_COSINE_FLOOR
+from exporter.runtime.outputs import SENTENCE_OUTPUT, token_level
 from graphs.core.errors import ProviderUnavailableError, first_line, from_onnxruntime
 from graphs.core.sessions import PROVIDERS, open_session
-
-if TYPE_CHECKING:  # torch only where the PyTorch reference is computed: `verify` runs without it
-    from torch import nn
-
-    from exporter.runtime import Pooling
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +50,7 @@ class ParityConfig:
         # A NaN bar never fails (`err > nan` is False) and an infinite or negative one is no bar: refuse them here,
         # so flags and `--config` replays alike are checked.
         problems = []
-        # The same bars bound what `verify` accepts from a manifest (exporter/artifact.py): one written outside
+        # The same bars bound what `verify` accepts from a manifest (exporter/runtime/artifact.py): one written outside
         # them was not written by export-model.
         if not _is_number(self.fp32_atol) or not math.isfinite(self.fp32_atol) or not 0 <= self.fp32_atol <= FP32_ATOL_MAX:
             problems.append(f"fp32_atol must be a finite number >= 0 and <= {FP32_ATOL_MAX:g} (e.g. 1e-4), got "
@@ -103,50 +98,6 @@ class ParityEntry:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def build_batches(
-    texts: Sequence[str], tokenize: Callable[..., Batch], shapes: Sequence[tuple[int, int]], max_length: int
-) -> list[Batch]:
-    """One batch per shape from real `texts`, rows cut to varied lengths so batches hold padding. A row of a
-    shape longer than 128 tokens joins consecutive texts until it holds as many words as the shape has tokens, so
-    the long shapes (the export's ``--max-length``) really run at their length."""
-    batches, cursor = [], 0
-    for batch_size, length in shapes:
-        length = min(length, max_length)
-        rows = []
-        for row in range(batch_size):
-            words = texts[cursor % len(texts)].split()
-            cursor += 1
-            while length > 128 and len(words) < length and len(texts) > 1:
-                words += texts[cursor % len(texts)].split()
-                cursor += 1
-            # First row fills the sequence; later rows get shorter, so right padding appears in each batch.
-            keep = max(3, int(len(words) * (1.0 - row / max(batch_size, 2) * 0.9))) if row else len(words)
-            rows.append(" ".join(words[:keep]))
-        batches.append(tokenize(rows, max_length=length))
-    return batches
-
-
-def reference_outputs(model: nn.Module, batches: Sequence[Batch], output_names: Sequence[str],
-                      pooling: Pooling | None = None) -> list[Batch]:
-    """The PyTorch model's outputs for each batch, as float32 numpy arrays; ``sentence_embedding`` pooled from
-    its ``last_hidden_state`` as the checkpoint's sentence-transformers modules define it (`pooling`)."""
-    import torch
-
-    from exporter.sentence import torch_pool
-
-    results = []
-    with torch.no_grad():
-        for feeds in batches:
-            inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
-            outputs = dict(model(**inputs, return_dict=True))
-            if SENTENCE_OUTPUT in output_names:
-                if pooling is None:
-                    raise ValueError("a sentence_embedding reference needs the checkpoint's pooling")
-                outputs[SENTENCE_OUTPUT] = torch_pool(outputs["last_hidden_state"], inputs["attention_mask"], pooling)
-            results.append({name: outputs[name].float().numpy() for name in output_names})
-    return results
 
 
 def run_session(session: Any, batches: Sequence[Batch], output_names: Sequence[str]) -> list[Batch]:

@@ -2,12 +2,12 @@
 
 Rows are ``{"text": ...}`` (``{"question": ..., "context": ...}`` for question answering); each output line is
 ``{"embedding": [...]}``, ``{"label": ..., "score": ...}``, ``{"answer": ..., "score": ..., "start": ..., "end": ...}``
-or ``{"entities": [{"entity": ..., "start": ..., "end": ..., "score": ...}]}`` (see exporter/runtime.py).
+or ``{"entities": [{"entity": ..., "start": ..., "end": ..., "score": ...}]}`` (see exporter/runtime/model.py).
 
 Streaming: rows are read ``--batch-size`` at a time, run, and their lines printed and flushed before the next rows
 are read, so memory does not grow with the number of rows. A bad row (not JSON, a line over 1 MiB, a missing
 field, a lone surrogate) ends the run with one line ``export-model run: error: ... row N ...`` and exit 2, after
-the lines of the rows before it. The work runs in a bounded child process (exporter/sandbox.py): a batch that
+the lines of the rows before it. The work runs in a bounded child process (exporter/runtime/sandbox.py): a batch that
 takes longer than ``--time-limit`` or a process that passes ``--memory-limit`` is exit 3. Needs no torch or
 transformers.
 """
@@ -25,8 +25,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
-from exporter import sandbox
-from exporter.artifact import Trust, parse_json
+from exporter.runtime import sandbox
+from exporter.runtime.files import parse_json
+from exporter.runtime.trust import Trust
 from graphs.core.errors import ExportError, UsageError, first_line
 from graphs.core.telemetry import quiet_onnxruntime
 
@@ -34,7 +35,13 @@ PROG = "export-model run"
 MAX_LINE_BYTES = 2**20  # one JSON row; a JSON line cannot be cut, so a longer one is refused
 
 
-class _Parser(argparse.ArgumentParser):
+def comma_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong, and where the flags are listed), exit code 2."""
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
@@ -56,7 +63,7 @@ def trust_from(args: argparse.Namespace) -> Trust:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Run an artifact on the rows of a JSONL file: one JSON line per row "
+    parser = Parser(prog=PROG, description="Run an artifact on the rows of a JSONL file: one JSON line per row "
                      "on stdout (needs only onnxruntime, numpy and tokenizers).")
     parser.add_argument("folder", help="artifact folder written by export-model")
     parser.add_argument("--input", required=True, metavar="FILE.jsonl",
@@ -127,7 +134,7 @@ def check_strings(row: dict[str, Any], fields: Sequence[str], where: str) -> Non
 
 
 def _execute(args: argparse.Namespace) -> int:
-    from exporter.runtime import Runtime
+    from exporter.runtime.model import Runtime
 
     sandbox.arm(args.time_limit)  # loading counts as one batch
     runtime = Runtime.load(Path(args.folder), file=args.file, provider=args.provider, batch_size=args.batch_size,
@@ -204,7 +211,7 @@ def guarded(prog: str, debug: bool, work: Any) -> int:
         from graphs.core.errors import from_onnxruntime
 
         if from_onnxruntime(error):
-            from exporter.parity import ort_failure
+            from exporter.runtime.parity import ort_failure
 
             code, line = 3, f"error: the artifact's graph failed: {ort_failure(error)}; refuse the artifact"
         else:
@@ -217,3 +224,58 @@ def guarded(prog: str, debug: bool, work: Any) -> int:
         traceback.print_exc()
     return code
 
+
+def verify_main(argv: Sequence[str]) -> int:
+    """`export-model verify DIR`: 0 when the trust anchors, hashes and parity hold; 3 when not (or a limit was
+    hit); 2 for bad input. Runs in a bounded child process (exporter/runtime/sandbox.py)."""
+    parser = Parser(prog="export-model verify", description="Check an artifact: its signature or pinned digest "
+                     "(when given), every file against the manifest, no unlisted files, and parity re-run from its "
+                     "stored reference inputs and outputs.")
+    parser.add_argument("folder", help="artifact folder written by export-model")
+    parser.add_argument("--providers", type=comma_list, default=("auto",),
+                        help="execution providers, comma-separated (default: auto, every provider present)")
+    add_trust_options(parser)
+    parser.add_argument("--time-limit", type=sandbox.positive_seconds, default=900.0, metavar="SECONDS",
+                        help="wall-clock limit of the whole check (default: 900)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    if not sandbox.in_child():
+        return sandbox.run_bounded("verify", list(argv), "export-model verify", args.memory_limit, args.time_limit,
+                                   "verify", args.debug)
+    sandbox.enter_child(args.memory_limit, args.debug)
+    sandbox.arm(args.time_limit)
+    return guarded("export-model verify", args.debug, lambda: _verify(args))
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from exporter.runtime.verify import verify_artifact
+
+    report = verify_artifact(Path(args.folder), args.providers, trust_from(args))
+    for entry in report.parity:
+        detail = f"max abs {entry.max_abs_error:.2e}" if entry.max_abs_error is not None else entry.reason
+        print(f"{entry.file:<24} {entry.provider:<24} {entry.status:<5} {detail}")
+    print(f"trust: {report.trust}")
+    if not report.ok:
+        print(f"export-model verify: FAILED for {args.folder}:\n{report.table()}", file=sys.stderr)
+        return 3
+    print(f"verified: {args.folder} (manifest sha256:{report.manifest_sha256}; {len(report.parity)} parity checks, "
+          "every file's sha256 matches, no unlisted files)")
+    return 0
+
+
+def sign_main(argv: Sequence[str]) -> int:
+    """`export-model sign DIR --key private.pem`: write DIR/manifest.sig (exporter/runtime/signing.py)."""
+    parser = Parser(prog="export-model sign", description="Check an artifact against its manifest, then sign the "
+                     "manifest (which lists every file's sha256) with a private key: DIR/manifest.sig.")
+    parser.add_argument("folder", help="artifact folder written by export-model")
+    parser.add_argument("--key", required=True, metavar="PEM", help="Ed25519 or ECDSA private key (unencrypted PEM)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    def sign() -> int:
+        from exporter.runtime.signing import load_private_key, sign_artifact
+
+        record = sign_artifact(args.folder, load_private_key(args.key))
+        print(f"signed: {args.folder} (manifest sha256:{record['manifest_sha256']}, key {record['key_id']})")
+        return 0
+
+    return guarded("export-model sign", args.debug, sign)

@@ -16,7 +16,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from exporter.artifact import SIGNATURE, Artifact, key_id, signed_message
+from exporter.runtime.artifact import Artifact
+from exporter.runtime.files import SIGNATURE
+from exporter.runtime.trust import key_id, signed_message
 from graphs.core.errors import ParityError, UsageError
 
 FORMAT = "export-model-signature"

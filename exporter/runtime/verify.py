@@ -1,11 +1,11 @@
 """`export-model verify DIR`: the check a deployment pipeline runs before it ships an artifact.
 
-Opens the folder through :class:`exporter.artifact.Artifact` (contained, bounded, checked against a signature or
+Opens the folder through :class:`exporter.runtime.artifact.Artifact` (contained, bounded, checked against a signature or
 pinned digest when one is given), re-hashes every file the manifest lists, reports every file it does not list,
 then re-runs parity for each model file from the stored reference inputs and PyTorch outputs (``parity/*.npz``) on
 whatever providers this machine offers, each session built from the bytes that were hashed. Needs no torch and no
 checkpoint: only onnxruntime, numpy and the artifact. Called from Python it bounds paths and sizes but not the
-graph's compute; the CLI runs it in a bounded child (exporter/sandbox.py).
+graph's compute; the CLI runs it in a bounded child (exporter/runtime/sandbox.py).
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exporter.artifact import Artifact, Limits, Trust
-from exporter.parity import ParityConfig, ParityEntry, check_file
+from exporter.runtime.artifact import Artifact
+from exporter.runtime.files import Limits
+from exporter.runtime.parity import ParityConfig, ParityEntry, check_file
+from exporter.runtime.trust import Trust
 from graphs.core.errors import ParityError
 from graphs.core.telemetry import quiet_onnxruntime
 

@@ -30,7 +30,6 @@ task's outputs as a user wants them:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -40,8 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from exporter.artifact import Artifact, Limits, Trust
-from exporter.text import cap_chars
+from exporter.runtime.artifact import Artifact, Limits, Trust
+from exporter.runtime.decode import Answer, Entity, Label, group_entities, softmax
+from exporter.runtime.pooling import Pooling, pool, read_pooling
+from exporter.runtime.text import cap_chars
 from graphs.core.errors import ParityError, UsageError, first_line, from_onnxruntime
 from graphs.core.sessions import open_session, require
 from graphs.core.telemetry import quiet_onnxruntime
@@ -50,41 +51,6 @@ log = logging.getLogger(__name__)
 
 # Preference when the manifest has no latency for the candidates: the fused FP32 graph, then the plain one.
 _FALLBACK_ORDER = ("model_optimized.onnx", "model.onnx", "model_quantized.onnx", "model_fp16.onnx")
-_ST_SUPPORTED = {"Transformer", "Pooling", "Normalize"}
-_POOLING_MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens",
-                  "lasttoken")  # sentence-transformers' concatenation order
-
-
-@dataclass(frozen=True)
-class Label:
-    label: str
-    score: float
-
-
-@dataclass(frozen=True)
-class Answer:
-    answer: str
-    score: float
-    start: int  # character offsets into the context; 0, 0 for the empty (no) answer
-    end: int
-
-
-@dataclass(frozen=True)
-class Entity:
-    entity: str
-    start: int  # character offsets into the text
-    end: int
-    score: float
-    word: str
-
-
-@dataclass(frozen=True)
-class Pooling:
-    """How token vectors become a sentence embedding."""
-
-    modes: tuple[str, ...] = ("mean_tokens",)
-    normalize: bool = False
-    source: str = "default: mean pooling over the attention mask (no sentence-transformers files)"
 
 
 @dataclass
@@ -95,13 +61,6 @@ class _Tokenized:
     offsets: list[tuple[int, int]]
     special: list[int]
     words: list[int | None] = field(default_factory=list)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UsageError(f"{path} cannot be read as JSON ({error}); the artifact is damaged: re-export it") from None
 
 
 def _int(value: Any, default: int) -> int:
@@ -131,97 +90,6 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
-
-
-def sentence_modules(folder: Path, read: Callable[[Path], Any] | None = None,
-                     exists: Callable[[Path], bool] | None = None) -> list[tuple[str, str]] | None:
-    """(module kind, relative path) per entry of the folder's ``modules.json``, or None without one. `read` reads
-    a JSON file and `exists` tells whether one is there (the exporter passes its size-capped, regular-file-only
-    reader; the runtime reads only what the artifact's manifest lists); unsupported kinds are refused."""
-    read = read or _read_json
-    exists = exists or Path.is_file
-    modules_path = folder / "modules.json"
-    if not exists(modules_path):
-        return None
-    modules = read(modules_path)
-    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
-        raise UsageError(f"{modules_path} is not a list of module entries; restore the file sentence-transformers "
-                         "saved")
-    kinds = [(str(m.get("type", "")).rsplit(".", 1)[-1], str(m.get("path", ""))) for m in modules]
-    unsupported = [f"{kind} ({path or 'the folder'})" for kind, path in kinds if kind not in _ST_SUPPORTED]
-    if unsupported or [kind for kind, _ in kinds][:1] != ["Transformer"]:
-        raise UsageError(f"{modules_path}: the sentence-transformers modules {[k for k, _ in kinds]} cannot be "
-                         f"computed here ({', '.join(unsupported) or 'the first module is not the Transformer'}; "
-                         f"supported: a Transformer, then {sorted(_ST_SUPPORTED - {'Transformer'})}); remove "
-                         "modules.json to get token vectors only, or use sentence-transformers for this model")
-    for _, path in kinds:
-        if Path(path).is_absolute() or ".." in Path(path).parts:
-            raise UsageError(f"{modules_path}: module path {path!r} leaves the folder; restore the file "
-                             "sentence-transformers saved")
-    return kinds
-
-
-def read_pooling(folder: Path, read: Callable[[Path], Any] | None = None,
-                 exists: Callable[[Path], bool] | None = None) -> Pooling:
-    """The pooling the folder's sentence-transformers files define, or mean pooling where there are none."""
-    read = read or _read_json
-    kinds = sentence_modules(folder, read, exists)
-    if kinds is None:
-        return Pooling()
-    modes: tuple[str, ...] = ("mean_tokens",)
-    pooling_paths = [path for kind, path in kinds if kind == "Pooling"]
-    if pooling_paths:
-        config_path = folder / pooling_paths[0] / "config.json"
-        config = read(config_path)
-        if not isinstance(config, dict):
-            raise UsageError(f"{config_path} is not a JSON object; restore the file sentence-transformers saved")
-        named = config.get("pooling_mode")
-        if isinstance(named, str):  # sentence-transformers 6 saves one name, or a list concatenated in its order
-            named = [named]
-        if isinstance(named, list):
-            names = {"cls": "cls_token", "max": "max_tokens", "mean": "mean_tokens", "weightedmean":
-                     "weightedmean_tokens"}
-            modes = tuple(names.get(str(name), str(name)) for name in named)
-        else:  # the earlier pooling_mode_<mode>: true keys, concatenated in sentence-transformers' fixed order
-            modes = tuple(mode for mode in _POOLING_MODES if config.get(f"pooling_mode_{mode}"))
-        if not modes or any(mode not in _POOLING_MODES for mode in modes):
-            raise UsageError(f"{config_path}: no supported pooling mode set (supported: {list(_POOLING_MODES)})")
-    normalize = any(kind == "Normalize" for kind, _ in kinds)
-    return Pooling(modes, normalize, f"sentence-transformers modules.json: {'+'.join(modes)} pooling"
-                   + (", normalized" if normalize else ""))
-
-
-def pool(tokens: np.ndarray, mask: np.ndarray, pooling: Pooling) -> np.ndarray:
-    """Sentence embeddings (batch, hidden * modes) from token vectors (batch, seq, hidden) and the attention mask,
-    as sentence-transformers' Pooling and Normalize modules compute them (right padding)."""
-    tokens = tokens.astype(np.float32)
-    weights = mask.astype(np.float32)[..., None]
-    counts = np.clip(weights.sum(1), 1e-9, None)
-    parts = []
-    for mode in pooling.modes:
-        if mode == "cls_token":
-            parts.append(tokens[:, 0])
-        elif mode == "max_tokens":
-            parts.append(np.where(weights > 0, tokens, np.float32(-1e9)).max(1))
-        elif mode == "mean_tokens":
-            parts.append((tokens * weights).sum(1) / counts)
-        elif mode == "mean_sqrt_len_tokens":
-            parts.append((tokens * weights).sum(1) / np.sqrt(counts))
-        elif mode == "weightedmean_tokens":
-            positions = weights * np.arange(1, tokens.shape[1] + 1, dtype=np.float32)[None, :, None]
-            parts.append((tokens * positions).sum(1) / np.clip(positions.sum(1), 1e-9, None))
-        elif mode == "lasttoken":
-            last = np.clip(mask.sum(1).astype(np.int64) - 1, 0, None)
-            parts.append(tokens[np.arange(tokens.shape[0]), last])
-    result = np.concatenate(parts, axis=-1)
-    if pooling.normalize:
-        result = result / np.clip(np.linalg.norm(result, axis=-1, keepdims=True), 1e-12, None)
-    return result
-
-
-def _softmax(values: np.ndarray, axis: int = -1) -> np.ndarray:
-    shifted = np.exp(values - values.max(axis=axis, keepdims=True))
-    return shifted / shifted.sum(axis=axis, keepdims=True)
 
 
 def deployable_files(manifest: dict[str, Any]) -> list[str]:
@@ -279,14 +147,14 @@ class Runtime:
     @classmethod
     def load(cls, folder: str | Path, file: str | None = None, provider: str = "cpu", batch_size: int = 8,
              trust: Trust | None = None, limits: Limits | None = None) -> Runtime:
-        """Open `folder` (an export-model artifact) through :class:`exporter.artifact.Artifact`: every file read
+        """Open `folder` (an export-model artifact) through :class:`exporter.runtime.artifact.Artifact`: every file read
         is a plain file inside the folder, listed in the manifest, within its size cap and equal to its sha256
         (ParityError, exit 3, if not), and the session is built from the very bytes that were checked. `file`: a
         model file name, or None for the fastest deployable one recorded in the manifest. `provider`: cpu, cuda,
         ... or a full onnxruntime name. `trust`: a signature or digest to check the manifest against.
 
         Not bounded here: the graph's and the tokenizer's own compute and memory (the CLI runs this in a bounded
-        child, exporter/sandbox.py)."""
+        child, exporter/runtime/sandbox.py)."""
         quiet_onnxruntime()
         from tokenizers import Tokenizer
 
@@ -452,7 +320,7 @@ class Runtime:
             outputs, _ = self._run(self._encode(batch))
             logits = outputs["logits"].astype(np.float64)
             sigmoid = logits.shape[-1] == 1 or self.config.get("problem_type") == "multi_label_classification"
-            scores = 1.0 / (1.0 + np.exp(-logits)) if sigmoid else _softmax(logits)
+            scores = 1.0 / (1.0 + np.exp(-logits)) if sigmoid else softmax(logits)
             for row in scores:
                 best = int(row.argmax())
                 results.append(Label(self._label(best), float(row[best])))
@@ -501,8 +369,8 @@ class Runtime:
                 cls = row.ids.index(self.cls_id) if self.cls_id in row.ids else 0
                 keep = desired.copy()
                 keep[cls] = True  # CLS takes part in the softmax, as in transformers' pipeline
-                start_p = _softmax(np.where(keep, start, -10000.0))
-                end_p = _softmax(np.where(keep, end, -10000.0))
+                start_p = softmax(np.where(keep, start, -10000.0))
+                end_p = softmax(np.where(keep, end, -10000.0))
                 null_score = min(null_score, float(start_p[cls] * end_p[cls]))
                 start_p[cls] = end_p[cls] = 0.0
                 spans = np.tril(np.triu(np.outer(start_p, end_p)), max_answer_length - 1)
@@ -528,10 +396,10 @@ class Runtime:
             outputs, _ = self._run(rows)
             width = outputs["logits"].shape[1]
             for i, (text, row) in enumerate(zip(batch, rows, strict=True)):
-                scores = _softmax(self._aligned(outputs["logits"], i, rows, width).astype(np.float64))
+                scores = softmax(self._aligned(outputs["logits"], i, rows, width).astype(np.float64))
                 tokens = [(self._label(int(scores[t].argmax())), float(scores[t].max()), *row.offsets[t])
                           for t in range(len(row.ids)) if not row.special[t]]
-                results.append(_group(tokens, text))
+                results.append(group_entities(tokens, text))
         return results
 
     def word_labels(self, sentences: Sequence[Sequence[str]]) -> list[list[str]]:
@@ -587,30 +455,3 @@ class Runtime:
         return row
 
 
-def _tag(label: str) -> tuple[str, str]:
-    if label.startswith("B-"):
-        return "B", label[2:]
-    if label.startswith("I-"):
-        return "I", label[2:]
-    return "I", label  # no B-/I- prefix: consecutive tokens of the label continue one entity
-
-
-def _group(tokens: Sequence[tuple[str, float, int, int]], text: str) -> list[Entity]:
-    """(label, score, start, end) per token -> entity spans (transformers' group_entities, "O" dropped)."""
-    groups: list[list[tuple[str, float, int, int]]] = []
-    for token in tokens:
-        if groups:
-            bi, tag = _tag(token[0])
-            _, last_tag = _tag(groups[-1][-1][0])
-            if tag == last_tag and bi != "B":
-                groups[-1].append(token)
-                continue
-        groups.append([token])
-    result = []
-    for group in groups:
-        entity = group[0][0].split("-", 1)[-1]
-        if entity == "O":
-            continue
-        start, end = group[0][2], group[-1][3]
-        result.append(Entity(entity, int(start), int(end), float(np.mean([t[1] for t in group])), text[start:end]))
-    return result
