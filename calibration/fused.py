@@ -51,6 +51,7 @@ from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 from onnxruntime.transformers.onnx_model import OnnxModel
 
+from calibration.cpu import int8_weight_bits
 from calibration.search import cpu_session, drop_unused_initializers
 from graphs.core.errors import QuantizationError
 from graphs.core.progress import bar
@@ -679,10 +680,8 @@ def plan_fused(
     ``weight_bits`` 7 keeps int8 weights in [-63, 63]: onnxruntime's u8 x s8 kernels on x86 CPUs without VNNI
     (AVX2 ``vpmaddubsw``) add pairs of products in int16 and saturate with full-range weights (measured here on
     an AMD EPYC: a MatMulInteger of u8 ~230 by s8 ~120 over 64 channels off by 7.7e5), exact with 7-bit ones.
-    None (default) takes what :func:`calibration.quantize.int8_weight_bits` picks for this machine."""
+    None (default) takes what :func:`calibration.cpu.int8_weight_bits` picks for this machine."""
     if weight_bits is None:
-        from calibration.quantize import int8_weight_bits
-
         weight_bits = int8_weight_bits("auto")
     if weight_bits not in (7, 8):
         raise QuantizationError(f"weight_bits {weight_bits!r} must be 7 or 8")

@@ -133,7 +133,7 @@ def _matmul_integer_error(weight_max: int) -> int:
 
 def test_int8_weight_range_is_exact_on_this_cpu() -> None:
     """7-bit weights are exact on every CPU; "auto" picks full range only where full range is exact here."""
-    from calibration.quantize import int8_weight_bits
+    from calibration.cpu import int8_weight_bits
 
     assert _matmul_integer_error(63) == 0
     bits = int8_weight_bits("auto")

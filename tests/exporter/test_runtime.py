@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from exporter.runtime.decode import Answer
-from exporter.runtime.decode import group_entities
+from exporter.runtime.decode import Answer, group_entities
 from exporter.runtime.model import Runtime, choose_file
 from exporter.runtime.pooling import Pooling, pool, read_pooling
 from graphs.core.errors import UsageError
