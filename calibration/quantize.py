@@ -1,19 +1,12 @@
 """Static INT8 quantization of an exported FP32 graph, calibrated on real text, with named presets per target.
 
-Input: the UNFUSED ``model.onnx`` (TorchScript exporter, opset 17), not ``model_optimized.onnx``. Measured on
-the real all-MiniLM-L6-v2 (2 threads, seq 128, onnxruntime 1.31): calibrating the fused graph fails (the
-calibrator finds no range for inputs of contrib ops, then ``QLinearMatMul`` crashes on ``None``), and a fused
-graph quantized in QDQ form ran slower than FP32 (FACTS). On the unfused graph the CPU preset leaves every
-weight MatMul as
-
-    QuantizeLinear(x) -> DequantizeLinear ─┐
-                                            MatMul -> (float output, no QuantizeLinear)
-            DequantizeLinear(int8 W) ──────┘
-
-which onnxruntime's CPU QDQ fusion turns into ``MatMulIntegerToFloat`` (u8 x s8, the AVX-512 VNNI kernel
-dynamic quantization uses), while Softmax, LayerNorm, GELU, residual Adds and Gather stay float. Not
-re-quantizing MatMul outputs is what keeps accuracy: re-quantizing them (QOperator ``QLinearMatMul``) dropped
-mean cosine from 0.990 to 0.940.
+The default (``graph="fused"``) quantizes the fused ``model_optimized.onnx`` through :mod:`calibration.fused`:
+fused Attention becomes ``QAttention``, every other weight MatMul a u8 x s8 QDQ pair onnxruntime runs as
+``MatMulIntegerToFloat``, and Softmax, LayerNorm, GELU, residual sums and embeddings stay float. The ``unfused``
+route quantizes ``model.onnx`` with onnxruntime's ``quantize_static`` (the ``cpu-avx512-vnni-unfused`` preset;
+entropy and percentile calibration always run there), leaving MatMul outputs float: re-quantizing them loses
+accuracy (docs/decisions/0004-int8-float-outputs.md). Then the accuracy search (:mod:`calibration.search`) puts
+the most harmful nodes back in FP32 until the task metric holds.
 """
 
 from __future__ import annotations
@@ -85,12 +78,9 @@ class QuantizationConfig:
             per tensor by measured error, 0 turns smoothing off.
         per_token_ffn: fused graph: quantize the input of the FFN output MatMul (the GELU/ReLU output) with one
             scale per token computed at run time instead of one static range (default True; see
-            ``calibration.fused._per_token_matmul``). Measured side by side on MiniLM: cosine 0.9988 vs 0.9983,
-            top-1 agreement 0.944 vs 0.910, classification-head argmax agreement 1.000 vs 0.958, block-pruned
-            MiniLM with no node back in FP32 (3 before); latency 0.49x / 0.51x of FP32 vs 0.47x / 0.48x.
+            ``calibration.fused._per_token_matmul`` and docs/decisions/0003-per-token-ffn-output.md).
         bias_correction: fused graph: add each INT8 node's mean output error on the calibration rows back into
-            the bias that follows it (default True; ``calibration.fused.bias_corrections``). Measured on MiniLM
-            over 289 held-out texts: 1 - cosine 0.00078 vs 0.00084; at no cost at run time.
+            the bias that follows it (default True; ``calibration.fused.bias_corrections``; free at run time).
         weight_rounding: fused graph: ``gptq`` (default) rounds each node's int8 weights by GPTQ against
             ``X^T X`` of its calibration inputs, 256 real tokens of every batch (``calibration.fused._gptq``: the
             rounding that minimises the node's product error on real inputs), ``nearest`` rounds each weight to
@@ -110,8 +100,7 @@ class QuantizationConfig:
         max_accuracy_drop: allowed task-metric drop as a fraction (default 0.01 = 1%) when ``quantize_model``
             gets validation batches; see :mod:`calibration.metrics` for the bars it sets per task.
         search_ranking_batches: held-out batches used to rank node harm in the search (default 8).
-        search_budget_s: wall-clock seconds the accuracy search may take (default 300: the paired search took 71 s
-            on the seed-000-shaped BERT-base beside other work, 11 evaluations). When they run out, the
+        search_budget_s: wall-clock seconds the accuracy search may take (default 300). When they run out, the
             nodes not yet ranked go back to FP32 together, or, once ranking is done, every node not yet tried
             does; one evaluation then records the scores, and the report says ``budget_reached`` and why each node
             stayed FP32.

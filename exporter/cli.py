@@ -45,17 +45,42 @@ def _choices(option: Option) -> Sequence[str] | None:
     return option.choices
 
 
+SUBCOMMANDS = """subcommands:
+  export-model [export] [flags]        load, compact, export, fuse, quantize, check and package (the default)
+  export-model verify DIR [flags]      check an artifact: signature or digest, hashes, unlisted files, parity
+  export-model run DIR --input FILE    run an artifact on JSONL rows, one JSON line out per row
+  export-model sign DIR --key PEM      sign an artifact's manifest
+see `export-model SUBCOMMAND --help`; every flag: docs/cli.md"""
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("export-model")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _shown(default: object) -> str:
+    if isinstance(default, tuple):
+        return ",".join(map(str, default))
+    return str(default).lower() if isinstance(default, bool) else str(default)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from exporter.config import OPTIONS, field_default
 
     parser = Parser(
         prog="export-model",
         description="Compact, export, fuse, quantize and verify a BERT-family checkpoint as a deployable ONNX artifact.",
+        epilog=SUBCOMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"export-model {_version()}")
     for option in OPTIONS:
         default = field_default(option.field)
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": option.field,
-                                  "help": f"{option.help} (default: {default!r})"}
+        shown = "" if "default" in option.help or default in (None, "") else f" (default: {_shown(default)})"
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": option.field, "help": option.help + shown}
         if isinstance(default, bool):
             kwargs["action"] = "store_true"
         else:
@@ -132,8 +157,13 @@ def _never_read_stdin() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--reference"]:
+        sys.stdout.write(reference_markdown())
+        return 0
     _never_read_stdin()
     quiet_onnxruntime()  # no telemetry from this process or its children (graphs/core/telemetry.py)
+    if argv[:1] == ["export"]:  # the explicit form of the default subcommand
+        argv = argv[1:]
     if argv[:1] == ["verify"]:
         from exporter.runtime.cli import verify_main
 
@@ -186,6 +216,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"parity: {', '.join(passed)}")
     print(f"total wall time: {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def reference_markdown() -> str:
+    """docs/cli.md: every subcommand's flags, generated from the parsers (tests/test_docs.py keeps the file in
+    sync; regenerate with `python -m exporter.cli --reference > docs/cli.md`)."""
+    from exporter.runtime.cli import run_parser, sign_parser, verify_parser
+
+    lines = ["# Command-line reference", "", "Generated from the parsers by `python -m exporter.cli --reference`; "
+             "`tests/test_docs.py` fails when it is out of date.", "", "```", SUBCOMMANDS, "```"]
+    for title, parser in (("export-model [export]", build_parser()), ("export-model verify", verify_parser()),
+                          ("export-model run", run_parser()), ("export-model sign", sign_parser())):
+        lines += ["", f"## {title}", "", (parser.description or "").strip(), "", "| flag | value | meaning |",
+                  "| --- | --- | --- |"]
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flag = ", ".join(action.option_strings) or action.dest
+            value = "" if action.nargs == 0 else (
+                " \\| ".join(map(str, action.choices)) if action.choices else str(action.metavar or action.dest.upper()))
+            meaning = (action.help or "").replace("|", "\\|")
+            lines.append(f"| `{flag}` | {value} | {meaning} |")
+    return "\n".join(lines) + "\n"
 
 
 def run() -> None:

@@ -17,7 +17,7 @@ What moving to ``dynamo=True`` (``torch.export`` + onnxscript) would take:
   ``scaled_dot_product_attention`` pieces, ``Expand``/``Where`` masks), opset 18+, with node names from the FX
   graph (``node_MatMul_12``) instead of module scopes, and the exporter's own optimizer folds constants and may
   merge the per-layer Reshape shape into a single initializer. onnxruntime 1.31's ``optimize_model`` does not fuse
-  these graphs (FACTS.md): fusion would move to ``onnxscript.rewriter.ort_fusions`` (``optimize_for_ort`` /
+  these graphs (onnxruntime targets TorchScript-exported graphs): fusion would move to ``onnxscript.rewriter.ort_fusions`` (``optimize_for_ort`` /
   ``fuse_xformers``), whose Attention/MultiHeadAttention rules and head-count detection need checking per layer
   for uneven heads, and our own passes (``graphs.fuse_distilbert_attention``, ``fuse_nonorm_attention``,
   ``fold_nonorm``, ``residual_sum``, ``inspection.attention_nodes``' layer mapping) would need the new patterns.

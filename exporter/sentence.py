@@ -88,7 +88,7 @@ def torch_pool(tokens: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> to
     def at(index: torch.Tensor) -> torch.Tensor:
         return torch.gather(tokens, 1, index.to(torch.long).view(-1, 1, 1).expand(-1, 1, hidden)).squeeze(1)
 
-    flags = mask.to(torch.int32)  # argmax over int64 does not export to onnxruntime (its issue 10068)
+    flags = mask.to(torch.int32)  # argmax over int64 does not export to onnxruntime (microsoft/onnxruntime#10068)
     parts = []
     for mode in pooling.modes:
         if mode == "cls_token":

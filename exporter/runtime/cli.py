@@ -62,9 +62,9 @@ def trust_from(args: argparse.Namespace) -> Trust:
     return Trust(tuple(Path(p) for p in args.public_key), args.digest, args.require_signature)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def run_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description="Run an artifact on the rows of a JSONL file: one JSON line per row "
-                     "on stdout (needs only onnxruntime, numpy and tokenizers).")
+                     "on stdout, streamed (needs only onnxruntime, numpy, tokenizers and cryptography).")
     parser.add_argument("folder", help="artifact folder written by export-model")
     parser.add_argument("--input", required=True, metavar="FILE.jsonl",
                         help='rows {"text": ...} or, for question answering, {"question": ..., "context": ...} '
@@ -179,7 +179,7 @@ def _execute(args: argparse.Namespace) -> int:
 def run_main(argv: Sequence[str]) -> int:
     """The `run` subcommand; returns the exit code (0; 2 bad input; 3 an artifact that does not match what it
     claims, or hit a limit; 1 only for a bug of this tool)."""
-    args = build_parser().parse_args(argv)
+    args = run_parser().parse_args(argv)
     if args.batch_size < 1 or args.max_answer_length < 1:
         print(f"{PROG}: error: --batch-size and --max-answer-length must be >= 1", file=sys.stderr)
         return 2
@@ -225,9 +225,7 @@ def guarded(prog: str, debug: bool, work: Any) -> int:
     return code
 
 
-def verify_main(argv: Sequence[str]) -> int:
-    """`export-model verify DIR`: 0 when the trust anchors, hashes and parity hold; 3 when not (or a limit was
-    hit); 2 for bad input. Runs in a bounded child process (exporter/runtime/sandbox.py)."""
+def verify_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="export-model verify", description="Check an artifact: its signature or pinned digest "
                      "(when given), every file against the manifest, no unlisted files, and parity re-run from its "
                      "stored reference inputs and outputs.")
@@ -238,6 +236,13 @@ def verify_main(argv: Sequence[str]) -> int:
     parser.add_argument("--time-limit", type=sandbox.positive_seconds, default=900.0, metavar="SECONDS",
                         help="wall-clock limit of the whole check (default: 900)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def verify_main(argv: Sequence[str]) -> int:
+    """`export-model verify DIR`: 0 when the trust anchors, hashes and parity hold; 3 when not (or a limit was
+    hit); 2 for bad input. Runs in a bounded child process (exporter/runtime/sandbox.py)."""
+    parser = verify_parser()
     args = parser.parse_args(argv)
     if not sandbox.in_child():
         return sandbox.run_bounded("verify", list(argv), "export-model verify", args.memory_limit, args.time_limit,
@@ -263,13 +268,18 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def sign_main(argv: Sequence[str]) -> int:
-    """`export-model sign DIR --key private.pem`: write DIR/manifest.sig (exporter/runtime/signing.py)."""
+def sign_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="export-model sign", description="Check an artifact against its manifest, then sign the "
                      "manifest (which lists every file's sha256) with a private key: DIR/manifest.sig.")
     parser.add_argument("folder", help="artifact folder written by export-model")
     parser.add_argument("--key", required=True, metavar="PEM", help="Ed25519 or ECDSA private key (unencrypted PEM)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def sign_main(argv: Sequence[str]) -> int:
+    """`export-model sign DIR --key private.pem`: write DIR/manifest.sig (exporter/runtime/signing.py)."""
+    parser = sign_parser()
     args = parser.parse_args(argv)
     def sign() -> int:
         from exporter.runtime.signing import load_private_key, sign_artifact
