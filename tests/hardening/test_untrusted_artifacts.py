@@ -395,7 +395,16 @@ def test_run_streams_rows_one_batch_at_a_time(artifact: Path, tmp_path: Path) ->
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
                                env=child_env(), stdin=subprocess.DEVNULL)
     try:
-        with open(fifo, "w", encoding="utf-8") as writer:
+        deadline = time.monotonic() + 90
+        while True:  # the writer end opens once run opens the FIFO for reading (a run that never does fails here)
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline, "run never opened the FIFO"
+                time.sleep(0.1)
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "w", encoding="utf-8") as writer:
             writer.write("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
             writer.flush()
             ready, _, _ = select.select([process.stdout], [], [], 90)
