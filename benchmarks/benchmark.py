@@ -236,7 +236,7 @@ def _dense_bert_base(work: Path, task: str) -> Path:
     folder.mkdir()
     export_onnx(checkpoint.model, arch, task, folder / "model.onnx")
     plan = GraphPlan(compaction.heads_per_layer, arch.hidden_size(hf_config), arch.name, checkpoint.layer_norm,
-                     arch.activation_name(hf_config))
+                     arch.activation_name(hf_config), arch.attention_pass(checkpoint.layer_norm))
     fuse_graph(folder / "model.onnx", folder / "model_optimized.onnx", plan, FusionConfig())
     return folder / "model_optimized.onnx"
 

@@ -45,7 +45,8 @@ class ExportConfig:
     latency: what the latency stage measures, per file and provider: "quick" (default) batch 1 and 8 at
         sequence 128 and batch 1 at `max_length`, with peak memory at batch 8; "full" adds batch 2 and 4, one
         thread per session at batch 1 and 8, and the CPU throughput modes (about 4x the time). The manifest's
-        `latency.mode` and `latency.shapes` say what was measured.
+        `latency.mode` and `latency.shapes` say what was measured; "off" skips the stage (the manifest's
+        `latency` is empty and `run` picks the fused FP32 graph by default).
     """
 
     model: str | None = None
@@ -191,7 +192,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--eval-fields", "eval_fields", "rename eval-data fields, e.g. 'text=sentence,label=intent' (keys: "
            "text, text_pair, label | question, context, answers | tokens, tags | sentence1, sentence2, score)"),
     Option("--latency", "latency", "what the latency stage measures: quick (batch 1 and 8 at 128 tokens, batch 1 at "
-           "--max-length) or full (also batch 2 and 4, one thread per session, throughput modes)", ("quick", "full")),
+           "--max-length), full (also batch 2 and 4, one thread per session, throughput modes) or off",
+           ("quick", "full", "off")),
     Option("--eval-batch-size", "eval_batch_size", "texts per model call when evaluating (latency is per call)"),
     Option("--providers", "parity.providers", "execution providers for parity, comma-separated (cpu, cuda, ...)"),
 )

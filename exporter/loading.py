@@ -282,7 +282,7 @@ def check_config_values(path: Path, config: Any, architecture: Architecture) -> 
     hidden, heads = architecture.hidden_size(config), architecture.num_heads(config)
     if hidden % heads:
         raise CheckpointError(f"{where}: hidden size {hidden} is not a multiple of the {heads} attention heads: {fix}")
-    activation = getattr(config, "activation" if architecture.name == "distilbert" else "hidden_act", None)
+    activation = getattr(config, architecture.activation_key, None)
     if not isinstance(activation, str) or activation not in transformers.activations.ACT2FN:
         raise CheckpointError(
             f"{where}: activation {activation!r} is not one transformers knows (gelu, gelu_new, relu, silu, ... "

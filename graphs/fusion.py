@@ -23,8 +23,10 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -36,6 +38,13 @@ from graphs.fuse_distilbert_attention import fuse_distilbert_attention
 from graphs.fuse_nonorm_attention import fuse_nonorm_attention
 from graphs.fuse_relu_gemm import fuse_relu_gemm
 from graphs.residual_sum import sum_residuals
+
+#: The project's own attention passes, by the name a family's file gives (``Architecture.attention_pass``): each
+#: fuses the attention onnxruntime's optimizer cannot match and returns the layers it fused.
+ATTENTION_PASSES: dict[str, Callable[[Any], list[int]]] = {
+    "distilbert": fuse_distilbert_attention,  # q / sqrt(d) before the scores, masked_fill mask
+    "nonorm": fuse_nonorm_attention,  # no LayerNorm to anchor the match on
+}
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +69,14 @@ class GraphPlan:
     """Surviving attention heads of each encoder layer, in order (each at least 1)."""
     hidden_size: int
     architecture: str
-    """``"bert"``, ``"roberta"`` or ``"distilbert"``."""
+    """The family's name, for reports (``"bert"``, ``"roberta"``, ``"distilbert"``, ...)."""
     layer_norm: str = "layer_norm"
     """``"layer_norm"`` (default) or ``"no_norm"``."""
     activation: str = "gelu"
     """The config's ``hidden_act`` (default ``"gelu"``), e.g. ``"relu"``."""
+    attention_pass: str | None = None
+    """The project's own attention fusion the family needs after onnxruntime's (a key of
+    :data:`ATTENTION_PASSES`), chosen by the family's file (``Architecture.attention_pass``); None: none."""
 
 
 @dataclass(frozen=True)
@@ -196,10 +208,8 @@ def fuse_graph(
         optimization_options=options,
         opt_level=0,
     )
-    if plan.architecture == "distilbert":
-        fuse_distilbert_attention(optimizer)
-    elif plan.layer_norm == "no_norm":
-        fuse_nonorm_attention(optimizer)
+    if plan.attention_pass is not None:
+        ATTENTION_PASSES[plan.attention_pass](optimizer)
     layers = len(plan.heads_per_layer)
     rewrites: dict[str, tuple[int, int]] = {}  # report name: (done, expected)
     if plan.layer_norm == "no_norm":

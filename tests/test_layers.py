@@ -32,7 +32,8 @@ HEAVY = {"torch", "transformers", "onnx", "onnxscript", "optimum", "sentence_tra
 # the traced export, the PyTorch reference outputs and the divergence localizer; the command line only sets
 # transformers' log level.
 TORCH_SIDE = {"exporter.weights", "exporter.loading", "exporter.sentence", "exporter.compaction",
-              "exporter.export_forward", "exporter.onnx_export", "exporter.reference", "exporter.divergence",
+              "exporter.export_forward", "exporter.forward_parts", "exporter.onnx_export", "exporter.reference",
+              "exporter.divergence",
               "exporter.cli"}
 STDLIB = set(sys.stdlib_module_names)
 

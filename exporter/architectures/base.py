@@ -77,8 +77,10 @@ class Architecture:
     def hidden_size(self, config: Any) -> int:
         return int(config.hidden_size)
 
+    activation_key: ClassVar[str] = "hidden_act"  # the config field naming the feed-forward activation
+
     def activation_name(self, config: Any) -> str:
-        return str(config.hidden_act)
+        return str(getattr(config, self.activation_key))
 
     def max_positions(self, config: Any) -> int:
         return int(config.max_position_embeddings)
@@ -139,6 +141,24 @@ class Architecture:
                 )
             )
         return views
+
+    # --- export forward and fusion (exporter/export_forward.py, graphs/fusion.py) -----------------------------
+    def export_patches(self, model: nn.Module, heads: tuple[int, ...],
+                       own_activation: Callable[[object], None]) -> list[tuple[nn.Module, Callable[..., Any]]]:
+        """(module, forward) for the base model, its embeddings, every layer's parts and the pooler, in model
+        order: the family's own forward for the trace (see exporter/export_forward.py). `heads`: each layer's
+        head count; `own_activation(module)` asks for the project's activation forward on `module`."""
+        raise NotImplementedError
+
+    def classification_head(self, model: nn.Module) -> tuple[tuple[str, ...], Callable[..., Any]] | None:
+        """The family's own text-classification head (the Linear names it needs, its forward), or None where
+        the generic heads (pooled, or a dense + out_proj head) apply."""
+        return None
+
+    def attention_pass(self, layer_norm: str) -> str | None:
+        """The project's own attention fusion pass this family needs after onnxruntime's (a name in
+        ``graphs.fusion.ATTENTION_PASSES``), or None."""
+        return "nonorm" if layer_norm == "no_norm" else None
 
     def class_name(self, task: str) -> str:
         suffix = {

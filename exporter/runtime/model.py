@@ -224,11 +224,11 @@ class Runtime:
         model_max = settings.get("model_max_length")
         if isinstance(model_max, (int, float)) and 0 < model_max < 1e6:
             limits.append(int(model_max))
-        positions = self.config.get("max_position_embeddings")
-        if isinstance(positions, int) and positions > 0:
-            # RoBERTa-style position ids start after the padding index: 514 positions hold 512 tokens.
-            offset = 2 if self.config.get("model_type") in ("roberta", "xlm-roberta", "camembert") else 0
-            limits.append(positions - offset)
+        tokens = self.manifest.get("max_tokens")  # what the positions hold, recorded by the family at export
+        if not (isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0):
+            tokens = self.config.get("max_position_embeddings")  # an artifact from before the field
+        if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0:
+            limits.append(tokens)
         if self.task == "feature-extraction" and st_max_length is not None and st_max_length > 0:
             limits.append(st_max_length)
         self.max_length = max(1, min(min(limits) if limits else 512, 8192))

@@ -134,7 +134,8 @@ def test_export_fuses_per_layer_heads_and_matches_torch(
     assert layer_heads(model, arch) == EXPECTED_HEADS
     export_onnx(model, arch, task, tmp_path / "model.onnx")
     plan = GraphPlan(EXPECTED_HEADS, HIDDEN, architecture, layer_norm=layer_norm,
-                     activation="relu" if layer_norm == "no_norm" else "gelu")
+                     activation="relu" if layer_norm == "no_norm" else "gelu",
+                     attention_pass=architecture_for(architecture).attention_pass(layer_norm))
     report = fuse_graph(tmp_path / "model.onnx", tmp_path / "model_optimized.onnx", plan)
     fused = onnx.load(str(tmp_path / "model_optimized.onnx"))
     nodes = inspection.attention_nodes(fused)

@@ -109,7 +109,6 @@ def test_signed_verify_in_a_venv_without_torch(deploy_venv: Path, tmp_path: Path
     --require-signature."""
     import hashlib
 
-    import exporter.pipeline
     from exporter.cli import main
     from tests.checkpoints import changed_copy
     from tests.exporter.test_loading import tiny_bert
@@ -117,10 +116,8 @@ def test_signed_verify_in_a_venv_without_torch(deploy_venv: Path, tmp_path: Path
 
     private, public = write_key_pair(tmp_path / "keys")
     artifact = tmp_path / "signed"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(exporter.pipeline, "measure_files", lambda *args, **kwargs: {})
-        assert main(["--model", str(tiny_bert(tmp_path / "ckpt", max_position_embeddings=64)), "--output",
-                     str(artifact), "--calibration-samples", "8", "--sign-key", str(private)]) == 0
+    assert main(["--model", str(tiny_bert(tmp_path / "ckpt", max_position_embeddings=64)), "--output",
+                 str(artifact), "--calibration-samples", "8", "--sign-key", str(private), "--latency", "off"]) == 0
     key = ["--public-key", str(public), "--require-signature"]
     done = _in(deploy_venv, "export-model", "verify", str(artifact), *key)
     assert done.returncode == 0 and "trust: signature by key" in done.stdout, done.stdout + done.stderr[-2000:]

@@ -34,15 +34,11 @@ def write_key_pair(folder: Path, kind: str = "ed25519") -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(an artifact exported with --sign-key, its public key, an unsigned artifact of the same checkpoint)."""
-    import exporter.pipeline
-
     root = tmp_path_factory.mktemp("signing")
     private, public = write_key_pair(root / "keys")
     checkpoint = tiny_bert(root / "ckpt", max_position_embeddings=64)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(exporter.pipeline, "measure_files", lambda *args, **kwargs: {})
-        assert main(["--model", str(checkpoint), "--output", str(root / "signed"), "--calibration-samples", "8",
-                     "--sign-key", str(private)]) == 0
+    assert main(["--model", str(checkpoint), "--output", str(root / "signed"), "--calibration-samples", "8",
+                 "--sign-key", str(private), "--latency", "off"]) == 0
     unsigned = Path(shutil.copytree(root / "signed", root / "unsigned"))
     (unsigned / "manifest.sig").unlink()
     return root / "signed", public, unsigned

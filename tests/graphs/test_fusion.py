@@ -137,7 +137,8 @@ def _build(kind: str, directory: Path) -> Exported:
     layers = model.config.num_hidden_layers
     path = directory / f"{kind}.onnx"
     _export(model, path, names)
-    plan = GraphPlan(_heads_left(pruned, layers), HIDDEN, arch, layer_norm=layer_norm, activation=activation)
+    plan = GraphPlan(_heads_left(pruned, layers), HIDDEN, arch, layer_norm=layer_norm, activation=activation,
+                     attention_pass=architecture_for(arch).attention_pass(layer_norm))
     return Exported(model.eval(), path, plan, names)
 
 

@@ -40,11 +40,16 @@ def partial_siblings(output: Path) -> list[str]:
     return sorted(p.name for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.partial-"))
 
 
+class _OPTIONS:
+    latency_off = False
+
+
 def run_cli(argv: list[str], output: Path, capsys: pytest.CaptureFixture) -> Run:
     """main(argv + --output), with argparse's SystemExit turned into its code; stderr captured."""
     capsys.readouterr()
+    extra = ["--latency", "off"] if _OPTIONS.latency_off and "--latency" not in argv else []
     try:
-        code = main([*argv, "--output", str(output)])
+        code = main([*argv, *extra, "--output", str(output)])
     except SystemExit as exit_:
         code = int(exit_.code or 0)
     return Run(code, capsys.readouterr().err, output)
@@ -79,10 +84,9 @@ def checkpoint(base_checkpoint: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def no_latency(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Skip the latency stage (about 10 s of timing loops that no hardening case depends on)."""
-    import exporter.pipeline
-
-    monkeypatch.setattr(exporter.pipeline, "measure_files", lambda *args, **kwargs: {})
+    """Skip the latency stage (about 10 s of timing loops that no hardening case depends on) the way a user
+    would: `--latency off`, added by `run_cli` while this fixture is active."""
+    monkeypatch.setattr(_OPTIONS, "latency_off", True)
 
 
 def edit_config(folder: Path, edit: Callable[[dict], object]) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporter.pipeline import move_in_place
+from exporter.workspace import move_in_place
 from tests.hardening.conftest import assert_refused, partial_siblings, run_cli
 
 
