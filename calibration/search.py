@@ -41,300 +41,32 @@ one onnxruntime session exists at a time.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
 from calibration.metrics import TaskMetric, failures, relative_error
+from calibration.probe import paired_errors
+from calibration.search_core import (  # noqa: F401  (the search's public names, in one place)
+    STRATEGIES,
+    Batch,
+    FallbackStep,
+    SearchReport,
+    cpu_session,
+    drop_unused_initializers,
+    evaluate,
+    fall_back,
+    is_large,
+    quantized_nodes,
+)
 from graphs.core.errors import QuantizationError
 from graphs.core.progress import bar
-from graphs.core.sessions import open_session
 
 logger = logging.getLogger(__name__)
-
-Batch = Mapping[str, np.ndarray]
-
-_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
-STRATEGIES = ("paired", "leave-one-out")
-"""How the search ranks and falls back (see module doc)."""
-MASK_INPUT = "attention_mask"
-PROTO_LIMIT = 1_900_000_000  # protobuf cannot serialize 2 GB; larger graphs go through a temporary file
-
-
-def is_large(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` must be saved with external data: past protobuf's limit, or loaded without its external
-    data (``load_external_data=False``)."""
-    return model.ByteSize() > PROTO_LIMIT or any(
-        init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
-
-
-@dataclass
-class FallbackStep:
-    """One node put back in FP32: its harm from the ranking trial (None: not ranked before the time budget ran
-    out), the task scores after the step, and why it went back."""
-
-    node: str
-    op_type: str
-    harm: float | None
-    scores: dict[str, float]
-    reason: str = "most harmful node left"
-
-
-@dataclass
-class SearchReport:
-    """What :func:`search_fallback` measured and decided; ``to_dict()`` goes into the manifest.
-
-    ``harm`` maps every ranked quantized node to its harm (``leave-one-out``: the drop in relative error when it
-    alone is FP32; ``paired``: its own INT8 output's relative squared error), empty when the fully quantized graph
-    already met the bars and no ranking was needed. ``budget_reached``: None, or the phase ("ranking" /
-    "falling back" / ``paired``: "refining") in which ``budget_s`` ran out.
-    """
-
-    metric: str
-    max_accuracy_drop: float
-    bars: dict[str, float]
-    scores_before: dict[str, float]
-    scores_after: dict[str, float]
-    fallbacks: list[FallbackStep] = field(default_factory=list)
-    harm: dict[str, float] = field(default_factory=dict)
-    validation_batches: int = 0
-    validation_examples: int = 0
-    ranking_batches: int = 0
-    evaluations: int = 0
-    seconds: float = 0.0
-    budget_s: float | None = None
-    budget_reached: str | None = None
-    strategy: str = "leave-one-out"
-    trials: list[dict[str, Any]] = field(default_factory=list)
-    """``paired``: each fallback trial, ``{"fallen": k, "phase": ..., "scores": ..., "met": bool}`` in the order
-    measured: k nodes back in FP32; phase "prefix" (the first k of the ranking), "refine" (a subset of the
-    passing prefix) or "all back" (the budget ran out before a passing prefix)."""
-
-    @property
-    def fallback_nodes(self) -> list[str]:
-        return [step.node for step in self.fallbacks]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"fallback_nodes": self.fallback_nodes}
-
-
-def quantized_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of compute nodes that read a DequantizeLinear output (the nodes onnxruntime runs in INT8)."""
-    dequantized = {out for node in model.graph.node if node.op_type == "DequantizeLinear" for out in node.output}
-    return [
-        node.name
-        for node in model.graph.node
-        if node.op_type not in _QDQ_OPS and any(name in dequantized for name in node.input)
-    ]
-
-
-def fall_back(
-    quantized: onnx.ModelProto, float_model: onnx.ModelProto, nodes: Iterable[str]
-) -> onnx.ModelProto:
-    """A copy of ``quantized`` in which ``nodes`` read their FP32 inputs again (see module doc).
-
-    Node names are matched between the two graphs (onnxruntime's QDQ quantizer keeps them); float weights
-    are copied from ``float_model``. Raises ``QuantizationError`` for a name found in only one graph.
-    """
-    model = copy.deepcopy(quantized)
-    float_inputs = {node.name: list(node.input) for node in float_model.graph.node}
-    float_weights = {init.name: init for init in float_model.graph.initializer}
-    by_name = {node.name: node for node in model.graph.node}
-    present = {init.name for init in model.graph.initializer}
-    for name in nodes:
-        if name not in by_name or name not in float_inputs:
-            raise QuantizationError(
-                f"cannot fall back node {name!r}: not in both the FP32 and the INT8 graph; "
-                f"pass names from calibration.search.quantized_nodes()"
-            )
-        node = by_name[name]
-        for index, original in enumerate(float_inputs[name]):
-            if index < len(node.input) and node.input[index] != original:
-                node.input[index] = original
-                if original in float_weights and original not in present:
-                    model.graph.initializer.append(float_weights[original])
-                    present.add(original)
-    _remove_dead_qdq(model)
-    return model
-
-
-def _remove_dead_qdq(model: onnx.ModelProto) -> None:
-    """Drop Q/DQ nodes whose outputs nothing reads, then initializers nothing reads (to a fixed point)."""
-    graph_outputs = {output.name for output in model.graph.output}
-    while True:
-        used = {name for node in model.graph.node for name in node.input} | graph_outputs
-        dead = [
-            node
-            for node in model.graph.node
-            if node.op_type in _QDQ_OPS and not any(out in used for out in node.output)
-        ]
-        if not dead:
-            break
-        for node in dead:
-            model.graph.node.remove(node)
-    drop_unused_initializers(model)
-
-
-def drop_unused_initializers(model: onnx.ModelProto) -> None:
-    """Remove initializers that no node reads and that are not graph outputs."""
-    used = {name for node in model.graph.node for name in node.input} | {output.name for output in model.graph.output}
-    keep = [init for init in model.graph.initializer if init.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-
-
-SERIALIZE_LIMIT = 64 << 20
-"""Graphs larger than this (64 MiB) reach onnxruntime through a file in the work folder rather than as bytes, so a
-serialized copy does not sit in memory beside the session while it is built (BERT-base and up)."""
-
-
-def cpu_session(model: onnx.ModelProto, work: Path) -> Any:
-    """A quiet CPU onnxruntime session on ``model``; graphs past protobuf's 2 GB limit go through ``work`` with
-    external data, graphs past :data:`SERIALIZE_LIMIT` through a file in ``work``."""
-    size = model.ByteSize()
-    if size > SERIALIZE_LIMIT:
-        path = work / "candidate.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=size > PROTO_LIMIT)
-        return open_session(path)
-    return open_session(model.SerializeToString())
-
-
-def evaluate(model: onnx.ModelProto, batches: Sequence[Batch], metric: TaskMetric) -> list[np.ndarray]:
-    """Run ``model`` on ``batches`` with onnxruntime (CPU) and return the metric's summary of each batch.
-
-    Feeds the graph does not declare (e.g. ``token_type_ids`` for a model without it) are dropped.
-    """
-    with tempfile.TemporaryDirectory(prefix="export-model-search-") as work:
-        session = cpu_session(model, Path(work))
-        names = {graph_input.name for graph_input in session.get_inputs()}
-        summaries = []
-        for feeds in batches:
-            inputs = {name: value for name, value in feeds.items() if name in names}
-            summaries.append(metric.summarize(session.run(None, inputs), feeds))
-    return summaries
-
-
-def _tensors(model: onnx.ModelProto) -> set[str]:
-    graph = model.graph
-    return ({i.name for i in graph.input} | {i.name for i in graph.initializer}
-            | {out for node in graph.node for out in node.output})
-
-
-def probe_graph(
-    float_model: onnx.ModelProto, quantized: onnx.ModelProto, nodes: Sequence[str],
-    shifts: Mapping[str, np.ndarray] | None = None, inplace: bool = False,
-) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
-    """The FP32 graph with each of ``nodes``' INT8 form from ``quantized`` beside it, reading the same float input.
-
-    ``float_model`` and ``quantized`` share tensor and node names (the FP32 twin and the INT8 graph of one plan).
-    For each node, the INT8 *island* is what ``quantized`` computes the node's first output from: the nodes reached
-    backwards from its producer until tensors that ``float_model`` also has (the float activation, shared
-    biases, the mask). The island is copied with every tensor it makes renamed, so it reads the FP32 graph's
-    activation and its output sits beside the FP32 output. ``shifts[node]`` (bias correction: what the INT8
-    graph adds to the bias after the node) is added to the INT8 output. The probe's outputs are, per node,
-    the squared error and the squared FP32 value summed over the last axis (``[batch, seq]`` for token outputs),
-    so a run returns a few numbers per token, not activations. Returns the probe and ``{node: (error output,
-    reference output)}``. ``inplace``: the probe is ``float_model`` itself, changed (no copy of the weights).
-    """
-    known = _tensors(float_model)
-    probe = float_model if inplace else copy.deepcopy(float_model)
-    producer = {out: node for node in quantized.graph.node for out in node.output}
-    position = {id(node): index for index, node in enumerate(quantized.graph.node)}
-    q_inits = {init.name: init for init in quantized.graph.initializer}
-    float_nodes = {node.name: node for node in float_model.graph.node}
-    opset = next((o.version for o in probe.opset_import if o.domain in ("", "ai.onnx")), 17)
-    copied: set[str] = set()
-    outputs: dict[str, tuple[str, str]] = {}
-    del probe.graph.output[:]
-    for index, name in enumerate(nodes):
-        if name not in float_nodes:
-            raise QuantizationError(f"cannot probe node {name!r}: not in the FP32 graph")
-        target = float_nodes[name].output[0]
-        if target not in producer:
-            raise QuantizationError(f"cannot probe node {name!r}: the INT8 graph does not compute {target!r}")
-        island, stack, seen = [], [producer[target]], set()
-        while stack:
-            node = stack.pop()
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            island.append(node)
-            stack += [producer[i] for i in node.input if i and i not in known and i in producer]
-        tag = f"__probe{index}"
-        made = {out for node in island for out in node.output}
-        rename = {tensor: tensor + tag for tensor in made}
-        for node in sorted(island, key=lambda n: position[id(n)]):
-            twin = copy.deepcopy(node)
-            twin.name = node.name + tag
-            for slot, tensor in enumerate(twin.input):
-                if tensor in rename:
-                    twin.input[slot] = rename[tensor]
-                elif tensor and tensor not in known and tensor in q_inits and tensor not in copied:
-                    probe.graph.initializer.append(q_inits[tensor])
-                    copied.add(tensor)
-            for slot, tensor in enumerate(twin.output):
-                twin.output[slot] = rename.get(tensor, tensor + tag)
-            probe.graph.node.append(twin)
-        estimate = rename[target]
-        if shifts and name in shifts:
-            shift = f"{name}{tag}_shift"
-            probe.graph.initializer.append(numpy_helper.from_array(np.asarray(shifts[name], np.float32), shift))
-            probe.graph.node.append(helper.make_node("Add", [estimate, shift], [estimate + "_shifted"]))
-            estimate += "_shifted"
-        probe.graph.node.append(helper.make_node("Sub", [estimate, target], [f"{name}{tag}_difference"]))
-        pair = (f"{name}{tag}_error", f"{name}{tag}_reference")
-        for source, out in ((f"{name}{tag}_difference", pair[0]), (target, pair[1])):
-            if opset >= 18:
-                axes = f"{out}_axes"
-                probe.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), axes))
-                probe.graph.node.append(helper.make_node("ReduceSumSquare", [source, axes], [out], keepdims=0))
-            else:
-                probe.graph.node.append(helper.make_node("ReduceSumSquare", [source], [out], axes=[-1], keepdims=0))
-            probe.graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
-        outputs[name] = pair
-    for opset_id in quantized.opset_import:
-        if opset_id.domain and not any(o.domain == opset_id.domain for o in probe.opset_import):
-            probe.opset_import.append(opset_id)
-    return probe, outputs
-
-
-def paired_errors(
-    float_model: onnx.ModelProto, quantized: onnx.ModelProto, nodes: Sequence[str], batches: Sequence[Batch],
-    shifts: Mapping[str, np.ndarray] | None = None,
-) -> dict[str, float]:
-    """Each node's INT8 output error against its FP32 output on the same float input, from one run of
-    :func:`probe_graph` over ``batches``: ``sum |int8 - fp32|^2 / sum |fp32|^2`` over the real tokens (those
-    the ``attention_mask`` feed marks; every row where there is none or the output is not per token).
-    ``float_model`` is changed into the probe (pass a copy you do not need again)."""
-    probe, outputs = probe_graph(float_model, quantized, nodes, shifts, inplace=True)
-    del float_model
-    error = dict.fromkeys(nodes, 0.0)
-    reference = dict.fromkeys(nodes, 0.0)
-    with tempfile.TemporaryDirectory(prefix="export-model-probe-") as work:
-        session = cpu_session(probe, Path(work))
-        del probe
-        names = {graph_input.name for graph_input in session.get_inputs()}
-        order = [output.name for output in session.get_outputs()]
-        for feeds in batches:
-            values = dict(zip(order, session.run(None, {k: v for k, v in feeds.items() if k in names}), strict=True))
-            mask = feeds.get(MASK_INPUT)
-            for name, (err, ref) in outputs.items():
-                e, r = values[err], values[ref]
-                weight = mask.astype(np.float64) if mask is not None and mask.shape == e.shape else 1.0
-                error[name] += float(np.sum(e * weight))
-                reference[name] += float(np.sum(r * weight))
-    return {name: error[name] / max(reference[name], 1e-30) for name in nodes}
-
 
 def search_fallback(
     float_model: onnx.ModelProto,

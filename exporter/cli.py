@@ -35,11 +35,11 @@ def _choices(option: Option) -> Sequence[str] | None:
 
         return TASKS
     if option.field == "quantization.preset":
-        from calibration.quantize import PRESETS
+        from calibration.settings import PRESETS
 
         return sorted(PRESETS)
     if option.field == "quantization.method":
-        from calibration.quantize import METHODS
+        from calibration.settings import METHODS
 
         return sorted(METHODS)
     return option.choices

@@ -16,6 +16,7 @@ imported. Each check is also run on a copy of the tree with one deliberately bro
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,7 @@ HEAVY = {"torch", "transformers", "onnx", "onnxscript", "optimum", "sentence_tra
 # the traced export, the PyTorch reference outputs and the divergence localizer; the command line only sets
 # transformers' log level.
 TORCH_SIDE = {"exporter.weights", "exporter.loading", "exporter.sentence", "exporter.compaction",
-              "exporter.export_forward", "exporter.forward_parts", "exporter.onnx_export", "exporter.reference",
+              "exporter.export_forward", "exporter.forward_parts", "exporter.tokenizer_check", "exporter.onnx_export", "exporter.reference",
               "exporter.divergence",
               "exporter.cli"}
 STDLIB = set(sys.stdlib_module_names)
@@ -197,3 +198,29 @@ def test_the_blocked_import_check_fails_on_a_deliberately_broken_import(tmp_path
     path.write_text(path.read_text(encoding="utf-8") + "\nimport torch  # a deliberately broken import\n")
     done = import_deployment_side(root)
     assert done.returncode != 0 and "blocked by the test: torch" in done.stderr, done.stderr[-2000:]
+
+
+def _sources() -> list[Path]:
+    return [path for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))]
+
+
+def test_one_place_creates_onnxruntime_sessions() -> None:
+    """Every session is made by graphs/core/sessions.py (quiet, telemetry off, no silent CPU fallback)."""
+    makers = [str(path.relative_to(REPO)) for path in _sources()
+              if "InferenceSession(" in path.read_text(encoding="utf-8")]
+    assert makers == ["graphs/core/sessions.py"]
+
+
+def test_no_family_branches_outside_the_family_files() -> None:
+    """What differs per family lives in exporter/architectures/<family>.py; nobody else asks which family."""
+    branch = re.compile(r"architecture\.name\s*(==|!=|in\b)|\.architecture\s*==\s*[\"']|model_type[\"']?\)?\s*(==|in\b)")
+    found = [f"{path.relative_to(REPO)}:{number}" for path in _sources()
+             if "architectures" not in path.parts
+             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if branch.search(line)]
+    assert found == []
+
+
+def test_no_module_is_longer_than_a_reader_can_hold() -> None:
+    long = {str(path.relative_to(REPO)): n for path in _sources()
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > 520}
+    assert long == {}

@@ -65,3 +65,8 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     lines = str(error).strip().splitlines()
     line = lines[0] if lines else type(error).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """``error``'s whole message on one line (whitespace collapsed), cut to ``limit``; its type name if empty."""
+    return " ".join(str(error).split())[:limit] or type(error).__name__

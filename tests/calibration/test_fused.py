@@ -15,18 +15,10 @@ from onnxruntime.transformers.onnx_model import OnnxModel
 
 from calibration.corpus import builtin_texts, split_texts
 from calibration.data import TextCalibrationReader, sample_texts
-from calibration.fused import (
-    ActivationStats,
-    _emulated,
-    _gptq,
-    _quantize_weight,
-    find_targets,
-    foldable_attention,
-    plan_fused,
-    plan_inputs,
-)
+from calibration.fused import foldable_attention, plan_fused
 from calibration.metrics import EmbeddingMetric
 from calibration.quantize import QuantizationConfig, quantize_model
+from calibration.ranges import ActivationStats, _emulated, _gptq, _quantize_weight, find_targets, plan_inputs
 from graphs.fusion import FusionConfig, GraphPlan, fuse_graph
 from graphs.graph_view import GraphView
 from tests.calibration.conftest import tokenize
