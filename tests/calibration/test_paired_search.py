@@ -16,7 +16,8 @@ from calibration.corpus import builtin_texts, split_texts
 from calibration.data import TextCalibrationReader, sample_texts
 from calibration.fused import FusedPlan, plan_fused
 from calibration.metrics import failures
-from calibration.search import evaluate, paired_errors, probe_graph, search_fallback
+from calibration.probe import paired_errors, probe_graph
+from calibration.search import evaluate, search_fallback
 from graphs.core.errors import QuantizationError
 from graphs.fusion import FusionConfig, GraphPlan, fuse_graph
 from tests.calibration.conftest import tokenize
