@@ -60,6 +60,7 @@ from calibration.ranges import (
     _emulated,
     _smoothed_rows,
     collect_stats,
+    extra_attention_inputs,
     find_targets,
     int8_weights,
     plan_inputs,
@@ -218,6 +219,12 @@ def build_int8(
     quantized_inputs: dict[str, tuple[str, str, str]] = {}
     nodes, inits = [], []
     named = {node.name: node for node in model.graph.node}
+    for name in chosen:  # find_targets never offers these; a guard for callers that name nodes themselves
+        node = named.get(name)
+        dropped = extra_attention_inputs(node) if node is not None and node.op_type == "Attention" else []
+        if dropped:
+            raise QuantizationError(f"{name}: QAttention has no slot for its inputs {dropped}; it must stay float "
+                                    "(quantizing it would silently drop them)")
     for target, (reader, slot, shift) in (corrections or {}).items():
         if target in chosen:
             bias = named[reader].input[slot]

@@ -116,9 +116,21 @@ class InputPlan:
     ``-zero_point * scale``, the calibrated minimum, always fit)."""
 
 
+QATTENTION_INPUTS = 4
+"""Attention inputs QAttention carries over: input, weights, bias, mask_index."""
+
+
+def extra_attention_inputs(node: onnx.NodeProto) -> list[str]:
+    """The Attention inputs past the mask that are set (``past``, ``attention_bias``, ...): QAttention would drop
+    them."""
+    return [name for name in node.input[QATTENTION_INPUTS:] if name]
+
+
 def find_targets(model: onnx.ModelProto, op_types: Sequence[str], exclude: Sequence[str]) -> list[Target]:
     """Weight-bearing nodes of ``op_types`` ("Attention", "MatMul"); names matching an ``exclude`` pattern stay
-    float. Attention with ``qkv_hidden_sizes`` (unequal Q/K/V widths) stays float: QAttention lacks it."""
+    float. An Attention that QAttention cannot express stays float rather than lose something: unequal Q/K/V
+    widths (``qkv_hidden_sizes``), or any input past the mask (``past``, ``attention_bias``: MPNet's relative
+    position bias, a band mask), which QAttention has no slot for."""
     weights = {init.name: init for init in model.graph.initializer}
     patterns = [re.compile(pattern) for pattern in exclude]
     targets = []
@@ -127,7 +139,8 @@ def find_targets(model: onnx.ModelProto, op_types: Sequence[str], exclude: Seque
             continue
         if len(node.input) < 2 or node.input[1] not in weights or len(weights[node.input[1]].dims) != 2:
             continue
-        if node.op_type == "Attention" and any(a.name == "qkv_hidden_sizes" for a in node.attribute):
+        if node.op_type == "Attention" and (any(a.name == "qkv_hidden_sizes" for a in node.attribute)
+                                            or extra_attention_inputs(node)):
             continue
         if not node.name:
             raise QuantizationError(f"a {node.op_type} node has no name; the fused graph must name every node")

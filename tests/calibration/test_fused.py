@@ -4,6 +4,7 @@ close to FP32, and the accuracy search falls nodes back by building them FP32.""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -15,10 +16,11 @@ from onnxruntime.transformers.onnx_model import OnnxModel
 
 from calibration.corpus import builtin_texts, split_texts
 from calibration.data import TextCalibrationReader, sample_texts
-from calibration.fused import foldable_attention, plan_fused
+from calibration.fused import build_int8, foldable_attention, plan_fused
 from calibration.metrics import EmbeddingMetric
 from calibration.quantize import QuantizationConfig, quantize_model
 from calibration.ranges import ActivationStats, _emulated, _gptq, _quantize_weight, find_targets, plan_inputs
+from graphs.core.errors import QuantizationError
 from graphs.fusion import FusionConfig, GraphPlan, fuse_graph
 from graphs.graph_view import GraphView
 from tests.calibration.conftest import tokenize
@@ -410,3 +412,51 @@ def test_reduced_int8_weights_stay_in_seven_bits_and_full_ones_use_eight(fused_b
         plan = plan_fused(model, _reader()[0], ("MatMul", "Attention"), (), "minmax", None, weight_bits=bits)
         largest = max(int(np.abs(q.astype(int)).max()) for q, _ in plan.int8.values())
         assert largest == qmax  # each column's largest weight sits at the edge of its range
+
+
+def _with_attention_bias(model: onnx.ModelProto, scale: float = 0.3) -> onnx.ModelProto:
+    """`model` whose first Attention also reads an ``attention_bias`` (batch, 1, seq, seq) that grows with the key's
+    position (a constant per row would cancel in the softmax): the input MPNet's relative position bias and
+    ModernBERT's band mask arrive through."""
+    from onnx import helper, numpy_helper
+
+    model = copy.deepcopy(model)
+    attention = next(n for n in model.graph.node if n.op_type == "Attention")
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([1, 3], np.int64), "bias_axes_q"),
+                                    numpy_helper.from_array(np.array([1, 2], np.int64), "bias_axes_k"),
+                                    numpy_helper.from_array(np.array(1, np.int64), "bias_axis"),
+                                    numpy_helper.from_array(np.array(scale, np.float32), "bias_scale")])
+    nodes = [helper.make_node("Cast", ["attention_mask"], ["bias_mask"], "bias_cast", to=onnx.TensorProto.FLOAT),
+             helper.make_node("CumSum", ["bias_mask", "bias_axis"], ["bias_position"], "bias_position"),
+             helper.make_node("Mul", ["bias_position", "bias_scale"], ["bias_ramp"], "bias_ramp"),
+             helper.make_node("Unsqueeze", ["bias_mask", "bias_axes_q"], ["bias_q"], "bias_unsqueeze_q"),
+             helper.make_node("Unsqueeze", ["bias_ramp", "bias_axes_k"], ["bias_k"], "bias_unsqueeze_k"),
+             helper.make_node("Mul", ["bias_q", "bias_k"], ["attention_bias"], "bias_band")]
+    while len(attention.input) < 5:
+        attention.input.append("")
+    attention.input.append("attention_bias")
+    position = list(model.graph.node).index(attention)
+    for offset, node in enumerate(nodes):
+        model.graph.node.insert(position + offset, node)
+    return model
+
+
+def test_an_attention_bias_survives_quantization(fused_bert: Path) -> None:
+    """An Attention with an ``attention_bias`` stays float (QAttention has no slot for it), bias attached; the rest
+    is INT8. Before the guard it became a QAttention of inputs 0-3 and the bias was silently gone."""
+    plain = onnx.load(str(fused_bert))
+    biased = _with_attention_bias(plain)
+    feeds = _heldout()
+    with_bias, without_bias = _run(biased, feeds), _run(plain, feeds)
+    assert float(np.abs(with_bias - without_bias).max()) > 0.1  # the bias matters
+    plan = plan_fused(biased, _reader()[0], ("MatMul", "Attention"), (), "minmax", smooth_alpha=None)
+    int8 = plan.build([t.name for t in plan.targets])
+    out = _run(int8, feeds)
+    assert float(np.abs(out - with_bias).mean()) < 0.5 * float(np.abs(out - without_bias).mean()), "bias lost"
+    assert _cosine(out, with_bias) > 0.99
+    kept = [n for n in int8.graph.node if n.op_type == "Attention"]
+    assert len(kept) == 1 and kept[0].input[5] == "attention_bias"
+    assert sum(n.op_type == "QAttention" for n in int8.graph.node) == 1
+    assert sorted(t.op_type for t in plan.targets) == ["Attention"] + ["MatMul"] * 6
+    with pytest.raises(QuantizationError, match="no slot for its inputs"):  # asked for directly: refused
+        build_int8(plan.smoothed, plan.targets, plan.plans, [kept[0].name], plan.int8)
