@@ -22,6 +22,8 @@ ORIGINAL index. All builders are deterministic in ``seed``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import random
 import shutil
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ import torch
 import transformers
 from torch import nn
 
-ARCHITECTURES: tuple[str, ...] = ("bert", "roberta", "distilbert")
+ARCHITECTURES: tuple[str, ...] = ("bert", "roberta", "distilbert", "xlm-roberta")
 TASKS: tuple[str, ...] = (
     "feature-extraction",
     "text-classification",
@@ -46,7 +48,8 @@ TASK_CLASSES: dict[str, dict[str, str]] = {
         "question-answering": f"{prefix}ForQuestionAnswering",
         "token-classification": f"{prefix}ForTokenClassification",
     }
-    for arch, prefix in (("bert", "Bert"), ("roberta", "Roberta"), ("distilbert", "DistilBert"))
+    for arch, prefix in (("bert", "Bert"), ("roberta", "Roberta"), ("distilbert", "DistilBert"),
+                         ("xlm-roberta", "XLMRoberta"))
 }
 AUTO_CLASSES: dict[str, str] = {
     "feature-extraction": "AutoModel",
@@ -464,6 +467,43 @@ def _truth(
     )
 
 
+_SENTENCEPIECE_PIECES = 4000
+
+
+@functools.lru_cache(maxsize=1)
+def _sentencepiece_json() -> str:
+    """An XLM-R-style SentencePiece tokenizer (Unigram over NFKC text, Metaspace, ``<s> $A </s> </s> $B </s>``),
+    trained on the built-in corpus (deterministic, well under a second)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    from calibration.corpus import builtin_texts
+
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=_SENTENCEPIECE_PIECES, unk_token="<unk>",
+                                      special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+    tokenizer.train_from_iterator(builtin_texts(), trainer)
+    tokenizer.add_special_tokens(["<mask>"])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return tokenizer.to_str()
+
+
+def sentencepiece_vocab_size() -> int:
+    return _SENTENCEPIECE_PIECES + 1  # and <mask>
+
+
+def write_sentencepiece_tokenizer(out: Path) -> None:
+    """tokenizer.json and tokenizer_config.json of the XLM-R-style tokenizer, as XLM-R checkpoints ship them."""
+    (out / "tokenizer.json").write_text(_sentencepiece_json(), encoding="utf-8")
+    settings = {"tokenizer_class": "XLMRobertaTokenizer", "model_max_length": 512, "bos_token": "<s>",
+                "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>", "pad_token": "<pad>",
+                "cls_token": "<s>", "mask_token": "<mask>"}
+    (out / "tokenizer_config.json").write_text(json.dumps(settings), encoding="utf-8")
+
+
 def _save(model: transformers.PreTrainedModel, truth: CheckpointTruth) -> None:
     """Write weights, config and tokenizer files, then check that stock transformers reloads them unchanged."""
     out = truth.path
@@ -475,8 +515,11 @@ def _save(model: transformers.PreTrainedModel, truth: CheckpointTruth) -> None:
         weights = out / "model.safetensors"
         torch.save(safetensors.torch.load_file(weights), out / "pytorch_model.bin")
         weights.unlink()
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(minilm_path() / name, out / name)
+    if truth.architecture == "xlm-roberta":
+        write_sentencepiece_tokenizer(out)
+    else:
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(minilm_path() / name, out / name)
     reloaded, info = load_stock(out, truth.auto_class)
     problems = {k: v for k, v in info.items() if v}
     expected, found = model.state_dict(), reloaded.state_dict()
@@ -543,6 +586,7 @@ class _TinySpec:
 _TINY: dict[str, _TinySpec] = {
     "bert": _TinySpec(3, 128, 4, 256, {0: [1], 2: [0, 3]}, [1, 1, 0], [0.5, 0.25, 0.5]),
     "roberta": _TinySpec(2, 64, 4, 128, {0: [3], 1: [0, 2]}, [1, 0], [0.5, 0.25]),
+    "xlm-roberta": _TinySpec(2, 64, 4, 128, {0: [2], 1: [1, 3]}, [0, 1], [0.25, 0.5]),
     "distilbert": _TinySpec(3, 96, 6, 192, {0: [1, 4], 1: [5]}, [1, 2, 0], [0.25, 0.5, 0.5]),
 }
 
@@ -564,6 +608,12 @@ def _tiny_config(
             **labels,
             **extra,
         )
+    if architecture == "xlm-roberta":  # XLM-R's ids: <s> 0, <pad> 1, </s> 2; its own SentencePiece vocabulary
+        extra = {"bos_token_id": 0, "eos_token_id": 2, **extra}
+        return transformers.XLMRobertaConfig(
+            vocab_size=sentencepiece_vocab_size(), max_position_embeddings=514, type_vocab_size=1,
+            num_hidden_layers=spec.layers, hidden_size=spec.hidden, num_attention_heads=spec.heads,
+            intermediate_size=spec.ffn, hidden_act=act, pad_token_id=1, **labels, **extra)
     config_class, positions, types = (
         (transformers.RobertaConfig, 514, 1)
         if architecture == "roberta"

@@ -46,7 +46,7 @@ _NAMES = {
         "ffn_out": "ffn.lin2",
     },
 }
-_NAMES["roberta"] = _NAMES["bert"]
+_NAMES["roberta"] = _NAMES["xlm-roberta"] = _NAMES["bert"]
 _ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": torch.nn.functional.gelu,
     "relu": torch.relu,
@@ -78,7 +78,8 @@ def _load(truth: CheckpointTruth) -> transformers.PreTrainedModel:
 
 def _inputs(truth: CheckpointTruth) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(1000, 30000, (2, 12), generator=gen)
+    high = 4000 if truth.architecture == "xlm-roberta" else 30000  # within the SentencePiece vocabulary
+    ids = torch.randint(1000, high, (2, 12), generator=gen)
     mask = torch.ones_like(ids)
     mask[1, 8:] = 0  # right padding, as tokenizers give
     return {"input_ids": ids, "attention_mask": mask}
@@ -148,7 +149,9 @@ def truth(request: pytest.FixtureRequest) -> CheckpointTruth:
 
 def test_folder_reloads_with_stock_transformers(truth: CheckpointTruth) -> None:
     files = {p.name for p in truth.path.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.txt"} <= files
+    tokenizer_files = {"tokenizer.json", "tokenizer_config.json"} if truth.architecture == "xlm-roberta" else {
+        "tokenizer.json", "vocab.txt"}  # XLM-R ships a SentencePiece tokenizer.json, no WordPiece vocab.txt
+    assert {"config.json", "model.safetensors", *tokenizer_files} <= files
     config = transformers.AutoConfig.from_pretrained(truth.path)
     assert config.architectures == [truth.model_class]
     # transformers 4.57 builds pruned_heads layers in from_pretrained; 5.x cannot, load_stock narrows them first.

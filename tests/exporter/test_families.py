@@ -1,0 +1,93 @@
+"""Families beyond BERT / RoBERTa / DistilBERT, end to end on tiny seeded checkpoints with dead heads and FFN units:
+XLM-RoBERTa with its own SentencePiece (Unigram) tokenizer and padding id 1.
+
+Each export is checked by the pipeline itself (exact compaction, one fused Attention per layer with its heads,
+the fused graph against the unfused one on right, left and hole padding, parity of every file); here the
+deployment side serves the artifact torch-free and its outputs are compared with the stock PyTorch model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.exporter.test_runtime import TEXTS, export, run_rows, torch_free
+
+
+@pytest.fixture(scope="module")
+def xlmr(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """{task: (checkpoint, artifact)} for tiny XLM-R checkpoints (no physically pruned heads, so the stock
+    reference loads on transformers 4.57 and 5.x alike; dead heads and units are compacted away)."""
+    from tests.checkpoints import tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("xlmr")
+    result = {}
+    for task in ("feature-extraction", "text-classification"):
+        truth = tiny_checkpoint(root / f"ck-{task}", "xlm-roberta", task, pruned_heads={})
+        result[task] = (truth.path, export(root / f"art-{task}", truth.path, "--latency", "off",
+                                           "--max-accuracy-drop", "0.9"))
+    return result
+
+
+def _torch_mean_pooled(checkpoint: Path, texts: list[str]) -> np.ndarray:
+    import torch
+    import transformers
+
+    model = transformers.AutoModel.from_pretrained(checkpoint).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    assert tokenizer.pad_token_id == 1  # XLM-R's padding id, which the runtime must use too
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    return ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+
+
+def test_xlm_roberta_fuses_compacts_and_records_its_facts(xlmr: dict[str, tuple[Path, Path]]) -> None:
+    _, artifact = xlmr["feature-extraction"]
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["architecture"] == "xlm-roberta" and manifest["max_tokens"] == 512  # 514 positions, offset 2
+    layers = len(manifest["compaction"]["layers"])
+    assert manifest["fusion"]["op_counts"]["Attention"] == layers
+    removed = sum(len(layer["removed"]) for layer in manifest["compaction"]["layers"])
+    assert removed > 0  # the dead heads are gone
+    int8 = onnx.load(str(artifact / "model_quantized.onnx"))
+    assert sum(n.op_type == "QAttention" for n in int8.graph.node) + sum(
+        n.op_type == "Attention" for n in int8.graph.node) == layers  # nothing dropped
+    assert {e["status"] for e in manifest["parity"] if e["provider"] == "CPUExecutionProvider"} == {"pass"}
+
+
+def test_xlm_roberta_embeddings_torch_free_equal_the_stock_model(xlmr: dict[str, tuple[Path, Path]],
+                                                                 tmp_path: Path) -> None:
+    checkpoint, artifact = xlmr["feature-extraction"]
+    texts = [*TEXTS[:6], "naïve café, 42 ☃ zqxjv!"]  # varied lengths (padding) and characters NFKC changes
+    want = _torch_mean_pooled(checkpoint, texts)
+    for file, bound in (("model.onnx", 1e-4), ("model_optimized.onnx", 1e-4)):
+        got = np.array([row["embedding"] for row in run_rows(artifact, [{"text": t} for t in texts], tmp_path,
+                                                             "--file", file)])
+        assert float(np.abs(got - want).max()) <= bound, file
+    got = np.array([row["embedding"] for row in run_rows(artifact, [{"text": t} for t in texts], tmp_path,
+                                                         "--file", "model_quantized.onnx")])
+    cosines = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cosines.mean() >= 0.99
+    done = torch_free(["verify", str(artifact)])
+    assert done.returncode == 0 and "verified:" in done.stdout, done.stderr[-2000:]
+
+
+def test_xlm_roberta_labels_torch_free_equal_the_stock_argmax(xlmr: dict[str, tuple[Path, Path]],
+                                                              tmp_path: Path) -> None:
+    import torch
+    import transformers
+
+    checkpoint, artifact = xlmr["text-classification"]
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    with torch.no_grad():
+        probs = model(**tokenizer(TEXTS, padding=True, truncation=True, return_tensors="pt")).logits.softmax(-1)
+    got = run_rows(artifact, [{"text": t} for t in TEXTS], tmp_path, "--file", "model_optimized.onnx")
+    assert [g["label"] for g in got] == [model.config.id2label[int(i)] for i in probs.argmax(-1)]
+    np.testing.assert_allclose([g["score"] for g in got], probs.max(-1).values.numpy(), rtol=1e-4)
