@@ -317,7 +317,7 @@ def check_against_weights(path: Path, config: Any, architecture: Architecture, w
             f"{where}: {names['layers']} is {wanted} but the weights hold {len(layers)} layers "
             f"({layers[0]}-{layers[-1]}): {fix}"
         )
-    hidden = architecture.hidden_size(config)
+    width = architecture.embedding_size(config)
     for table, label, value in (("word_embeddings", names["vocab"], architecture.vocab_size(config)),
                                 ("position_embeddings", names["positions"], int(config.max_position_embeddings))):
         stored = next((info for name, info in weights.tensors.items()
@@ -327,9 +327,10 @@ def check_against_weights(path: Path, config: Any, architecture: Architecture, w
         if stored.shape[0] != value:
             raise CheckpointError(
                 f"{where}: {label} is {value} but the weights' {table} table holds {stored.shape[0]} rows: {fix}")
-        if stored.shape[1] != hidden:
+        if stored.shape[1] != width:
             raise CheckpointError(
-                f"{where}: {names['hidden']} is {hidden} but the weights' {table} table is {stored.shape[1]} wide: {fix}")
+                f"{where}: {names['embedding']} is {width} but the weights' {table} table is {stored.shape[1]} wide: "
+                f"{fix}")
     estimate = architecture.parameter_estimate(config)
     held = weights.total_numel
     if estimate > 2 * held + 1_000_000:

@@ -34,7 +34,7 @@ import torch
 import transformers
 from torch import nn
 
-ARCHITECTURES: tuple[str, ...] = ("bert", "roberta", "distilbert", "xlm-roberta")
+ARCHITECTURES: tuple[str, ...] = ("bert", "roberta", "distilbert", "xlm-roberta", "electra")
 TASKS: tuple[str, ...] = (
     "feature-extraction",
     "text-classification",
@@ -49,7 +49,7 @@ TASK_CLASSES: dict[str, dict[str, str]] = {
         "token-classification": f"{prefix}ForTokenClassification",
     }
     for arch, prefix in (("bert", "Bert"), ("roberta", "Roberta"), ("distilbert", "DistilBert"),
-                         ("xlm-roberta", "XLMRoberta"))
+                         ("xlm-roberta", "XLMRoberta"), ("electra", "Electra"))
 }
 AUTO_CLASSES: dict[str, str] = {
     "feature-extraction": "AutoModel",
@@ -587,6 +587,7 @@ _TINY: dict[str, _TinySpec] = {
     "bert": _TinySpec(3, 128, 4, 256, {0: [1], 2: [0, 3]}, [1, 1, 0], [0.5, 0.25, 0.5]),
     "roberta": _TinySpec(2, 64, 4, 128, {0: [3], 1: [0, 2]}, [1, 0], [0.5, 0.25]),
     "xlm-roberta": _TinySpec(2, 64, 4, 128, {0: [2], 1: [1, 3]}, [0, 1], [0.25, 0.5]),
+    "electra": _TinySpec(2, 64, 4, 128, {0: [1], 1: [0, 3]}, [1, 0], [0.5, 0.25]),
     "distilbert": _TinySpec(3, 96, 6, 192, {0: [1, 4], 1: [5]}, [1, 2, 0], [0.25, 0.5, 0.5]),
 }
 
@@ -608,6 +609,11 @@ def _tiny_config(
             **labels,
             **extra,
         )
+    if architecture == "electra":  # electra-small's shape: a narrower embedding table projected up to hidden
+        return transformers.ElectraConfig(
+            vocab_size=30522, embedding_size=32, max_position_embeddings=512, type_vocab_size=2,
+            num_hidden_layers=spec.layers, hidden_size=spec.hidden, num_attention_heads=spec.heads,
+            intermediate_size=spec.ffn, hidden_act=act, pad_token_id=0, **labels, **extra)
     if architecture == "xlm-roberta":  # XLM-R's ids: <s> 0, <pad> 1, </s> 2; its own SentencePiece vocabulary
         extra = {"bos_token_id": 0, "eos_token_id": 2, **extra}
         return transformers.XLMRobertaConfig(

@@ -46,7 +46,7 @@ _NAMES = {
         "ffn_out": "ffn.lin2",
     },
 }
-_NAMES["roberta"] = _NAMES["xlm-roberta"] = _NAMES["bert"]
+_NAMES["roberta"] = _NAMES["xlm-roberta"] = _NAMES["electra"] = _NAMES["bert"]
 _ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": torch.nn.functional.gelu,
     "relu": torch.relu,

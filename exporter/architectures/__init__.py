@@ -1,6 +1,12 @@
 """Registry of supported transformer families; importing this package registers every entry."""
 
-from exporter.architectures import bert, distilbert, roberta, xlm_roberta  # noqa: F401  (registration side effect)
+from exporter.architectures import (  # noqa: F401  (registration side effect)
+    bert,
+    distilbert,
+    electra,
+    roberta,
+    xlm_roberta,
+)
 from exporter.architectures.base import (
     TASK_OUTPUTS,
     TASKS,

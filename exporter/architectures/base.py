@@ -88,12 +88,16 @@ class Architecture:
     def vocab_size(self, config: Any) -> int:
         return int(config.vocab_size)
 
+    def embedding_size(self, config: Any) -> int:
+        """Width of the embedding tables (ELECTRA projects a narrower one up to the hidden size)."""
+        return self.hidden_size(config)
+
     def intermediate_size(self, config: Any) -> int:
         return int(config.intermediate_size)
 
     # config.json field names, for messages
     config_names: ClassVar[dict[str, str]] = {
-        "layers": "num_hidden_layers", "hidden": "hidden_size", "vocab": "vocab_size",
+        "layers": "num_hidden_layers", "hidden": "hidden_size", "embedding": "hidden_size", "vocab": "vocab_size",
         "positions": "max_position_embeddings",
     }
 
@@ -104,7 +108,7 @@ class Architecture:
         pruned = sum(len(v) for v in (getattr(config, "pruned_heads", None) or {}).values()
                      if isinstance(v, (list, tuple)))
         types = int(getattr(config, "type_vocab_size", 0) or 0)
-        embeddings = (self.vocab_size(config) + int(config.max_position_embeddings) + types) * hidden
+        embeddings = (self.vocab_size(config) + int(config.max_position_embeddings) + types) * self.embedding_size(config)
         layers = self.num_layers(config) * (4 * hidden * hidden + 2 * hidden * inter)
         return embeddings + layers - pruned * 4 * hidden * head
 

@@ -63,10 +63,14 @@ class BertArchitecture(Architecture):
     def embeddings_forward(self, config: Any) -> Forward:
         return _bert_embeddings
 
+    def base_forward(self) -> Forward:
+        """The base model's forward: embeddings, the additive mask, the layers (and the pooler where present)."""
+        return _bert_model
+
     def export_patches(self, model: nn.Module, heads: tuple[int, ...],
                        own_activation: Callable[[object], None]) -> list[tuple[nn.Module, Forward]]:
         base = model.base_model
-        patches: list[tuple[nn.Module, Forward]] = [(base, _bert_model),
+        patches: list[tuple[nn.Module, Forward]] = [(base, self.base_forward()),
                                                     (base.embeddings, self.embeddings_forward(model.config)),
                                                     (base.encoder, layers_in_order)]
         for view, count in zip(self.layers(model), heads, strict=True):
@@ -97,15 +101,17 @@ def _bert_model(self: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
                         lambda: torch.zeros((1, self.embeddings.position_embeddings.num_embeddings), dtype=torch.long))
         token_type_ids = zeros[:, :seq_length].expand(batch_size, seq_length)
     embedding_output = self.embeddings(input_ids, token_type_ids)
-    # get_extended_attention_mask of 4.57: one additive mask, computed once, added by every layer.
-    dtype = embedding_output.dtype
-    extended_attention_mask = attention_mask[:, None, None, :]
-    extended_attention_mask = extended_attention_mask.to(dtype=dtype)
-    extended_attention_mask = (1.0 - extended_attention_mask) * torch.finfo(dtype).min
-    sequence_output = self.encoder(embedding_output, extended_attention_mask)
+    sequence_output = self.encoder(embedding_output, additive_mask(attention_mask, embedding_output.dtype))
     pooler = getattr(self, "pooler", None)
     pooled_output = pooler(sequence_output) if pooler is not None else None
     return sequence_output, pooled_output
+
+
+def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """get_extended_attention_mask of 4.57: one additive mask, computed once, added by every layer's scores."""
+    extended_attention_mask = attention_mask[:, None, None, :]
+    extended_attention_mask = extended_attention_mask.to(dtype=dtype)
+    return (1.0 - extended_attention_mask) * torch.finfo(dtype).min
 
 
 def _bert_embeddings(self: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,8 @@ class DistilBertArchitecture(Architecture):
         return int(config.dim)
 
     config_names: ClassVar[dict[str, str]] = {
-        "layers": "n_layers", "hidden": "dim", "vocab": "vocab_size", "positions": "max_position_embeddings",
+        "layers": "n_layers", "hidden": "dim", "embedding": "dim", "vocab": "vocab_size",
+        "positions": "max_position_embeddings",
     }
 
     def intermediate_size(self, config: Any) -> int:

@@ -1,5 +1,6 @@
 """Families beyond BERT / RoBERTa / DistilBERT, end to end on tiny seeded checkpoints with dead heads and FFN units:
-XLM-RoBERTa with its own SentencePiece (Unigram) tokenizer and padding id 1.
+XLM-RoBERTa with its own SentencePiece (Unigram) tokenizer and padding id 1; ELECTRA with an embedding table
+narrower than the hidden size (projected up) and its GELU classification head.
 
 Each export is checked by the pipeline itself (exact compaction, one fused Attention per layer with its heads,
 the fused graph against the unfused one on right, left and hole padding, parity of every file); here the
@@ -18,19 +19,27 @@ import pytest
 from tests.exporter.test_runtime import TEXTS, export, run_rows, torch_free
 
 
-@pytest.fixture(scope="module")
-def xlmr(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
-    """{task: (checkpoint, artifact)} for tiny XLM-R checkpoints (no physically pruned heads, so the stock
-    reference loads on transformers 4.57 and 5.x alike; dead heads and units are compacted away)."""
+def _artifacts(root: Path, architecture: str) -> dict[str, tuple[Path, Path]]:
+    """{task: (checkpoint, artifact)} for tiny checkpoints of `architecture` (no physically pruned heads, so the
+    stock reference loads on transformers 4.57 and 5.x alike; dead heads and units are compacted away)."""
     from tests.checkpoints import tiny_checkpoint
 
-    root = tmp_path_factory.mktemp("xlmr")
     result = {}
     for task in ("feature-extraction", "text-classification"):
-        truth = tiny_checkpoint(root / f"ck-{task}", "xlm-roberta", task, pruned_heads={})
+        truth = tiny_checkpoint(root / f"ck-{task}", architecture, task, pruned_heads={})
         result[task] = (truth.path, export(root / f"art-{task}", truth.path, "--latency", "off",
                                            "--max-accuracy-drop", "0.9"))
     return result
+
+
+@pytest.fixture(scope="module")
+def xlmr(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    return _artifacts(tmp_path_factory.mktemp("xlmr"), "xlm-roberta")
+
+
+@pytest.fixture(scope="module")
+def electra(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    return _artifacts(tmp_path_factory.mktemp("electra"), "electra")
 
 
 def _torch_mean_pooled(checkpoint: Path, texts: list[str]) -> np.ndarray:
@@ -40,7 +49,6 @@ def _torch_mean_pooled(checkpoint: Path, texts: list[str]) -> np.ndarray:
     model = transformers.AutoModel.from_pretrained(checkpoint).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-    assert tokenizer.pad_token_id == 1  # XLM-R's padding id, which the runtime must use too
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"][..., None].float()
@@ -65,6 +73,9 @@ def test_xlm_roberta_embeddings_torch_free_equal_the_stock_model(xlmr: dict[str,
                                                                  tmp_path: Path) -> None:
     checkpoint, artifact = xlmr["feature-extraction"]
     texts = [*TEXTS[:6], "naïve café, 42 ☃ zqxjv!"]  # varied lengths (padding) and characters NFKC changes
+    import transformers
+
+    assert transformers.AutoTokenizer.from_pretrained(checkpoint).pad_token_id == 1  # XLM-R's, the runtime's too
     want = _torch_mean_pooled(checkpoint, texts)
     for file, bound in (("model.onnx", 1e-4), ("model_optimized.onnx", 1e-4)):
         got = np.array([row["embedding"] for row in run_rows(artifact, [{"text": t} for t in texts], tmp_path,
@@ -84,6 +95,41 @@ def test_xlm_roberta_labels_torch_free_equal_the_stock_argmax(xlmr: dict[str, tu
     import transformers
 
     checkpoint, artifact = xlmr["text-classification"]
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    with torch.no_grad():
+        probs = model(**tokenizer(TEXTS, padding=True, truncation=True, return_tensors="pt")).logits.softmax(-1)
+    got = run_rows(artifact, [{"text": t} for t in TEXTS], tmp_path, "--file", "model_optimized.onnx")
+    assert [g["label"] for g in got] == [model.config.id2label[int(i)] for i in probs.argmax(-1)]
+    np.testing.assert_allclose([g["score"] for g in got], probs.max(-1).values.numpy(), rtol=1e-4)
+
+
+def test_electra_projects_its_embeddings_and_serves_torch_free(electra: dict[str, tuple[Path, Path]],
+                                                              tmp_path: Path) -> None:
+    checkpoint, artifact = electra["feature-extraction"]
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["architecture"] == "electra"
+    assert manifest["fusion"]["op_counts"]["Attention"] == len(manifest["compaction"]["layers"])
+    model = onnx.load(str(artifact / "model.onnx"))
+    shapes = {tuple(t.dims) for t in model.graph.initializer}
+    assert (30522, 32) in shapes and (32, 64) in shapes  # the 32-wide table, projected up to 64 in the graph
+    texts = TEXTS[:6]
+    want = _torch_mean_pooled(checkpoint, texts)
+    for file in ("model.onnx", "model_optimized.onnx"):
+        got = np.array([row["embedding"] for row in run_rows(artifact, [{"text": t} for t in texts], tmp_path,
+                                                             "--file", file)])
+        assert float(np.abs(got - want).max()) <= 1e-4, file
+    done = torch_free(["verify", str(artifact)])
+    assert done.returncode == 0 and "verified:" in done.stdout, done.stderr[-2000:]
+
+
+def test_electra_classification_head_is_gelu_not_tanh(electra: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    """ELECTRA's head is dense -> GELU -> out_proj on the first token; RoBERTa's tanh head would give other
+    scores."""
+    import torch
+    import transformers
+
+    checkpoint, artifact = electra["text-classification"]
     model = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     with torch.no_grad():
