@@ -12,15 +12,8 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from exporter.runtime.outputs import TASK_OUTPUTS  # noqa: F401  (re-exported)
+from exporter.runtime.outputs import TASK_OUTPUTS, TASKS  # noqa: F401  (re-exported)
 from graphs.core.errors import CheckpointError
-
-TASKS: tuple[str, ...] = (
-    "feature-extraction",
-    "text-classification",
-    "question-answering",
-    "token-classification",
-)
 
 # Suffix of a transformers class name in `config.architectures` -> task.
 _HEAD_SUFFIX_TASKS: dict[str, str] = {

@@ -16,12 +16,12 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
+from exporter.runtime.outputs import TASKS  # noqa: F401  (the manifest's task must be one of them)
 from graphs.core.errors import UsageError
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"  # written by `export-model sign`; not listed in the manifest it signs
 SCHEMA_VERSION = 1
-TASKS = ("feature-extraction", "text-classification", "question-answering", "token-classification")
 # The parity bars export accepts (exporter.runtime.parity.ParityConfig enforces the same ones), so a manifest outside
 # them was not written by export-model.
 FP32_ATOL_MAX = 1e-2

@@ -10,6 +10,9 @@ TASK_OUTPUTS: dict[str, tuple[str, ...]] = {
     "token-classification": ("logits",),
 }
 
+TASKS: tuple[str, ...] = tuple(TASK_OUTPUTS)
+"""The four tasks, in one place for the export and the deployment side."""
+
 SENTENCE_OUTPUT = "sentence_embedding"
 
 
