@@ -28,7 +28,7 @@ from graphs.core.errors import OutputError
 if TYPE_CHECKING:
     from exporter.config import ExportConfig
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("exporter.pipeline")  # what it removes is said on the console, with the stage lines
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 WORK_MARKER = ".export-model-work"  # written into every work folder at creation: what proves a folder is ours
