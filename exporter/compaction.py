@@ -244,7 +244,7 @@ def _compact_heads(view: LayerView, architecture: Architecture, report: LayerCom
     for part in ("query", "key", "value"):
         view.replace(part, _select_rows(getattr(view, part), index))
     view.replace("output", _select_columns(view.output, index))
-    architecture.set_heads(view.attention, len(keep))
+    architecture.set_heads(view.attention, len(keep), keep)
 
 
 def _compact_ffn(view: LayerView, report: LayerCompaction) -> None:

@@ -302,6 +302,7 @@ def check_config_values(path: Path, config: Any, architecture: Architecture) -> 
             "(relative position attention does not fuse)"
         )
     _check_pruned_heads(where, getattr(config, "pruned_heads", None) or {}, architecture.num_layers(config), heads)
+    architecture.check_pruned(config)
 
 
 def check_against_weights(path: Path, config: Any, architecture: Architecture, weights: WeightFiles) -> None:
@@ -381,7 +382,7 @@ def _build_model(model_class: Any, config: Any, kwargs: dict[str, Any], architec
                 old = getattr(view, part)
                 view.replace(part, nn.Linear(old.in_features, rows, bias=old.bias is not None))
             view.replace("output", nn.Linear(rows, view.output.out_features, bias=view.output.bias is not None))
-            architecture.set_heads(view.attention, len(keep))
+            architecture.set_heads(view.attention, len(keep), keep)
     return model
 
 

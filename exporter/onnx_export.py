@@ -103,7 +103,7 @@ def check_export_forward(model: nn.Module, architecture: Architecture, task: str
     each output's shape there; ExportError beyond float rounding (1e-5 of the larger of 1 and the largest
     output)."""
     output_names = outputs_of(task, pooling is not None)
-    with torch.no_grad():
+    with torch.no_grad(), architecture.own_forward(model):
         own = own_outputs(model, task, inputs, pooling)
         reference = [own[name] for name in output_names]
         with export_forward(model, architecture, task, pooling):

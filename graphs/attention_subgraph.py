@@ -48,6 +48,8 @@ class SoftmaxAttentionFusion(FusionAttention):
         mask.set_mask_format(AttentionMaskFormat.AttentionMask)
         super().__init__(model, hidden_size=0, num_heads=0, attention_mask=mask, search_op_types=["Softmax"])
         self.fused_heads: list[int] = []
+        self.attention_bias: str | None = None
+        """Set by a :meth:`match_mask` whose stage adds a bias before the mask: the Attention node's input 5."""
 
     def match_mask(
         self, softmax_input: str, output_name_to_node: dict[str, NodeProto]
@@ -62,6 +64,7 @@ class SoftmaxAttentionFusion(FusionAttention):
 
     def fuse(self, node: NodeProto, input_name_to_nodes: dict, output_name_to_node: dict) -> None:
         model = self.model
+        self.attention_bias = None
         mask = self.match_mask(node.input[0], output_name_to_node)
         if mask is None:
             return
@@ -106,6 +109,10 @@ class SoftmaxAttentionFusion(FusionAttention):
             return
         # create_attention_node reads mask_filter_value from the instance (onnxruntime 1.31).
         attention.attribute.extend([helper.make_attribute("mask_filter_value", float(fill))])
+        if self.attention_bias is not None:  # input 4 (past) empty, input 5 the bias added before the mask
+            while len(attention.input) < 5:
+                attention.input.append("")
+            attention.input.append(self.attention_bias)
         self.nodes_to_add.append(attention)
         self.node_name_to_graph_name[attention.name] = self.this_graph_name
         self.fused_heads.append(heads)

@@ -35,6 +35,7 @@ from graphs.core.errors import FusionError
 from graphs.equivalence import compare_graphs
 from graphs.fold_nonorm import fold_nonorm
 from graphs.fuse_distilbert_attention import fuse_distilbert_attention
+from graphs.fuse_mpnet_attention import fuse_mpnet_attention
 from graphs.fuse_nonorm_attention import fuse_nonorm_attention
 from graphs.fuse_relu_gemm import fuse_relu_gemm
 from graphs.residual_sum import sum_residuals
@@ -44,6 +45,7 @@ from graphs.residual_sum import sum_residuals
 ATTENTION_PASSES: dict[str, Callable[[Any], list[int]]] = {
     "distilbert": fuse_distilbert_attention,  # q / sqrt(d) before the scores, masked_fill mask
     "nonorm": fuse_nonorm_attention,  # no LayerNorm to anchor the match on
+    "mpnet": fuse_mpnet_attention,  # a relative position bias added before the mask: Attention's attention_bias
 }
 
 logger = logging.getLogger(__name__)

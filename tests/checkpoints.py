@@ -34,7 +34,7 @@ import torch
 import transformers
 from torch import nn
 
-ARCHITECTURES: tuple[str, ...] = ("bert", "roberta", "distilbert", "xlm-roberta", "electra")
+ARCHITECTURES: tuple[str, ...] = ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "mpnet")
 TASKS: tuple[str, ...] = (
     "feature-extraction",
     "text-classification",
@@ -49,7 +49,8 @@ TASK_CLASSES: dict[str, dict[str, str]] = {
         "token-classification": f"{prefix}ForTokenClassification",
     }
     for arch, prefix in (("bert", "Bert"), ("roberta", "Roberta"), ("distilbert", "DistilBert"),
-                         ("xlm-roberta", "XLMRoberta"), ("electra", "Electra"))
+                         ("xlm-roberta", "XLMRoberta"), ("electra", "Electra"),
+                         ("mpnet", "MPNet"))
 }
 AUTO_CLASSES: dict[str, str] = {
     "feature-extraction": "AutoModel",
@@ -190,6 +191,9 @@ def _layers(model: transformers.PreTrainedModel, architecture: str) -> list[_Lay
             )
             for m in base.transformer.layer
         ]
+    if architecture == "mpnet":
+        return [_Layer(m.attention.attn.q, m.attention.attn.k, m.attention.attn.v, m.attention.attn.o,
+                       m.intermediate.dense, m.output.dense) for m in base.encoder.layer]
     return [
         _Layer(
             m.attention.self.query,
@@ -515,7 +519,7 @@ def _save(model: transformers.PreTrainedModel, truth: CheckpointTruth) -> None:
         weights = out / "model.safetensors"
         torch.save(safetensors.torch.load_file(weights), out / "pytorch_model.bin")
         weights.unlink()
-    if truth.architecture == "xlm-roberta":
+    if truth.architecture in ("xlm-roberta", "mpnet"):
         write_sentencepiece_tokenizer(out)
     else:
         for name in TOKENIZER_FILES:
@@ -588,6 +592,8 @@ _TINY: dict[str, _TinySpec] = {
     "roberta": _TinySpec(2, 64, 4, 128, {0: [3], 1: [0, 2]}, [1, 0], [0.5, 0.25]),
     "xlm-roberta": _TinySpec(2, 64, 4, 128, {0: [2], 1: [1, 3]}, [0, 1], [0.25, 0.5]),
     "electra": _TinySpec(2, 64, 4, 128, {0: [1], 1: [0, 3]}, [1, 0], [0.5, 0.25]),
+    # MPNet: no config.pruned_heads (see MPNetArchitecture.check_pruned); dead heads make the layers uneven
+    "mpnet": _TinySpec(3, 64, 4, 128, {}, [1, 2, 0], [0.5, 0.25, 0.5]),
     "distilbert": _TinySpec(3, 96, 6, 192, {0: [1, 4], 1: [5]}, [1, 2, 0], [0.25, 0.5, 0.5]),
 }
 
@@ -614,6 +620,12 @@ def _tiny_config(
             vocab_size=30522, embedding_size=32, max_position_embeddings=512, type_vocab_size=2,
             num_hidden_layers=spec.layers, hidden_size=spec.hidden, num_attention_heads=spec.heads,
             intermediate_size=spec.ffn, hidden_act=act, pad_token_id=0, **labels, **extra)
+    if architecture == "mpnet":  # MPNet's ids: <s> 0, <pad> 1, </s> 2 (the SentencePiece stand-in has the same)
+        extra = {"bos_token_id": 0, "eos_token_id": 2, **extra}
+        return transformers.MPNetConfig(
+            vocab_size=sentencepiece_vocab_size(), max_position_embeddings=514, num_hidden_layers=spec.layers,
+            hidden_size=spec.hidden, num_attention_heads=spec.heads, intermediate_size=spec.ffn, hidden_act=act,
+            pad_token_id=1, relative_attention_num_buckets=32, **labels, **extra)
     if architecture == "xlm-roberta":  # XLM-R's ids: <s> 0, <pad> 1, </s> 2; its own SentencePiece vocabulary
         extra = {"bos_token_id": 0, "eos_token_id": 2, **extra}
         return transformers.XLMRobertaConfig(

@@ -129,7 +129,7 @@ def test_nonorm_relu(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("task", list(OUTPUTS))
-@pytest.mark.parametrize("architecture", ["bert", "roberta", "distilbert", "xlm-roberta", "electra"])
+@pytest.mark.parametrize("architecture", ["bert", "roberta", "distilbert", "xlm-roberta", "electra", "mpnet"])
 def test_pruned_heads_checkpoints_for_each_task(tmp_path: Path, architecture: str, task: str) -> None:
     truth = checkpoints.tiny_checkpoint(tmp_path / "ckpt", architecture, task)
     assert truth.pruned_heads  # config.pruned_heads present, uneven

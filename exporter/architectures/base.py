@@ -6,7 +6,8 @@ decorates it with `@register`. Everything else (compaction, export, parity) work
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -115,9 +116,19 @@ class Architecture:
     def head_size(self, attention: nn.Module) -> int:
         raise NotImplementedError
 
-    def set_heads(self, attention: nn.Module, heads: int) -> None:
-        """Record a new head count on the attention module; its forward reshapes with this constant."""
+    def set_heads(self, attention: nn.Module, heads: int, kept: Sequence[int] | None = None) -> None:
+        """Record a new head count on the attention module; its forward reshapes with this constant. `kept`: the
+        positions (among the heads it held) of the heads that remain, for families whose heads own more than
+        their projections (MPNet's bias-table columns)."""
         raise NotImplementedError
+
+    def own_forward(self, model: nn.Module) -> AbstractContextManager[None]:
+        """Within it, the model's own (transformers) forward runs correctly on the compacted modules; what the
+        export forward is checked against. Default: it already does."""
+        return nullcontext()
+
+    def check_pruned(self, config: Any) -> None:
+        """Refuse a ``config.pruned_heads`` this family cannot be narrowed to (a CheckpointError); default: any."""
 
     def model_kwargs(self, task: str) -> dict[str, Any]:
         """Extra `from_pretrained` keyword arguments for `task` (e.g. no pooler for feature extraction)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -51,7 +51,7 @@ class BertArchitecture(Architecture):
     def head_size(self, attention: nn.Module) -> int:
         return int(attention.attention_head_size)
 
-    def set_heads(self, attention: nn.Module, heads: int) -> None:
+    def set_heads(self, attention: nn.Module, heads: int, kept: Sequence[int] | None = None) -> None:
         attention.num_attention_heads = heads
         attention.all_head_size = heads * attention.attention_head_size
 

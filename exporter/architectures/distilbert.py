@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -59,7 +59,7 @@ class DistilBertArchitecture(Architecture):
     def head_size(self, attention: nn.Module) -> int:
         return int(attention.attention_head_size)
 
-    def set_heads(self, attention: nn.Module, heads: int) -> None:
+    def set_heads(self, attention: nn.Module, heads: int, kept: Sequence[int] | None = None) -> None:
         # forward() derives dim_per_head = dim // n_heads, so both must move together.
         attention.n_heads = heads
         attention.dim = heads * attention.attention_head_size

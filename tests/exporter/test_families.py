@@ -1,6 +1,7 @@
 """Families beyond BERT / RoBERTa / DistilBERT, end to end on tiny seeded checkpoints with dead heads and FFN units:
 XLM-RoBERTa with its own SentencePiece (Unigram) tokenizer and padding id 1; ELECTRA with an embedding table
-narrower than the hidden size (projected up) and its GELU classification head.
+narrower than the hidden size (projected up) and its GELU classification head; MPNet with its relative position
+bias table, sliced per layer after uneven compaction and fused as each Attention's ``attention_bias``.
 
 Each export is checked by the pipeline itself (exact compaction, one fused Attention per layer with its heads,
 the fused graph against the unfused one on right, left and hole padding, parity of every file); here the
@@ -35,6 +36,11 @@ def _artifacts(root: Path, architecture: str) -> dict[str, tuple[Path, Path]]:
 @pytest.fixture(scope="module")
 def xlmr(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
     return _artifacts(tmp_path_factory.mktemp("xlmr"), "xlm-roberta")
+
+
+@pytest.fixture(scope="module")
+def mpnet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    return _artifacts(tmp_path_factory.mktemp("mpnet"), "mpnet")
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +143,52 @@ def test_electra_classification_head_is_gelu_not_tanh(electra: dict[str, tuple[P
     got = run_rows(artifact, [{"text": t} for t in TEXTS], tmp_path, "--file", "model_optimized.onnx")
     assert [g["label"] for g in got] == [model.config.id2label[int(i)] for i in probs.argmax(-1)]
     np.testing.assert_allclose([g["score"] for g in got], probs.max(-1).values.numpy(), rtol=1e-4)
+
+
+def test_mpnet_fuses_with_its_position_bias_and_keeps_it_in_int8(mpnet: dict[str, tuple[Path, Path]]) -> None:
+    _, artifact = mpnet["feature-extraction"]
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    layers = manifest["compaction"]["layers"]
+    assert manifest["architecture"] == "mpnet" and manifest["max_tokens"] == 512
+    assert len({len(layer["heads_after"]) for layer in layers}) > 1  # uneven heads after compaction
+    for name in ("model_optimized.onnx", "model_quantized.onnx"):
+        attention = [n for n in onnx.load(str(artifact / name)).graph.node if n.op_type == "Attention"]
+        assert len(attention) == len(layers), name  # one per layer, the bias attached, in INT8 too (float)
+        assert all(len(n.input) > 5 and n.input[5] for n in attention), name
+        heads = [next(a.i for a in n.attribute if a.name == "num_heads") for n in attention]
+        assert heads == [len(layer["heads_after"]) for layer in layers], name
+
+
+def test_mpnet_embeddings_torch_free_equal_the_stock_model(mpnet: dict[str, tuple[Path, Path]],
+                                                           tmp_path: Path) -> None:
+    checkpoint, artifact = mpnet["feature-extraction"]
+    texts = TEXTS[:6]
+    want = _torch_mean_pooled(checkpoint, texts)
+    for file in ("model.onnx", "model_optimized.onnx"):
+        got = np.array([row["embedding"] for row in run_rows(artifact, [{"text": t} for t in texts], tmp_path,
+                                                             "--file", file)])
+        assert float(np.abs(got - want).max()) <= 1e-4, file
+    got = np.array([row["embedding"] for row in run_rows(artifact, [{"text": t} for t in texts], tmp_path,
+                                                         "--file", "model_quantized.onnx")])
+    cosines = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cosines.mean() >= 0.99
+    done = torch_free(["verify", str(artifact)])
+    assert done.returncode == 0 and "verified:" in done.stdout, done.stderr[-2000:]
+
+
+def test_an_mpnet_checkpoint_with_pruned_heads_is_refused_with_one_line(mpnet: dict[str, tuple[Path, Path]],
+                                                                        tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.exporter.test_runtime import REPO
+
+    checkpoint = Path(shutil.copytree(mpnet["feature-extraction"][0], tmp_path / "ck"))
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["pruned_heads"] = {"0": [1]}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(checkpoint), "--output",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=REPO)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("export-model: error:")]
+    assert done.returncode == 2 and len(errors) == 1 and "relative position bias" in errors[0], done.stderr[-2000:]
