@@ -118,6 +118,13 @@ def _bert_embeddings(self: nn.Module, input_ids: torch.Tensor, token_type_ids: t
     input_shape = input_ids.size()
     seq_length = input_shape[1]
     position_ids = buffered_position_ids(self)[:, 0:seq_length]
+    return summed_embeddings(self, input_ids, token_type_ids, position_ids)
+
+
+def summed_embeddings(self: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                      position_ids: torch.Tensor) -> torch.Tensor:
+    """word + token type + position embeddings, then the LayerNorm, in 4.57's order (what EmbedLayerNormalization
+    fuses)."""
     inputs_embeds = self.word_embeddings(input_ids)
     token_type_embeddings = self.token_type_embeddings(token_type_ids)
     embeddings = inputs_embeds + token_type_embeddings

@@ -19,14 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from exporter.architectures.base import Architecture, register
-from exporter.architectures.bert import additive_mask
+from exporter.architectures.base import register
+from exporter.architectures.bert import BertArchitecture, additive_mask
+from exporter.architectures.roberta import padded_position_ids
 from exporter.forward_parts import Forward, intermediate, residual_output
 from graphs.core.errors import CheckpointError
 
 
 @register
-class MPNetArchitecture(Architecture):
+class MPNetArchitecture(BertArchitecture):
     name = "mpnet"
     model_types = ("mpnet",)
     class_prefix = "MPNet"
@@ -46,24 +47,12 @@ class MPNetArchitecture(Architecture):
         # Positions start after the padding index, as RoBERTa's.
         return int(config.max_position_embeddings) - int(config.pad_token_id) - 1
 
-    def activation(self, layer: nn.Module) -> Callable[[Any], Any]:
-        return layer.intermediate.intermediate_act_fn
-
-    def heads(self, attention: nn.Module) -> int:
-        return int(attention.num_attention_heads)
-
-    def head_size(self, attention: nn.Module) -> int:
-        return int(attention.attention_head_size)
-
     def set_heads(self, attention: nn.Module, heads: int, kept: Sequence[int] | None = None) -> None:
         previous = list(getattr(attention, "kept_heads", range(attention.num_attention_heads)))
         attention.num_attention_heads = heads
         attention.all_head_size = heads * attention.attention_head_size
         # `kept` indexes the heads the module held before this call; the bias table's columns are original heads.
         attention.kept_heads = [previous[k] for k in kept] if kept is not None else previous[:heads]
-
-    def model_kwargs(self, task: str) -> dict[str, Any]:
-        return {"add_pooling_layer": False} if task == "feature-extraction" else {}
 
     def check_pruned(self, config: Any) -> None:
         if any((getattr(config, "pruned_heads", None) or {}).values()):
@@ -137,8 +126,7 @@ def _mpnet_model(self: nn.Module, input_ids: torch.Tensor, attention_mask: torch
 
 def _mpnet_embeddings(padding_idx: int) -> Forward:
     def forward(self: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        mask = input_ids.ne(padding_idx).int()
-        position_ids = (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + padding_idx
+        position_ids = padded_position_ids(input_ids, padding_idx)
         embeddings = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
         return self.LayerNorm(embeddings)
 

@@ -61,6 +61,26 @@ def _torch_mean_pooled(checkpoint: Path, texts: list[str]) -> np.ndarray:
     return ((hidden * mask).sum(1) / mask.sum(1)).numpy()
 
 
+def _served(artifact: Path, texts: list[str], tmp_path: Path, file: str, *extra: str) -> np.ndarray:
+    """`run`'s embeddings (torch-free) of `texts` from `file`."""
+    return np.array([row["embedding"] for row in run_rows(artifact, [{"text": t} for t in texts], tmp_path,
+                                                         "--file", file, *extra)])
+
+
+def _cosines(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    return (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+
+
+def _assert_served_like_pytorch(artifact: Path, checkpoint: Path, texts: list[str], tmp_path: Path,
+                                int8: bool = True) -> None:
+    """FP32 files within 1e-4 of the stock model's mean-pooled embeddings; the INT8 file at mean cosine >= 0.99."""
+    want = _torch_mean_pooled(checkpoint, texts)
+    for file in ("model.onnx", "model_optimized.onnx"):
+        assert float(np.abs(_served(artifact, texts, tmp_path, file) - want).max()) <= 1e-4, file
+    if int8:
+        assert _cosines(_served(artifact, texts, tmp_path, "model_quantized.onnx"), want).mean() >= 0.99
+
+
 def test_xlm_roberta_fuses_compacts_and_records_its_facts(xlmr: dict[str, tuple[Path, Path]]) -> None:
     _, artifact = xlmr["feature-extraction"]
     manifest = json.loads((artifact / "manifest.json").read_text())
@@ -82,15 +102,7 @@ def test_xlm_roberta_embeddings_torch_free_equal_the_stock_model(xlmr: dict[str,
     import transformers
 
     assert transformers.AutoTokenizer.from_pretrained(checkpoint).pad_token_id == 1  # XLM-R's, the runtime's too
-    want = _torch_mean_pooled(checkpoint, texts)
-    for file, bound in (("model.onnx", 1e-4), ("model_optimized.onnx", 1e-4)):
-        got = np.array([row["embedding"] for row in run_rows(artifact, [{"text": t} for t in texts], tmp_path,
-                                                             "--file", file)])
-        assert float(np.abs(got - want).max()) <= bound, file
-    got = np.array([row["embedding"] for row in run_rows(artifact, [{"text": t} for t in texts], tmp_path,
-                                                         "--file", "model_quantized.onnx")])
-    cosines = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
-    assert cosines.mean() >= 0.99
+    _assert_served_like_pytorch(artifact, checkpoint, texts, tmp_path)
     done = torch_free(["verify", str(artifact)])
     assert done.returncode == 0 and "verified:" in done.stdout, done.stderr[-2000:]
 
@@ -120,11 +132,7 @@ def test_electra_projects_its_embeddings_and_serves_torch_free(electra: dict[str
     shapes = {tuple(t.dims) for t in model.graph.initializer}
     assert (30522, 32) in shapes and (32, 64) in shapes  # the 32-wide table, projected up to 64 in the graph
     texts = TEXTS[:6]
-    want = _torch_mean_pooled(checkpoint, texts)
-    for file in ("model.onnx", "model_optimized.onnx"):
-        got = np.array([row["embedding"] for row in run_rows(artifact, [{"text": t} for t in texts], tmp_path,
-                                                             "--file", file)])
-        assert float(np.abs(got - want).max()) <= 1e-4, file
+    _assert_served_like_pytorch(artifact, checkpoint, texts, tmp_path, int8=False)
     done = torch_free(["verify", str(artifact)])
     assert done.returncode == 0 and "verified:" in done.stdout, done.stderr[-2000:]
 
@@ -163,15 +171,7 @@ def test_mpnet_embeddings_torch_free_equal_the_stock_model(mpnet: dict[str, tupl
                                                            tmp_path: Path) -> None:
     checkpoint, artifact = mpnet["feature-extraction"]
     texts = TEXTS[:6]
-    want = _torch_mean_pooled(checkpoint, texts)
-    for file in ("model.onnx", "model_optimized.onnx"):
-        got = np.array([row["embedding"] for row in run_rows(artifact, [{"text": t} for t in texts], tmp_path,
-                                                             "--file", file)])
-        assert float(np.abs(got - want).max()) <= 1e-4, file
-    got = np.array([row["embedding"] for row in run_rows(artifact, [{"text": t} for t in texts], tmp_path,
-                                                         "--file", "model_quantized.onnx")])
-    cosines = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
-    assert cosines.mean() >= 0.99
+    _assert_served_like_pytorch(artifact, checkpoint, texts, tmp_path)
     done = torch_free(["verify", str(artifact)])
     assert done.returncode == 0 and "verified:" in done.stdout, done.stderr[-2000:]
 
@@ -219,9 +219,8 @@ def test_the_real_all_mpnet_base_v2_matches_sentence_transformers(tmp_path: Path
         return similarity.argmax(1)
 
     for file in ("model.onnx", "model_optimized.onnx", "model_quantized.onnx"):
-        got = np.array([row["embedding"] for row in run_rows(artifact, [{"text": t} for t in texts], tmp_path,
-                                                             "--file", file, "--batch-size", "16")])
-        cosines = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+        got = _served(artifact, texts, tmp_path, file, "--batch-size", "16")
+        cosines = _cosines(got, want)
         if file == "model_quantized.onnx":
             assert (top1(got) == top1(want)).mean() >= 0.95
         else:
