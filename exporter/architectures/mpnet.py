@@ -11,6 +11,7 @@ an Attention in float with its bias and quantizes the projections around it.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -96,13 +97,15 @@ class MPNetArchitecture(BertArchitecture):
                 continue
             module, index = view.attention, torch.tensor(kept, dtype=torch.long)
             original = module.forward
+            # 4.57 passes head_mask before position_bias, 5.x does not: find the argument by its name
+            signature = inspect.signature(original)
 
-            def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                        position_bias: torch.Tensor | None = None, *args: Any, _original: Any = original,
-                        _index: torch.Tensor = index, **kwargs: Any) -> Any:
-                if position_bias is not None:
-                    position_bias = position_bias.index_select(1, _index)
-                return _original(hidden_states, attention_mask, position_bias, *args, **kwargs)
+            def forward(*args: Any, _original: Any = original, _index: torch.Tensor = index,
+                        _signature: inspect.Signature = signature, **kwargs: Any) -> Any:
+                bound = _signature.bind_partial(*args, **kwargs)
+                if bound.arguments.get("position_bias") is not None:
+                    bound.arguments["position_bias"] = bound.arguments["position_bias"].index_select(1, _index)
+                return _original(*bound.args, **bound.kwargs)
 
             module.forward = forward
             wrapped.append(module)
