@@ -32,7 +32,7 @@ import hashlib
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,14 @@ from graphs.core.errors import ParityError, UsageError
 
 __all__ = ["MANIFEST", "SIGNATURE", "TASKS", "Artifact", "Limits", "Trust", "parse_json", "sha256_digest",
            "validate_manifest"]
+
+
+class FileMismatch(ParityError):
+    """A listed file that is not what the manifest says; `line` is the "name: why" that `verify` reports."""
+
+    def __init__(self, line: str, message: str) -> None:
+        super().__init__(message)
+        self.line = line
 
 
 @dataclass
@@ -132,51 +140,55 @@ class Artifact:
 
     def read(self, name: str) -> bytes:
         """The bytes of listed file `name`, opened contained, checked against the manifest's size and sha256
-        (ParityError, exit 3, when they differ; UsageError for a name the manifest does not list)."""
-        expected = self.files.get(name)
-        if expected is None:
+        (FileMismatch, exit 3, when they differ; UsageError for a name the manifest does not list)."""
+        if name not in self.files:
             raise UsageError(f"{self.folder}: {name} is not listed in manifest.json; re-export the artifact")
-        cap = self.limits.cap(name)
-        if expected["bytes"] > cap:
-            raise ParityError(f"{self.folder / name}: the manifest says {expected['bytes']:,} bytes, over the "
-                              f"{cap:,}-byte cap for this kind of file")
-        try:
-            data = read_capped(self.root_fd, name, cap)
-        except UsageError as error:
-            raise ParityError(f"{self.folder}: {error}") from None
-        if len(data) != expected["bytes"] or sha256_digest(data) != expected["sha256"]:
-            raise ParityError(f"{self.folder / name}: sha256 differs from the manifest (file changed since export); "
-                              f"run export-model verify {self.folder}")
+        failure, data = self._check(name, keep=True)
+        if failure is not None:
+            raise FileMismatch(failure, f"{self.folder}: {failure}; run export-model verify {self.folder}")
+        assert data is not None
         return data
 
     def read_json(self, name: str) -> Any:
         """Listed JSON file `name`, checked; malformed content is exit 3 (it is what the manifest vouches for)."""
         return parse_json(self.read(name), str(self.folder / name), ParityError)
 
-    def check_all(self) -> list[str]:
-        """"name: why" for each listed file that is missing, not a plain file inside the folder, or differs from
-        the manifest (streamed: nothing is kept)."""
-        failures = []
-        for name, expected in self.files.items():
-            try:
-                fd = open_contained(self.root_fd, name)
-            except UsageError as error:
-                failures.append(str(error))
-                continue
-            try:
-                size = os.fstat(fd).st_size
-                if size != expected["bytes"]:
-                    failures.append(f"{name}: {size:,} bytes, the manifest says {expected['bytes']:,}")
-                    continue
-                digest, left = hashlib.sha256(), size
-                while left > 0 and (chunk := os.read(fd, min(left, 16 * _MiB))):
-                    digest.update(chunk)
-                    left -= len(chunk)
-                if left or digest.hexdigest() != expected["sha256"]:
-                    failures.append(f"{name}: sha256 differs from the manifest (file changed since export)")
-            finally:
-                os.close(fd)
-        return failures
+    def check_all(self, skip: Iterable[str] = ()) -> list[str]:
+        """"name: why" for each listed file (but `skip`, which the caller reads, and so checks, itself) that is
+        missing, not a plain file inside the folder, or differs from the manifest (streamed: nothing is kept)."""
+        skipped = set(skip)
+        return [failure for name in self.files if name not in skipped
+                if (failure := self._check(name, keep=False)[0]) is not None]
+
+    def _check(self, name: str, keep: bool) -> tuple[str | None, bytes | None]:
+        """("name: why", None) if listed file `name` is over its cap, not a plain file inside the folder, or not
+        the size and sha256 the manifest says; else (None, its bytes if `keep`). One read: the bytes returned are
+        the bytes hashed."""
+        expected = self.files[name]
+        cap = self.limits.cap(name)
+        if expected["bytes"] > cap:
+            return (f"{name}: the manifest says {expected['bytes']:,} bytes, over the {cap:,}-byte cap for this kind "
+                    "of file"), None
+        try:
+            fd = open_contained(self.root_fd, name)
+        except UsageError as error:
+            return str(error), None
+        try:
+            size = os.fstat(fd).st_size
+            if size != expected["bytes"]:
+                return (f"{name}: sha256 differs from the manifest (file changed since export: {size:,} bytes, the "
+                        f"manifest says {expected['bytes']:,})"), None
+            digest, chunks, left = hashlib.sha256(), [], size
+            while left > 0 and (chunk := os.read(fd, min(left, 16 * _MiB))):
+                digest.update(chunk)
+                if keep:
+                    chunks.append(chunk)
+                left -= len(chunk)
+            if left or os.read(fd, 1) or digest.hexdigest() != expected["sha256"]:
+                return f"{name}: sha256 differs from the manifest (file changed since export)", None
+        finally:
+            os.close(fd)
+        return None, b"".join(chunks) if keep else None
 
     def unlisted(self) -> list[str]:
         """Entries of the folder the manifest does not list (besides manifest.json and manifest.sig): files,

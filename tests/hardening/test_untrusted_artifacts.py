@@ -237,21 +237,21 @@ def test_a_model_swapped_right_after_its_check_is_never_served(artifact: Path, c
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The worst timing, made certain: the file is swapped the moment after its bytes were read and hashed. The
     session is built from those bytes, so the genuine model runs (the old runtime opened the name again)."""
-    import exporter.runtime.artifact
+    from exporter.runtime.artifact import Artifact
     from exporter.runtime.model import Runtime
 
     evil = tmp_path / "evil.onnx"
     _scaled_model(copy / "model.onnx", evil)
     genuine = Runtime.load(artifact, file="model.onnx").embed(TEXTS)
-    real_read = exporter.runtime.artifact.read_capped
+    real_check = Artifact._check
 
-    def read_then_swap(root_fd: int, name: str, cap: int) -> bytes:
-        data = real_read(root_fd, name, cap)
+    def read_then_swap(self: Artifact, name: str, keep: bool) -> tuple[str | None, bytes | None]:
+        result = real_check(self, name, keep)
         if name == "model.onnx":
             os.replace(evil, copy / "model.onnx")
-        return data
+        return result
 
-    monkeypatch.setattr(exporter.runtime.artifact, "read_capped", read_then_swap)
+    monkeypatch.setattr(Artifact, "_check", read_then_swap)
     served = Runtime.load(copy, file="model.onnx")
     assert (copy / "model.onnx").read_bytes() != (artifact / "model.onnx").read_bytes()  # the swap happened
     np.testing.assert_array_equal(served.embed(TEXTS), genuine)
