@@ -81,6 +81,20 @@ def _assert_served_like_pytorch(artifact: Path, checkpoint: Path, texts: list[st
         assert _cosines(_served(artifact, texts, tmp_path, "model_quantized.onnx"), want).mean() >= 0.99
 
 
+def _assert_labels_like_pytorch(checkpoint: Path, artifact: Path, tmp_path: Path) -> None:
+    """`run`'s labels (torch-free, the fused graph) equal the stock classifier's argmax, scores to 1e-4."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    with torch.no_grad():
+        probs = model(**tokenizer(TEXTS, padding=True, truncation=True, return_tensors="pt")).logits.softmax(-1)
+    got = run_rows(artifact, [{"text": t} for t in TEXTS], tmp_path, "--file", "model_optimized.onnx")
+    assert [g["label"] for g in got] == [model.config.id2label[int(i)] for i in probs.argmax(-1)]
+    np.testing.assert_allclose([g["score"] for g in got], probs.max(-1).values.numpy(), rtol=1e-4)
+
+
 def test_xlm_roberta_fuses_compacts_and_records_its_facts(xlmr: dict[str, tuple[Path, Path]]) -> None:
     _, artifact = xlmr["feature-extraction"]
     manifest = json.loads((artifact / "manifest.json").read_text())
@@ -109,17 +123,7 @@ def test_xlm_roberta_embeddings_torch_free_equal_the_stock_model(xlmr: dict[str,
 
 def test_xlm_roberta_labels_torch_free_equal_the_stock_argmax(xlmr: dict[str, tuple[Path, Path]],
                                                               tmp_path: Path) -> None:
-    import torch
-    import transformers
-
-    checkpoint, artifact = xlmr["text-classification"]
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
-    with torch.no_grad():
-        probs = model(**tokenizer(TEXTS, padding=True, truncation=True, return_tensors="pt")).logits.softmax(-1)
-    got = run_rows(artifact, [{"text": t} for t in TEXTS], tmp_path, "--file", "model_optimized.onnx")
-    assert [g["label"] for g in got] == [model.config.id2label[int(i)] for i in probs.argmax(-1)]
-    np.testing.assert_allclose([g["score"] for g in got], probs.max(-1).values.numpy(), rtol=1e-4)
+    _assert_labels_like_pytorch(*xlmr["text-classification"], tmp_path)
 
 
 def test_electra_projects_its_embeddings_and_serves_torch_free(electra: dict[str, tuple[Path, Path]],
@@ -140,17 +144,7 @@ def test_electra_projects_its_embeddings_and_serves_torch_free(electra: dict[str
 def test_electra_classification_head_is_gelu_not_tanh(electra: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
     """ELECTRA's head is dense -> GELU -> out_proj on the first token; RoBERTa's tanh head would give other
     scores."""
-    import torch
-    import transformers
-
-    checkpoint, artifact = electra["text-classification"]
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
-    with torch.no_grad():
-        probs = model(**tokenizer(TEXTS, padding=True, truncation=True, return_tensors="pt")).logits.softmax(-1)
-    got = run_rows(artifact, [{"text": t} for t in TEXTS], tmp_path, "--file", "model_optimized.onnx")
-    assert [g["label"] for g in got] == [model.config.id2label[int(i)] for i in probs.argmax(-1)]
-    np.testing.assert_allclose([g["score"] for g in got], probs.max(-1).values.numpy(), rtol=1e-4)
+    _assert_labels_like_pytorch(*electra["text-classification"], tmp_path)
 
 
 def test_mpnet_fuses_with_its_position_bias_and_keeps_it_in_int8(mpnet: dict[str, tuple[Path, Path]]) -> None:
