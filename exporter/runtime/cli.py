@@ -124,15 +124,6 @@ def read_rows(handle: IO[bytes], path: Path) -> Iterator[tuple[int, Any]]:
         yield number, parse_json(line, f"--input {path} row {number}")
 
 
-def check_strings(row: dict[str, Any], fields: Sequence[str], where: str) -> None:
-    """A lone surrogate ("\\ud800" is valid JSON) cannot be tokenized: refused as bad input."""
-    for name in fields:
-        try:
-            row[name].encode("utf-8")
-        except UnicodeEncodeError:
-            raise UsageError(f"{where}: {name!r} holds a lone surrogate (not Unicode text)") from None
-
-
 def _execute(args: argparse.Namespace) -> int:
     from exporter.runtime.model import Runtime
 
@@ -142,37 +133,36 @@ def _execute(args: argparse.Namespace) -> int:
     sandbox.disarm()
     path = Path(args.input)
     options: dict[str, Any] = {}
-    fields = ("question", "context") if runtime.task == "question-answering" else ("text",)
     if runtime.task == "question-answering":
         options = {"max_answer_length": args.max_answer_length, "null_answer": not args.always_answer}
+    rows: list[dict[str, Any]] = []
+    names: list[str] = []
+
+    def answer() -> None:
+        """Run the rows read so far and print their lines, flushed (the stream's unit of work)."""
+        batch, batch_names = rows[:], names[:]
+        rows.clear()  # taken before running: a batch that fails is not run again by the error path
+        names.clear()
+        if batch:
+            sandbox.arm(args.time_limit)
+            results = runtime.predict_rows(batch, names=batch_names, **options)
+            sandbox.disarm()
+            sys.stdout.write("".join(json.dumps(result, ensure_ascii=False) + "\n" for result in results))
+            sys.stdout.flush()
+
     with open_input(path) as handle:
-        rows: list[dict[str, Any]] = []
-        names: list[str] = []
-        problem: UsageError | None = None
-        stream = read_rows(handle, path)
-        while True:
-            try:
-                number, row = next(stream)
+        try:
+            for number, row in read_rows(handle, path):
                 name = f"--input {path} row {number}"
                 checked = runtime.check_row(row, name)
-                check_strings(checked, fields, name)
-                rows.append({key: checked[key] for key in fields})
+                rows.append({key: checked[key] for key in runtime.row_fields})
                 names.append(name)
-            except StopIteration:
-                number = -1
-            except UsageError as error:
-                problem, number = error, -1
-            if rows and (number < 0 or len(rows) == args.batch_size):
-                sandbox.arm(args.time_limit)
-                results = runtime.predict_rows(rows, names=names, **options)
-                sandbox.disarm()
-                sys.stdout.write("".join(json.dumps(result, ensure_ascii=False) + "\n" for result in results))
-                sys.stdout.flush()
-                rows, names = [], []
-            if number < 0:
-                break
-        if problem is not None:
-            raise problem
+                if len(rows) == args.batch_size:
+                    answer()
+        except UsageError:
+            answer()  # the rows before the bad one get their lines first
+            raise
+        answer()
     return 0
 
 

@@ -440,9 +440,15 @@ class Runtime:
         return [{"entities": [{"entity": e.entity, "start": e.start, "end": e.end, "score": e.score}
                               for e in spans]} for spans in self.entities(texts)]
 
+    @property
+    def row_fields(self) -> tuple[str, ...]:
+        """The fields a row of this task holds."""
+        return ("question", "context") if self.task == "question-answering" else ("text",)
+
     def check_row(self, row: Any, where: str) -> dict[str, Any]:
-        """`row` if it has the fields this task needs, as strings; a UsageError naming `where` if not."""
-        fields = ("question", "context") if self.task == "question-answering" else ("text",)
+        """`row` if it has the fields this task needs, as Unicode strings; a UsageError naming `where` if not (a
+        lone surrogate, valid in JSON, cannot be tokenized)."""
+        fields = self.row_fields
         if not isinstance(row, dict):
             raise UsageError(f"{where}: expected a JSON object with {' and '.join(map(repr, fields))}, "
                              f"got {type(row).__name__}")
@@ -452,6 +458,10 @@ class Runtime:
                                  f"{' and '.join(map(repr, fields))}); found {sorted(row)[:5]}")
             if not isinstance(row[name], str):
                 raise UsageError(f"{where}: {name!r} must be a string, got {type(row[name]).__name__}")
+            try:
+                row[name].encode("utf-8")
+            except UnicodeEncodeError:
+                raise UsageError(f"{where}: {name!r} holds a lone surrogate (not Unicode text)") from None
         return row
 
 
