@@ -200,7 +200,7 @@ class Runtime:
                                   "artifact is damaged or was not written by export-model") from None
         log.info("runtime: %s on %s", folder / file, full)
         return cls(folder, file, session, manifest, config, tokenizer, batch_size, settings, pooling,
-                   st_max if isinstance(st_max, int) and not isinstance(st_max, bool) else None)
+                   _int(st_max, 0) or None)
 
     def _apply_tokenizer_settings(self, settings: dict[str, Any], st_max_length: int | None) -> None:
         tok = self.tokenizer
@@ -224,10 +224,9 @@ class Runtime:
         model_max = settings.get("model_max_length")
         if isinstance(model_max, (int, float)) and 0 < model_max < 1e6:
             limits.append(int(model_max))
-        tokens = self.manifest.get("max_tokens")  # what the positions hold, recorded by the family at export
-        if not (isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0):
-            tokens = self.config.get("max_position_embeddings")  # an artifact from before the field
-        if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0:
+        # what the positions hold, recorded by the family at export (max_position_embeddings before the field)
+        tokens = _int(self.manifest.get("max_tokens"), 0) or _int(self.config.get("max_position_embeddings"), 0)
+        if tokens:
             limits.append(tokens)
         if self.task == "feature-extraction" and st_max_length is not None and st_max_length > 0:
             limits.append(st_max_length)
