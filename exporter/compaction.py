@@ -181,7 +181,10 @@ def compact_model(
                 params_before=params_before,
             )
             _compact_heads(view, architecture, report, set(requested.get(view.index, [])))
-            _compact_ffn(view, report)
+            if view.ffn_gate is not None:
+                _compact_gated_ffn(view, report)
+            else:
+                _compact_ffn(view, report)
             report.params_after = sum(p.numel() for p in view.layer.parameters())
             reports.append(report)
     result = CompactionReport(reports, requested, time.perf_counter() - start)
@@ -277,6 +280,41 @@ def _compact_ffn(view: LayerView, report: LayerCompaction) -> None:
     if report.ffn_after == width:
         return
     view.replace("ffn_in", _select_rows(view.ffn_in, keep))
+    view.replace("ffn_out", _select_columns(view.ffn_out, keep))
+
+
+def _compact_gated_ffn(view: LayerView, report: LayerCompaction) -> None:
+    """A gated (GeGLU) feed-forward: unit i is ``W_out[:, i] * act(in_i(x)) * gate_i(x)``. It contributes exactly
+    0 when its output column is zero, its input row is zero and ``act(b_in_i)`` is 0 (always without a bias), or its
+    gate row is zero and ``b_gate_i`` is 0; with both rows zero it is the constant ``W_out[:, i] act(b_in_i)
+    b_gate_i``, folded into the output bias. Otherwise it depends on the input and stays."""
+    assert view.ffn_gate is not None
+    w_in, w_gate, w_out = view.ffn_in.weight, view.ffn_gate.weight, view.ffn_out.weight
+    width = w_in.shape[0]
+    zero_in, zero_gate, zero_out = ~w_in.any(dim=1), ~w_gate.any(dim=1), ~w_out.any(dim=0)
+    b_in = view.ffn_in.bias.double() if view.ffn_in.bias is not None else torch.zeros(width, dtype=torch.float64)
+    b_gate = view.ffn_gate.bias.double() if view.ffn_gate.bias is not None else torch.zeros(width, dtype=torch.float64)
+    act_in = view.activation(b_in)
+    silent = zero_out | (zero_in & (act_in == 0)) | (zero_gate & (b_gate == 0))
+    fold = zero_in & zero_gate & ~silent
+    report.ffn_before = width
+    report.ffn_zero_input = int((zero_in | zero_gate).sum())
+    report.ffn_zero_output = int((zero_out & ~(zero_in | zero_gate)).sum())
+    constant = w_out[:, fold].double() @ (act_in[fold] * b_gate[fold])
+    keep = (~(silent | fold)).nonzero().flatten()
+    if keep.numel() == 0:
+        keep = torch.tensor([0])
+        w_out[:, 0] = 0.0  # its constant, if any, is folded above
+    report.folded_ffn_constant = float(constant.norm())
+    if view.ffn_out.bias is not None:
+        view.ffn_out.bias += constant.to(view.ffn_out.bias.dtype)
+    elif bool(constant.any()):
+        raise UsageError(f"layer {view.index}: dead FFN units add a constant but the FFN output has no bias")
+    report.ffn_after = int(keep.numel())
+    if report.ffn_after == width:
+        return
+    view.replace("ffn_in", _select_rows(view.ffn_in, keep))
+    view.replace("ffn_gate", _select_rows(view.ffn_gate, keep))
     view.replace("ffn_out", _select_columns(view.ffn_out, keep))
 
 

@@ -142,7 +142,10 @@ def _feature_extraction(base_forward: Forward, pooling: Pooling | None) -> Forwa
 def _task_head(model: nn.Module, architecture: Architecture, task: str,
                patches: list[tuple[nn.Module, Forward]], pooling: Pooling | None = None) -> Forward:
     """The top-level forward: base model, then the head 4.57 put on it for ``task``."""
-    if task == "feature-extraction":
+    if (own := architecture.task_head(model, task)) is not None:
+        _require(model, own[0], task)
+        head = own[1]
+    elif task == "feature-extraction":
         head = _last_hidden_state
     elif task == "question-answering":
         _require(model, ("qa_outputs",), task)
@@ -150,9 +153,6 @@ def _task_head(model: nn.Module, architecture: Architecture, task: str,
     elif task == "token-classification":
         _require(model, ("classifier",), task)
         head = _token_classification
-    elif task == "text-classification" and (own := architecture.classification_head(model)) is not None:
-        _require(model, own[0], task)
-        head = own[1]
     elif task == "text-classification" and isinstance(getattr(model, "classifier", None), nn.Linear):
         if getattr(model.base_model, "pooler", None) is None:
             raise ExportError(f"{type(model).__name__} classifies the pooled output but has no pooler")
@@ -173,6 +173,8 @@ def _task_head(model: nn.Module, architecture: Architecture, task: str,
         sequence_output, pooled_output = getattr(self, base_name)(input_ids, attention_mask, token_type_ids)
         if pooling is not None:
             return sequence_output, torch_pool(sequence_output, attention_mask, pooling)
+        if getattr(head, "needs_mask", False):  # a head that pools over the tokens (ModernBERT's mean)
+            return head(self, sequence_output, pooled_output, attention_mask)
         return head(self, sequence_output, pooled_output)
 
     return forward

@@ -184,6 +184,7 @@ def load_checkpoint(path: Path, task: str | None = None) -> Checkpoint:
             f"({type(error).__name__}: {one_line(error)}); restore the config.json saved with the weights"
         ) from error
     _load_weights(path, model, task, config, weights)
+    architecture.prepare(model)
     layer_norm = str(raw.get("layer_norm_type", "layer_norm"))
     if layer_norm not in ("layer_norm", "no_norm"):
         raise CheckpointError(f"config.json layer_norm_type {layer_norm!r} is not supported; expected layer_norm or no_norm")
@@ -370,6 +371,8 @@ def _build_model(model_class: Any, config: Any, kwargs: dict[str, Any], architec
     finally:
         config.pruned_heads = pruned
     model = model.float()
+    if not any(pruned.values()):
+        return model
     with torch.no_grad():
         for view in architecture.layers(model):
             removed = set(pruned.get(view.index, ()))

@@ -234,6 +234,8 @@ def _build(
                 layer_norm=checkpoint.layer_norm,
                 activation=arch.activation_name(hf_config),
                 attention_pass=arch.attention_pass(checkpoint.layer_norm),
+                pre_norm=arch.pre_norm,
+                max_length=max_length,
             )
             fusion = fuse_graph(built / MODEL_FILE, built / OPTIMIZED_FILE, plan, config.fusion)
             note["detail"] = fusion.summary()

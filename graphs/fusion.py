@@ -38,14 +38,20 @@ from graphs.fuse_distilbert_attention import fuse_distilbert_attention
 from graphs.fuse_mpnet_attention import fuse_mpnet_attention
 from graphs.fuse_nonorm_attention import fuse_nonorm_attention
 from graphs.fuse_relu_gemm import fuse_relu_gemm
+from graphs.fuse_rotary_attention import fuse_rotary_attention
 from graphs.residual_sum import sum_residuals
 
 #: The project's own attention passes, by the name a family's file gives (``Architecture.attention_pass``): each
 #: fuses the attention onnxruntime's optimizer cannot match and returns the layers it fused.
-ATTENTION_PASSES: dict[str, Callable[[Any], list[int]]] = {
-    "distilbert": fuse_distilbert_attention,  # q / sqrt(d) before the scores, masked_fill mask
-    "nonorm": fuse_nonorm_attention,  # no LayerNorm to anchor the match on
-    "mpnet": fuse_mpnet_attention,  # a relative position bias added before the mask: Attention's attention_bias
+ATTENTION_PASSES: dict[str, Callable[[Any, GraphPlan], list[int]]] = {
+    # q / sqrt(d) before the scores, masked_fill mask
+    "distilbert": lambda model, plan: fuse_distilbert_attention(model),
+    # no LayerNorm to anchor the match on
+    "nonorm": lambda model, plan: fuse_nonorm_attention(model),
+    # a relative position bias added before the mask: Attention's attention_bias
+    "mpnet": lambda model, plan: fuse_mpnet_attention(model),
+    # rotary Q and K (ModernBERT): RotaryEmbedding + MultiHeadAttention, the mask as attention_bias
+    "rotary": lambda model, plan: fuse_rotary_attention(model, plan.max_length),
 }
 
 logger = logging.getLogger(__name__)
@@ -79,6 +85,10 @@ class GraphPlan:
     attention_pass: str | None = None
     """The project's own attention fusion the family needs after onnxruntime's (a key of
     :data:`ATTENTION_PASSES`), chosen by the family's file (``Architecture.attention_pass``); None: none."""
+    pre_norm: bool = False
+    """LayerNorm before each block (ModernBERT): no bias Add beside the residual, so no residual Sum is expected."""
+    max_length: int = 512
+    """Longest sequence the artifact serves: the positions of constant caches a pass writes (rotary tables)."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,7 @@ class FusionReport:
             SUM_LAYER_NORM: self.op_counts.get(SUM_LAYER_NORM, 0),
             NONORM_FOLDED: self.op_counts.get(NONORM_FOLDED, 0),
             RELU_GEMM: self.op_counts.get(RELU_GEMM, 0),
+            "RotaryEmbedding": self.op_counts.get("RotaryEmbedding", 0),
         }
         gelu_op = next((op for op in _GELU_OPS if self.op_counts.get(op)), "BiasGelu")
         found[gelu_op] = self.op_counts.get(gelu_op, 0)
@@ -211,7 +222,7 @@ def fuse_graph(
         opt_level=0,
     )
     if plan.attention_pass is not None:
-        ATTENTION_PASSES[plan.attention_pass](optimizer)
+        ATTENTION_PASSES[plan.attention_pass](optimizer, plan)
     layers = len(plan.heads_per_layer)
     rewrites: dict[str, tuple[int, int]] = {}  # report name: (done, expected)
     if plan.layer_norm == "no_norm":
@@ -265,10 +276,12 @@ def _verify(fused: onnx.ModelProto, plan: GraphPlan) -> FusionReport:
         for i, heads in enumerate(plan.heads_per_layer)
     ]
     expected = {"Attention": n_layers}
-    if plan.layer_norm == "layer_norm":
+    if plan.layer_norm == "layer_norm" and not plan.pre_norm:
         expected["SkipLayerNorm" if counts.get("SkipLayerNormalization") else SUM_LAYER_NORM] = 2 * n_layers
     if plan.activation.startswith("gelu"):
         expected["Gelu"] = n_layers
+    if plan.attention_pass == "rotary":
+        expected["RotaryEmbedding"] = 2 * n_layers
     report = FusionReport(
         op_counts=counts,
         layers=layers,

@@ -131,9 +131,22 @@ def attention_depths(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, int]]
 def attention_nodes(model: onnx.ModelProto) -> list[AttentionNode]:
     """Fused attention nodes in layer order (by attention depth, then topological position)."""
     initializers = {t.name: t for t in model.graph.initializer}
+    producers = {output: node for node in model.graph.node for output in node.output}
     found = [(depth, node) for node, depth in attention_depths(model) if node.op_type in ATTENTION_OPS]
     # sorted() is stable, so equal depths (parallel attention, never seen in an encoder) keep topological order.
-    return [_describe_attention(node, initializers) for _, node in sorted(found, key=lambda pair: pair[0])]
+    return [_describe_attention(node, initializers, producers) for _, node in sorted(found, key=lambda pair: pair[0])]
+
+
+def _query_weight(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto],
+                  producers: dict[str, onnx.NodeProto]) -> onnx.TensorProto | None:
+    """A MultiHeadAttention's Q projection weight: the MatMul feeding its query, through a RotaryEmbedding (and an
+    INT8 file's MatMulIntegerToFloat) where there is one."""
+    source = producers.get(node.input[0]) if node.input else None
+    if source is not None and source.op_type == "RotaryEmbedding":
+        source = producers.get(source.input[0])
+    if source is None or source.op_type not in ("MatMul", "MatMulIntegerToFloat"):
+        return None
+    return initializers.get(source.input[1])
 
 
 def layer_op_counts(
@@ -152,12 +165,19 @@ def layer_op_counts(
     return {layer: dict(sorted(counts.items())) for layer, counts in sorted(per_layer.items())}
 
 
-def _describe_attention(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> AttentionNode:
+def _describe_attention(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto],
+                        producers: dict[str, onnx.NodeProto]) -> AttentionNode:
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     num_heads = attrs.get("num_heads")
     head_size = input_hidden = None
     weight = initializers.get(node.input[1]) if node.op_type == "Attention" and len(node.input) > 1 else None
-    if weight is not None and len(weight.dims) == 2:
+    if node.op_type == "MultiHeadAttention":
+        query = _query_weight(node, initializers, producers)
+        if query is not None and len(query.dims) == 2:
+            input_hidden = int(query.dims[0])
+            if num_heads and int(query.dims[1]) % num_heads == 0:
+                head_size = int(query.dims[1]) // num_heads
+    elif weight is not None and len(weight.dims) == 2:
         input_hidden = int(weight.dims[0])
         # Attention packs Q, K and V along the output axis; qkv_hidden_sizes is set when they differ.
         q_width = attrs["qkv_hidden_sizes"][0] if "qkv_hidden_sizes" in attrs else int(weight.dims[1]) // 3

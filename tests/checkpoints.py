@@ -34,7 +34,7 @@ import torch
 import transformers
 from torch import nn
 
-ARCHITECTURES: tuple[str, ...] = ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "mpnet")
+ARCHITECTURES: tuple[str, ...] = ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "mpnet", "modernbert")
 TASKS: tuple[str, ...] = (
     "feature-extraction",
     "text-classification",
@@ -50,7 +50,7 @@ TASK_CLASSES: dict[str, dict[str, str]] = {
     }
     for arch, prefix in (("bert", "Bert"), ("roberta", "Roberta"), ("distilbert", "DistilBert"),
                          ("xlm-roberta", "XLMRoberta"), ("electra", "Electra"),
-                         ("mpnet", "MPNet"))
+                         ("mpnet", "MPNet"), ("modernbert", "ModernBert"))
 }
 AUTO_CLASSES: dict[str, str] = {
     "feature-extraction": "AutoModel",
@@ -185,17 +185,24 @@ class CheckpointTruth:
 
     def _layer_params(self, heads: int, ffn: int) -> int:
         width, h = heads * self.head_size, self.hidden_size
+        if self.architecture == "modernbert":  # no biases, two input rows per GeGLU unit, two bias-free norms
+            return 4 * width * h + 3 * h * ffn + 2 * h
         attention = 3 * (width * h + width) + h * width + h
         return attention + (h * ffn + ffn) + (ffn * h + h) + 2 * 2 * h
 
     def original_encoder_params(self) -> int:
         """Float params of the encoder layers before any pruning (all heads, full FFN)."""
-        return self.num_layers * self._layer_params(self.num_heads, self.intermediate_size)
+        return self.num_layers * self._layer_params(self.num_heads, self.intermediate_size) - self._identity_norms()
+
+    def _identity_norms(self) -> int:
+        """ModernBERT's first layer has no attention norm (an Identity)."""
+        return self.hidden_size if self.architecture == "modernbert" else 0
 
     def expected_encoder_params(self) -> int:
         """Float params of the encoder layers after exact compaction: Q/K/V weights and biases of kept heads,
         O columns of kept heads plus the full O bias, FFN in/out of kept units plus biases, two norms per layer."""
-        return sum(self._layer_params(len(k), f) for k, f in zip(self.heads_kept, self.ffn_kept, strict=True))
+        return sum(self._layer_params(len(k), f) for k, f in zip(self.heads_kept, self.ffn_kept, strict=True)) \
+            - self._identity_norms()
 
     def removed_fraction(self) -> float:
         """Share of the original encoder-layer params that exact compaction removes."""
@@ -204,12 +211,37 @@ class CheckpointTruth:
 
 @dataclass(frozen=True)
 class _Layer:
-    query: nn.Linear
-    key: nn.Linear
-    value: nn.Linear
+    query: nn.Linear | _Rows
+    key: nn.Linear | _Rows
+    value: nn.Linear | _Rows
     output: nn.Linear
-    ffn_in: nn.Linear
+    ffn_in: nn.Linear | _Rows
     ffn_out: nn.Linear
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Rows ``start:stop`` of a fused Linear (ModernBERT's Wqkv thirds, Wi's input half), zeroed in place."""
+
+    linear: nn.Linear
+    start: int
+    stop: int
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight[self.start:self.stop]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None if self.linear.bias is None else self.linear.bias[self.start:self.stop]
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.stop - self.start
 
 
 def _layers(model: transformers.PreTrainedModel, architecture: str) -> list[_Layer]:
@@ -226,6 +258,13 @@ def _layers(model: transformers.PreTrainedModel, architecture: str) -> list[_Lay
             )
             for m in base.transformer.layer
         ]
+    if architecture == "modernbert":
+        layers = []
+        for m in base.layers:
+            width, inter = m.attn.Wqkv.out_features // 3, m.mlp.Wi.out_features // 2
+            qkv = [_Rows(m.attn.Wqkv, i * width, (i + 1) * width) for i in range(3)]
+            layers.append(_Layer(*qkv, m.attn.Wo, _Rows(m.mlp.Wi, 0, inter), m.mlp.Wo))
+        return layers
     if architecture == "mpnet":
         return [_Layer(m.attention.attn.q, m.attention.attn.k, m.attention.attn.v, m.attention.attn.o,
                        m.intermediate.dense, m.output.dense) for m in base.encoder.layer]
@@ -392,11 +431,13 @@ def _randomize(model: nn.Module, gen: torch.Generator, norm_spread: float) -> No
         for module in model.modules():
             if isinstance(module, nn.LayerNorm):
                 module.weight.copy_(1.0 + norm_spread * torch.randn(module.weight.shape, generator=gen))
-                module.bias.copy_(norm_spread * torch.randn(module.bias.shape, generator=gen))
+                if module.bias is not None:  # ModernBERT's norms have none
+                    module.bias.copy_(norm_spread * torch.randn(module.bias.shape, generator=gen))
             elif isinstance(module, nn.Linear):
                 std = module.in_features**-0.5
                 module.weight.copy_(std * torch.randn(module.weight.shape, generator=gen))
-                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
+                if module.bias is not None:
+                    module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
             elif isinstance(module, nn.Embedding):
                 module.weight.copy_(0.1 * torch.randn(module.weight.shape, generator=gen))
 
@@ -422,7 +463,7 @@ def _sculpt(
 
             for h in plan.dead_v[i]:
                 layer.value.weight[rows(h)] = 0.0
-                if layer.value.bias[rows(h)].abs().max() < 1e-3:  # a real checkpoint's bias is never all zero
+                if layer.value.bias is not None and layer.value.bias[rows(h)].abs().max() < 1e-3:  # a real checkpoint's bias is never all zero
                     _away_from_zero(layer.value.bias[rows(h)], 0.05, positive=False)
             for h in plan.dead_o[i]:
                 layer.output.weight[:, rows(h)] = 0.0
@@ -432,7 +473,8 @@ def _sculpt(
                 layer.key.weight[rows(h)] = 0.0
             for u in plan.ffn_rows[i]:
                 layer.ffn_in.weight[u] = 0.0
-                _away_from_zero(layer.ffn_in.bias[u : u + 1], 0.05, positive=positive_ffn_bias)
+                if layer.ffn_in.bias is not None:
+                    _away_from_zero(layer.ffn_in.bias[u : u + 1], 0.05, positive=positive_ffn_bias)
             for u in plan.ffn_cols[i]:
                 layer.ffn_out.weight[:, u] = 0.0
             blocks += _place_blocks(i, layer, plan, stored, head_size, rng)
@@ -559,6 +601,10 @@ def _save(model: transformers.PreTrainedModel, truth: CheckpointTruth) -> None:
     else:
         for name in TOKENIZER_FILES:
             shutil.copyfile(minilm_path() / name, out / name)
+        if truth.architecture == "modernbert":  # as answerdotai/ModernBERT's tokenizer: no token type ids
+            settings = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+            settings["model_input_names"] = ["input_ids", "attention_mask"]
+            (out / "tokenizer_config.json").write_text(json.dumps(settings), encoding="utf-8")
     reloaded, info = load_stock(out, truth.auto_class)
     problems = {k: v for k, v in info.items() if v}
     expected, found = model.state_dict(), reloaded.state_dict()
@@ -629,6 +675,8 @@ _TINY: dict[str, _TinySpec] = {
     "electra": _TinySpec(2, 64, 4, 128, {0: [1], 1: [0, 3]}, [1, 0], [0.5, 0.25]),
     # MPNet: no config.pruned_heads (see MPNetArchitecture.check_pruned); dead heads make the layers uneven
     "mpnet": _TinySpec(3, 64, 4, 128, {}, [1, 2, 0], [0.5, 0.25, 0.5]),
+    # ModernBERT: 3 layers (global, sliding, sliding), local_attention 8 (keys within 4 tokens), no biases
+    "modernbert": _TinySpec(3, 64, 4, 128, {}, [1, 2, 0], [0.5, 0.25, 0.5]),
     "distilbert": _TinySpec(3, 96, 6, 192, {0: [1, 4], 1: [5]}, [1, 2, 0], [0.25, 0.5, 0.5]),
 }
 
@@ -661,6 +709,12 @@ def _tiny_config(
             vocab_size=sentencepiece_vocab_size(), max_position_embeddings=514, num_hidden_layers=spec.layers,
             hidden_size=spec.hidden, num_attention_heads=spec.heads, intermediate_size=spec.ffn, hidden_act=act,
             pad_token_id=1, relative_attention_num_buckets=32, **labels, **extra)
+    if architecture == "modernbert":  # answerdotai/ModernBERT's keys; the MiniLM vocabulary stands in for its BPE
+        return transformers.ModernBertConfig(
+            vocab_size=30522, max_position_embeddings=512, num_hidden_layers=spec.layers, hidden_size=spec.hidden,
+            num_attention_heads=spec.heads, intermediate_size=spec.ffn, hidden_activation=act,
+            global_attn_every_n_layers=3, local_attention=8, pad_token_id=0, cls_token_id=101, sep_token_id=102,
+            bos_token_id=None, eos_token_id=None, classifier_pooling="mean", **labels, **extra)
     if architecture == "xlm-roberta":  # XLM-R's ids: <s> 0, <pad> 1, </s> 2; its own SentencePiece vocabulary
         extra = {"bos_token_id": 0, "eos_token_id": 2, **extra}
         return transformers.XLMRobertaConfig(

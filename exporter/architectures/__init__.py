@@ -4,6 +4,7 @@ from exporter.architectures import (  # noqa: F401  (registration side effect)
     bert,
     distilbert,
     electra,
+    modernbert,
     mpnet,
     roberta,
     xlm_roberta,

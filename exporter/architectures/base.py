@@ -42,6 +42,7 @@ class LayerView:
     ffn_out: nn.Linear
     activation: Callable[[Any], Any]
     paths: dict[str, str]  # part name ("query", "ffn_in", ...) -> dotted path relative to `layer`
+    ffn_gate: nn.Linear | None = None  # gated feed-forwards (GeGLU): unit i is act(ffn_in_i) * ffn_gate_i
 
     def replace(self, part: str, module: nn.Linear) -> None:
         """Swap the Linear named `part` for `module` on the live layer and in this view."""
@@ -72,6 +73,8 @@ class Architecture:
         return int(config.hidden_size)
 
     activation_key: ClassVar[str] = "hidden_act"  # the config field naming the feed-forward activation
+    pre_norm: ClassVar[bool] = False  # True: LayerNorm before each block (no residual Sum to fuse)
+    gated_ffn: ClassVar[bool] = False  # True: layer_paths has "ffn_gate" (a unit is act(in_i) * gate_i)
 
     def activation_name(self, config: Any) -> str:
         return str(getattr(config, self.activation_key))
@@ -130,6 +133,10 @@ class Architecture:
     def check_pruned(self, config: Any) -> None:
         """Refuse a ``config.pruned_heads`` this family cannot be narrowed to (a CheckpointError); default: any."""
 
+    def prepare(self, model: nn.Module) -> None:
+        """Reshape the loaded model's modules into the parts `layer_paths` names (the same function), e.g. a fused
+        QKV Linear split into three; called once after the weights are copied in. Default: nothing to do."""
+
     def model_kwargs(self, task: str) -> dict[str, Any]:
         """Extra `from_pretrained` keyword arguments for `task` (e.g. no pooler for feature extraction)."""
         return {}
@@ -162,6 +169,11 @@ class Architecture:
         """The family's own text-classification head (the Linear names it needs, its forward), or None where
         the generic heads (pooled, or a dense + out_proj head) apply."""
         return None
+
+    def task_head(self, model: nn.Module, task: str) -> tuple[tuple[str, ...], Callable[..., Any]] | None:
+        """The family's own head for `task` (the Linear names it needs, its forward ``(self, sequence, pooled)``),
+        or None where the generic heads apply. Default: `classification_head` for text classification."""
+        return self.classification_head(model) if task == "text-classification" else None
 
     def attention_pass(self, layer_norm: str) -> str | None:
         """The project's own attention fusion pass this family needs after onnxruntime's (a name in

@@ -219,3 +219,111 @@ def test_the_real_all_mpnet_base_v2_matches_sentence_transformers(tmp_path: Path
             assert (top1(got) == top1(want)).mean() >= 0.95
         else:
             assert cosines.min() >= 0.9999, file
+
+
+# --- ModernBERT: rotary, sliding window, GeGLU, pre-LayerNorm -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def modernbert(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    return _artifacts(tmp_path_factory.mktemp("modernbert"), "modernbert")
+
+
+def _matmul_weight_elements(path: Path) -> int:
+    model = onnx.load(str(path))
+    weights = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    return sum(weights.get(n.input[1], 0) for n in model.graph.node if n.op_type == "MatMul")
+
+
+def test_modernbert_fuses_rotary_attention_per_layer_and_compacts_exactly(
+        modernbert: dict[str, tuple[Path, Path]]) -> None:
+    """One MultiHeadAttention per layer with that layer's surviving heads, its Q and K through RotaryEmbedding and
+    the (band) mask as attention_bias, in the fused and the INT8 file; the encoder's MatMul weights hold exactly the
+    elements exact compaction keeps (no biases: 4 x width x hidden + 3 x hidden x units per layer)."""
+    from tests.checkpoints import tiny_checkpoint
+
+    checkpoint, artifact = modernbert["feature-extraction"]
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    layers = manifest["compaction"]["layers"]
+    assert manifest["architecture"] == "modernbert"
+    assert len({len(layer["heads_after"]) for layer in layers}) > 1  # uneven heads after compaction
+    truth = tiny_checkpoint(checkpoint.parent / "truth", "modernbert", "feature-extraction", pruned_heads={})
+    assert [len(layer["heads_after"]) for layer in layers] == [len(k) for k in truth.heads_kept]
+    assert [layer["ffn_after"] for layer in layers] == list(truth.ffn_kept)
+    hidden = truth.hidden_size
+    exact = sum(4 * len(k) * truth.head_size * hidden + 3 * hidden * f
+                for k, f in zip(truth.heads_kept, truth.ffn_kept, strict=True))
+    assert _matmul_weight_elements(artifact / "model.onnx") == exact
+    for name in ("model_optimized.onnx", "model_quantized.onnx"):
+        graph = onnx.load(str(artifact / name)).graph
+        producers = {out: n for n in graph.node for out in n.output}
+        attention = [n for n in graph.node if n.op_type == "MultiHeadAttention"]
+        assert len(attention) == len(layers), name
+        assert [next(a.i for a in n.attribute if a.name == "num_heads") for n in attention] == \
+            [len(layer["heads_after"]) for layer in layers], name
+        for node in attention:
+            assert producers[node.input[0]].op_type == producers[node.input[1]].op_type == "RotaryEmbedding"
+            assert len(node.input) > 5 and node.input[5], name  # the mask, as attention_bias
+        if name == "model_quantized.onnx":  # 7 projections per layer quantized (QDQ), attention float
+            quantized = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in producers
+                         and producers[n.input[1]].op_type == "DequantizeLinear"
+                         and producers[n.input[0]].op_type == "DequantizeLinear"]
+            assert len(quantized) == 7 * len(layers)
+
+
+def _padded(length: int) -> dict[str, np.ndarray]:
+    """Right, left and hole padding in one batch, longer than the sliding window (keys within 4 tokens)."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 3000, (3, length)).astype(np.int64)
+    mask = np.ones((3, length), dtype=np.int64)
+    mask[0, length - 5:] = 0
+    mask[1, :6] = 0
+    mask[2, 7:10] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_modernbert_files_equal_the_stock_model_on_right_left_and_hole_padding(
+        modernbert: dict[str, tuple[Path, Path]]) -> None:
+    import onnxruntime
+    import torch
+    import transformers
+
+    checkpoint, artifact = modernbert["feature-extraction"]
+    feeds = _padded(24)
+    model = transformers.AutoModel.from_pretrained(checkpoint).eval()
+    with torch.no_grad():
+        want = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+    keep = feeds["attention_mask"].astype(bool)
+    for name in ("model.onnx", "model_optimized.onnx"):
+        session = onnxruntime.InferenceSession(str(artifact / name), providers=["CPUExecutionProvider"])
+        got = session.run(None, feeds)[0]
+        assert float(np.abs(got - want)[keep].max()) <= 1e-4, name
+
+
+def test_modernbert_serves_torch_free_like_the_stock_model(modernbert: dict[str, tuple[Path, Path]],
+                                                           tmp_path: Path) -> None:
+    checkpoint, artifact = modernbert["feature-extraction"]
+    _assert_served_like_pytorch(artifact, checkpoint, TEXTS[:6], tmp_path)
+    done = torch_free(["verify", str(artifact)])
+    assert done.returncode == 0 and "verified:" in done.stdout, done.stderr[-2000:]
+    checkpoint, artifact = modernbert["text-classification"]
+    _assert_labels_like_pytorch(checkpoint, artifact, tmp_path)
+
+
+def test_a_modernbert_checkpoint_with_pruned_heads_is_refused_with_one_line(
+        modernbert: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.exporter.test_runtime import REPO
+
+    checkpoint = Path(shutil.copytree(modernbert["feature-extraction"][0], tmp_path / "ck"))
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["pruned_heads"] = {"0": [1]}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(checkpoint), "--output",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=REPO)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("export-model: error:")]
+    assert done.returncode == 2 and len(errors) == 1 and "Wqkv" in errors[0], done.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
