@@ -50,6 +50,11 @@ _NAMES["roberta"] = _NAMES["xlm-roberta"] = _NAMES["electra"] = _NAMES["bert"]
 _NAMES["mpnet"] = {"layers": "encoder.layer", "query": "attention.attn.q", "key": "attention.attn.k",
                    "value": "attention.attn.v", "output": "attention.attn.o", "ffn_in": "intermediate.dense",
                    "ffn_out": "output.dense"}
+# ModernBERT's fused Linears: (path, part, parts) -> rows part/parts of that Linear (Wqkv thirds, Wi's input half)
+_NAMES["modernbert"] = {"layers": "layers", "query": ("attn.Wqkv", 0, 3), "key": ("attn.Wqkv", 1, 3),
+                        "value": ("attn.Wqkv", 2, 3), "output": "attn.Wo", "ffn_in": ("mlp.Wi", 0, 2),
+                        "ffn_out": "mlp.Wo"}
+_NO_BIASES = "ModernBERT has no biases: nothing to fold (its compaction is checked by tests/exporter/test_families.py)"
 _ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": torch.nn.functional.gelu,
     "relu": torch.relu,
@@ -62,9 +67,13 @@ def _tensor(
     """A live tensor of the base model (in-place edits change the model); ``name`` like "value.weight"."""
     names = _NAMES[truth.architecture]
     module, param = name.split(".")
-    return model.base_model.state_dict(keep_vars=True)[
-        f"{names['layers']}.{layer}.{names[module]}.{param}"
-    ].data
+    where = names[module]
+    if isinstance(where, tuple):  # rows of a fused Linear: a view, so in-place edits still reach the model
+        path, part, parts = where
+        whole = model.base_model.state_dict(keep_vars=True)[f"{names['layers']}.{layer}.{path}.{param}"].data
+        rows = whole.shape[0] // parts
+        return whole[part * rows:(part + 1) * rows]
+    return model.base_model.state_dict(keep_vars=True)[f"{names['layers']}.{layer}.{where}.{param}"].data
 
 
 def _stored_to_original(truth: CheckpointTruth, layer: int) -> list[int]:
@@ -166,8 +175,8 @@ def test_folder_reloads_with_stock_transformers(truth: CheckpointTruth) -> None:
 
 
 def test_pruned_heads_written_and_uneven(truth: CheckpointTruth) -> None:
-    if truth.architecture == "mpnet":
-        pytest.skip("MPNet checkpoints carry no pruned_heads (transformers' prune_heads cannot narrow its bias "
+    if truth.architecture in ("mpnet", "modernbert"):
+        pytest.skip("MPNet and ModernBERT checkpoints carry no pruned_heads (transformers' prune_heads cannot narrow its bias "
                     "table); their heads are uneven through dead heads, checked by the compaction tests")
     config = json.loads((truth.path / "config.json").read_text())
     pruned = {int(k): sorted(v) for k, v in config["pruned_heads"].items()}
@@ -202,6 +211,8 @@ def test_truth_matches_zero_patterns_found_in_weights(truth: CheckpointTruth) ->
 
 
 def test_dead_parts_carry_non_zero_biases(truth: CheckpointTruth) -> None:
+    if truth.architecture == "modernbert":
+        pytest.skip(_NO_BIASES)
     model = _load(truth)
     act = _ACTS[truth.hidden_act]
     assert any(truth.dead_heads_with_bias) and any(truth.ffn_dead_rows_with_bias)
@@ -235,6 +246,8 @@ def test_zero_blocks_sit_inside_surviving_matrices(truth: CheckpointTruth) -> No
 def test_truth_is_exact(truth: CheckpointTruth) -> None:
     """Removing what the truth marks removable, constants folded, leaves outputs unchanged; dropping without
     the folds (nn_pruning's lossy way) does not, nor does removing a head whose Q alone is zero."""
+    if truth.architecture == "modernbert":
+        pytest.skip(_NO_BIASES)
     model = _load(truth)
     reference = _run(model, truth)
     compacted, lossy = copy.deepcopy(model), model

@@ -20,13 +20,14 @@ import pytest
 from tests.exporter.test_runtime import TEXTS, export, run_rows, torch_free
 
 
-def _artifacts(root: Path, architecture: str) -> dict[str, tuple[Path, Path]]:
+def _artifacts(root: Path, architecture: str,
+               tasks: tuple[str, ...] = ("feature-extraction", "text-classification")) -> dict[str, tuple[Path, Path]]:
     """{task: (checkpoint, artifact)} for tiny checkpoints of `architecture` (no physically pruned heads, so the
     stock reference loads on transformers 4.57 and 5.x alike; dead heads and units are compacted away)."""
     from tests.checkpoints import tiny_checkpoint
 
     result = {}
-    for task in ("feature-extraction", "text-classification"):
+    for task in tasks:
         truth = tiny_checkpoint(root / f"ck-{task}", architecture, task, pruned_heads={})
         result[task] = (truth.path, export(root / f"art-{task}", truth.path, "--latency", "off",
                                            "--max-accuracy-drop", "0.9"))
@@ -226,7 +227,9 @@ def test_the_real_all_mpnet_base_v2_matches_sentence_transformers(tmp_path: Path
 
 @pytest.fixture(scope="module")
 def modernbert(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
-    return _artifacts(tmp_path_factory.mktemp("modernbert"), "modernbert")
+    from tests.checkpoints import TASKS
+
+    return _artifacts(tmp_path_factory.mktemp("modernbert"), "modernbert", TASKS)
 
 
 def _matmul_weight_elements(path: Path) -> int:
@@ -308,6 +311,28 @@ def test_modernbert_serves_torch_free_like_the_stock_model(modernbert: dict[str,
     assert done.returncode == 0 and "verified:" in done.stdout, done.stderr[-2000:]
     checkpoint, artifact = modernbert["text-classification"]
     _assert_labels_like_pytorch(checkpoint, artifact, tmp_path)
+
+
+def test_modernbert_token_and_span_heads_equal_the_stock_model(modernbert: dict[str, tuple[Path, Path]]) -> None:
+    """Token classification and QA put the prediction head (dense -> act -> norm) on every token before the
+    classifier: the fused file's logits equal the stock model's on every unpadded token."""
+    import onnxruntime
+    import torch
+    import transformers
+
+    feeds = _padded(20)
+    keep = feeds["attention_mask"].astype(bool)
+    for task, auto, names in (("token-classification", "AutoModelForTokenClassification", ("logits",)),
+                              ("question-answering", "AutoModelForQuestionAnswering",
+                               ("start_logits", "end_logits"))):
+        checkpoint, artifact = modernbert[task]
+        model = getattr(transformers, auto).from_pretrained(checkpoint).eval()
+        with torch.no_grad():
+            output = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        session = onnxruntime.InferenceSession(str(artifact / "model_optimized.onnx"),
+                                               providers=["CPUExecutionProvider"])
+        for name, got in zip(names, session.run(list(names), feeds), strict=True):
+            assert float(np.abs(got - getattr(output, name).numpy())[keep].max()) <= 1e-4, (task, name)
 
 
 def test_a_modernbert_checkpoint_with_pruned_heads_is_refused_with_one_line(
