@@ -35,6 +35,7 @@ from calibration.metrics import TaskMetric, get_metric
 from calibration.search import SearchReport, is_large, search_fallback
 from calibration.search_core import QDQ_OPS
 from calibration.settings import FORMATS, METHODS, PRESETS, TYPES, QuantizationConfig  # noqa: F401  (re-exported)
+from calibration.unpack import unpack_biased_attention
 from graphs.core.errors import QuantizationError
 
 logger = logging.getLogger(__name__)
@@ -363,6 +364,10 @@ def _quantize_fused(
     """The ``graph="fused"`` route (:mod:`calibration.fused`): plan, build with every target INT8, search."""
     model = onnx.load(str(model_path))
     large = is_large(model)
+    unpacked = unpack_biased_attention(model)  # QKV of an Attention QAttention cannot carry: a MatMul target
+    if unpacked:
+        logger.info("%d Attention nodes with an attention_bias run as MatMul + MultiHeadAttention in INT8",
+                    len(unpacked))
     try:
         plan = plan_fused(model, reader, config.op_types, config.exclude_nodes, config.method, config.smooth_alpha,
                           config.seed, config.per_token_ffn, config.bias_correction, config.weight_rounding,

@@ -460,3 +460,29 @@ def test_an_attention_bias_survives_quantization(fused_bert: Path) -> None:
     assert sorted(t.op_type for t in plan.targets) == ["Attention"] + ["MatMul"] * 6
     with pytest.raises(QuantizationError, match="no slot for its inputs"):  # asked for directly: refused
         build_int8(plan.smoothed, plan.targets, plan.plans, [kept[0].name], plan.int8)
+
+
+def test_an_attention_bias_keeps_its_projections_int8_through_multiheadattention(fused_bert: Path) -> None:
+    """The INT8 route's rewrite of such an Attention (calibration.unpack): packed QKV MatMul + Add + Split +
+    MultiHeadAttention with the same mask and bias, equal to the Attention in FP32; then the QKV MatMul is INT8 and
+    the bias still counts."""
+    from calibration.unpack import unpack_biased_attention
+
+    plain = onnx.load(str(fused_bert))
+    biased = _with_attention_bias(plain)
+    feeds = _heldout()
+    with_bias, without_bias = _run(biased, feeds), _run(plain, feeds)
+    unpacked = onnx.ModelProto()
+    unpacked.CopyFrom(biased)
+    made = unpack_biased_attention(unpacked)
+    assert len(made) == 1
+    assert float(np.abs(_run(unpacked, feeds) - with_bias).max()) < 1e-4
+    plan = plan_fused(unpacked, _reader()[0], ("MatMul", "Attention"), (), "minmax", smooth_alpha=None)
+    assert made[0] in {t.name for t in plan.targets}
+    int8 = plan.build([t.name for t in plan.targets])
+    out = _run(int8, feeds)
+    assert float(np.abs(out - with_bias).mean()) < 0.5 * float(np.abs(out - without_bias).mean()), "bias lost"
+    assert _cosine(out, with_bias) > 0.99
+    attention = [n for n in int8.graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(attention) == 1 and attention[0].input[5] == "attention_bias"
+    assert not [n for n in int8.graph.node if n.op_type == "Attention"]

@@ -154,12 +154,18 @@ def test_mpnet_fuses_with_its_position_bias_and_keeps_it_in_int8(mpnet: dict[str
     layers = manifest["compaction"]["layers"]
     assert manifest["architecture"] == "mpnet" and manifest["max_tokens"] == 512
     assert len({len(layer["heads_after"]) for layer in layers}) > 1  # uneven heads after compaction
-    for name in ("model_optimized.onnx", "model_quantized.onnx"):
-        attention = [n for n in onnx.load(str(artifact / name)).graph.node if n.op_type == "Attention"]
-        assert len(attention) == len(layers), name  # one per layer, the bias attached, in INT8 too (float)
+    # one per layer with the bias attached: Attention in the fused file; in INT8 MultiHeadAttention (float) after
+    # the packed QKV MatMul, which is INT8 (QAttention has no slot for the bias)
+    for name, op in (("model_optimized.onnx", "Attention"), ("model_quantized.onnx", "MultiHeadAttention")):
+        graph = onnx.load(str(artifact / name)).graph
+        attention = [n for n in graph.node if n.op_type == op]
+        assert len(attention) == len(layers), name
         assert all(len(n.input) > 5 and n.input[5] for n in attention), name
         heads = [next(a.i for a in n.attribute if a.name == "num_heads") for n in attention]
         assert heads == [len(layer["heads_after"]) for layer in layers], name
+    producers = {out: n for n in graph.node for out in n.output}
+    qkv = [n for n in graph.node if n.op_type == "MatMul" and n.name.endswith("_qkv_MatMul")]
+    assert len(qkv) == len(layers) and all(producers[n.input[1]].op_type == "DequantizeLinear" for n in qkv)
 
 
 def test_mpnet_embeddings_torch_free_equal_the_stock_model(mpnet: dict[str, tuple[Path, Path]],
