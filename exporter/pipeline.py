@@ -366,9 +366,10 @@ def _build(
                 "parity_data": {"inputs": "parity/inputs.npz", "reference": "parity/reference.npz",
                                 "shapes": [list(b["attention_mask"].shape) for b in batches]},
                 "max_length": max_length,
-                # the most tokens the model's positions hold (RoBERTa's start after the padding index): the
-                # runtime's truncation reads it here instead of knowing each family
-                "max_tokens": arch.max_positions(hf_config),
+                # the most tokens the model's positions hold (RoBERTa's start after the padding index), or the
+                # fused graph's position caches (rotary): the runtime's truncation reads it here instead of
+                # knowing each family
+                "max_tokens": min(arch.max_positions(hf_config), fusion.max_tokens or arch.max_positions(hf_config)),
                 "latency": latency,
                 **({"eval_data": evalset.to_dict() | {
                     "search": gold_search,  # None: the search judged on agreement with FP32, as without labels

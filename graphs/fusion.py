@@ -147,6 +147,8 @@ class FusionReport:
     expected: dict[str, int] = field(default_factory=dict)
     """What a fully fused graph of this plan holds per op family (``Attention``, ``SkipLayerNorm``, ``Gelu``)."""
     max_abs_diff: float | None = None
+    max_tokens: int | None = None
+    """Longest sequence the fused graph takes where a pass wrote position caches (rotary); None: any."""
     """Numeric check: largest output difference to the unfused graph (None when not checked)."""
 
     def to_dict(self) -> dict:
@@ -233,6 +235,8 @@ def fuse_graph(
         sum_residuals(optimizer)
     fused = optimizer.model
     report = _verify(fused, plan)
+    if plan.attention_pass == "rotary":
+        report.max_tokens = plan.max_length  # the RotaryEmbedding caches hold max_length positions
     for name, (done, expected) in rewrites.items():
         report.op_counts[name], report.expected[name] = done, expected
 

@@ -604,6 +604,7 @@ def _save(model: transformers.PreTrainedModel, truth: CheckpointTruth) -> None:
         if truth.architecture == "modernbert":  # as answerdotai/ModernBERT's tokenizer: no token type ids
             settings = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
             settings["model_input_names"] = ["input_ids", "attention_mask"]
+            settings["model_max_length"] = 8192
             (out / "tokenizer_config.json").write_text(json.dumps(settings), encoding="utf-8")
     reloaded, info = load_stock(out, truth.auto_class)
     problems = {k: v for k, v in info.items() if v}
@@ -711,7 +712,7 @@ def _tiny_config(
             pad_token_id=1, relative_attention_num_buckets=32, **labels, **extra)
     if architecture == "modernbert":  # answerdotai/ModernBERT's keys; the MiniLM vocabulary stands in for its BPE
         return transformers.ModernBertConfig(
-            vocab_size=30522, max_position_embeddings=512, num_hidden_layers=spec.layers, hidden_size=spec.hidden,
+            vocab_size=30522, max_position_embeddings=8192, num_hidden_layers=spec.layers, hidden_size=spec.hidden,
             num_attention_heads=spec.heads, intermediate_size=spec.ffn, hidden_activation=act,
             global_attn_every_n_layers=3, local_attention=8, pad_token_id=0, cls_token_id=101, sep_token_id=102,
             bos_token_id=None, eos_token_id=None, classifier_pooling="mean", **labels, **extra)

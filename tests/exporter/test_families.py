@@ -313,6 +313,11 @@ def test_modernbert_serves_torch_free_like_the_stock_model(modernbert: dict[str,
                                                            tmp_path: Path) -> None:
     checkpoint, artifact = modernbert["feature-extraction"]
     _assert_served_like_pytorch(artifact, checkpoint, TEXTS[:6], tmp_path)
+    # the fused file's rotary caches hold max_length positions: the runtime truncates there, a long text still runs
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["max_tokens"] == manifest["max_length"] < 8192
+    long = _served(artifact, [" ".join(TEXTS) * 40], tmp_path, "model_optimized.onnx")
+    assert np.isfinite(long).all()
     done = torch_free(["verify", str(artifact)])
     assert done.returncode == 0 and "verified:" in done.stdout, done.stderr[-2000:]
     checkpoint, artifact = modernbert["text-classification"]
