@@ -93,7 +93,7 @@ def test_task_inferred_from_architectures(tmp_path: Path) -> None:
     [
         (lambda f: (f / "config.json").unlink(), "no config.json"),
         (lambda f: (f / "config.json").write_text("{not json"), "not valid JSON"),
-        (lambda f: (f / "config.json").write_text('{"model_type": "gpt2"}'), "supported: bert, distilbert, electra, mpnet, roberta, xlm-roberta"),
+        (lambda f: (f / "config.json").write_text('{"model_type": "gpt2"}'), "supported: bert, distilbert, electra, modernbert, mpnet, roberta, xlm-roberta"),
         (lambda f: (f / "model.safetensors").unlink(), "has no weights"),
         (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:1000]), "cannot load"),
         (lambda f: (f / "vocab.txt").unlink() or (f / "tokenizer.json").unlink(), "tokenizer"),

@@ -32,7 +32,7 @@ def test_corrupt_config_json(checkpoint: Path, tmp_path: Path, capsys: pytest.Ca
 def test_unsupported_architecture_lists_the_supported_ones(checkpoint: Path, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture) -> None:
     edit_config(checkpoint, lambda c: c.update(model_type="gpt2"))
-    _refuse(checkpoint, tmp_path, capsys, "model_type 'gpt2'", "supported: bert, distilbert, electra, mpnet, roberta, xlm-roberta")
+    _refuse(checkpoint, tmp_path, capsys, "model_type 'gpt2'", "supported: bert, distilbert, electra, modernbert, mpnet, roberta, xlm-roberta")
 
 
 def test_weights_missing(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
