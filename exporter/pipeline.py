@@ -355,6 +355,7 @@ def _build(
                 "options": resolved,
                 "signature": signature.to_dict(),
                 "sentence_embedding": sentence.to_dict() if sentence else None,
+                "qat": checkpoint.qat.to_dict() if checkpoint.qat else None,
                 "compaction": compaction.to_dict(),
                 "fusion": fusion.to_dict() | {"summary": fusion.summary()},
                 "quantization": quantization.to_dict() | {"calibration_rows": calibration_rows}
