@@ -49,10 +49,18 @@ def _channels(tensor: torch.Tensor, out: int, name: str, path: Path) -> torch.Te
         raise refuse(path, f"a weight scale of {tensor.numel()} values for {out} output channels ({name}: block or "
                       "group scales)", "export-model maps per-channel or per-tensor int8 weights only; pass the float "
                       "model")
-    if not bool(torch.isfinite(flat).all()) or not bool((flat > 0).all()):
-        raise CheckpointError(f"{name} in {path} holds zero, negative or non-finite ranges; the quantizer was never "
-                              "calibrated: calibrate it, or pass the float model")
-    return flat
+    if not bool(torch.isfinite(flat).all()) or not bool((flat >= 0).all()) or not bool(flat.any()):
+        raise CheckpointError(f"{name} in {path} holds negative or non-finite ranges, or only zeros; the quantizer "
+                              "was never calibrated: calibrate it, or pass the float model")
+    # A channel whose range is zero (a pruned, all-zero row): ModelOpt's _tensor_quant uses amax 1 there.
+    return torch.where(flat <= 2.0**-24, torch.ones_like(flat), flat)
+
+
+def _rounded(weight: torch.Tensor, amax: torch.Tensor, qmin: int, qmax: int = 127) -> torch.Tensor:
+    """ModelOpt's / pytorch-quantization's fake quantizer on a weight, as integers: round(W * (qmax / amax))
+    (half to even), clamped to [qmin, qmax]; ``amax`` one per output channel."""
+    scale = torch.tensor(float(qmax)) / amax.to(torch.float32)[:, None]
+    return torch.clamp(torch.round(weight.to(torch.float32) * scale), qmin, qmax).to(torch.int8)
 
 
 def _weight_out(weights: WeightFiles, module: str) -> int | None:
@@ -99,8 +107,9 @@ def modelopt(path: Path, weights: WeightFiles, kind: str) -> tuple[QatWeights, Q
             continue
         scales = LinearScales(module, weight_qmin=-127 if narrow else -128)
         if "weight._amax" in fields:
-            scales.weight_scale = _channels(fields["weight._amax"], out, f"{module}.weight_quantizer._amax",
-                                            path) / 127.0
+            amax = _channels(fields["weight._amax"], out, f"{module}.weight_quantizer._amax", path)
+            scales.weight_scale = amax / 127.0
+            scales.weight_int8 = _rounded(weights.load(f"{module}.weight"), amax, scales.weight_qmin)
         if "input._amax" in fields:
             scales.input_scale = _scalar(fields["input._amax"], f"{module}.input_quantizer._amax", path) / 127.0
             if state.get(f"{module}.input_quantizer", {}).get("_narrow_range"):
@@ -128,6 +137,12 @@ def _unsmoothed(weights: WeightFiles, name: str, pqs: torch.Tensor) -> Loader:
 
 def _dequantized(weights: WeightFiles, name: str, scale: torch.Tensor) -> Loader:
     return lambda: weights.load(name).to(torch.float32) * scale.to(torch.float32).reshape(-1, 1)
+
+
+def _refuse_ct(path: Path, module: str, dtype: torch.dtype) -> CheckpointError:
+    return refuse(path, f"compressed-tensors int-quantized form with {module}.weight stored as {dtype}",
+                  "int-quantized checkpoints store int8 weights; re-save it with compressed-tensors, or pass the float "
+                  "model")
 
 
 def _check_ct_args(path: Path, group: str, role: str, args: Any, allowed: tuple[str, ...]) -> None:
@@ -185,12 +200,14 @@ def compressed_tensors(path: Path, quant: dict[str, Any], weights: WeightFiles) 
             qat.other.update({f"{module}.{k}": "not a linear layer's quantizer" for k in keys})
             continue
         scale = _channels(weights.load(keys["weight_scale"]), out, keys["weight_scale"], path)
-        scales = LinearScales(module, weight_scale=scale)
+        stored = weights.load(f"{module}.weight")
+        if stored.dtype != torch.int8:
+            raise _refuse_ct(path, module, stored.dtype)
+        scales = LinearScales(module, weight_scale=scale, weight_int8=stored.clone())
         if "input_scale" in keys:
             scales.input_scale = _scalar(weights.load(keys["input_scale"]), keys["input_scale"], path)
-        if weights.tensors[f"{module}.weight"].dtype in ("I8", "int8"):
-            loaders[f"{module}.weight"] = _dequantized(weights, f"{module}.weight", scale)
-            qat.restored[f"{module}.weight"] = "int8 dequantized (weight * weight_scale)"
+        loaders[f"{module}.weight"] = _dequantized(weights, f"{module}.weight", scale)
+        qat.restored[f"{module}.weight"] = "int8 dequantized (weight * weight_scale)"
         qat.linears[module] = scales
     return QatWeights(weights, qat, loaders), qat
 
@@ -219,7 +236,11 @@ def torch_ao(path: Path, weights: WeightFiles) -> tuple[QatWeights, QatImport]:
             raise refuse(path, f"torch.ao asymmetric weight form ({module}.weight_fake_quant.zero_point not 0)",
                           "use a symmetric weight qconfig (the default per-channel one), or pass the float model")
         scale = _channels(fields["scale"], out, f"{module}.weight_fake_quant.scale", path)
-        qat.linears[module] = LinearScales(module, weight_scale=scale)
+        weight = weights.load(f"{module}.weight").to(torch.float32)
+        # torch's own fake quantizer (the default per-channel weight qconfig: qint8, [-128, 127]), as integers
+        faked = torch.fake_quantize_per_channel_affine(weight, scale, torch.zeros(out, dtype=torch.int32), 0, -128, 127)
+        qat.linears[module] = LinearScales(module, weight_scale=scale,
+                                           weight_int8=torch.round(faked / scale[:, None]).to(torch.int8))
     return QatWeights(weights, qat, {}), qat
 
 
@@ -235,7 +256,7 @@ def q8bert(path: Path, raw: dict[str, Any], weights: WeightFiles) -> tuple[QatWe
     loaders: dict[str, Loader] = {}
     added: dict[str, TensorInfo] = {}
     for module, keys in sorted(found.items()):
-        weight_scale = None
+        weight_scale, weight_int8 = None, None
         if "quantized_weight" in keys:
             if "_weight_scale" not in keys:
                 raise CheckpointError(f"{module}.quantized_weight in {path} has no _weight_scale beside it; re-save "
@@ -247,9 +268,14 @@ def q8bert(path: Path, raw: dict[str, Any], weights: WeightFiles) -> tuple[QatWe
             added[f"{module}.weight"] = TensorInfo(info.shape, "F32", info.file)
             qat.restored[f"{module}.weight"] = "int8 quantized_weight divided by _weight_scale"
             weight_scale = 1.0 / multiplier
+            weight_int8 = weights.load(stored).to(torch.int8)
         elif f"{module}.weight" in weights.tensors:
-            # Q8BERT's training forward: one scale per tensor, 127 / max|W| (its get_dynamic_scale)
-            weight_scale = float(weights.load(f"{module}.weight").abs().max()) / 127.0
+            # Q8BERT's training forward: one scale per tensor, 127 / max|W| (its get_dynamic_scale), then
+            # input.mul(scale).round().clamp(-127, 127)
+            weight = weights.load(f"{module}.weight").to(torch.float32)
+            multiplier = 127.0 / float(weight.abs().max())
+            weight_scale = 1.0 / multiplier
+            weight_int8 = torch.clamp(torch.round(weight * multiplier), -127, 127).to(torch.int8)
         shape = added[f"{module}.weight"].shape if f"{module}.weight" in added else (
             weights.tensors[f"{module}.weight"].shape if f"{module}.weight" in weights.tensors else ())
         if "input_thresh" not in keys or len(shape) != 2 or not weight_scale:
@@ -257,6 +283,7 @@ def q8bert(path: Path, raw: dict[str, Any], weights: WeightFiles) -> tuple[QatWe
             continue
         scales = LinearScales(module, weight_qmin=-127, input_qmin=-127,
                               weight_scale=torch.full((shape[0],), weight_scale, dtype=torch.float32),
+                              weight_int8=weight_int8,
                               input_scale=_scalar(weights.load(keys["input_thresh"]), keys["input_thresh"], path) / 127)
         qat.linears[module] = scales
         if "output_thresh" in keys:

@@ -43,6 +43,7 @@ class LinearScales:
     input_qmax: int = 127
     input_zero_point: int = 0
     pre_quant_scale: torch.Tensor | None = None  # ModelOpt SmoothQuant/AWQ: x * s before the input quantizer
+    weight_int8: torch.Tensor | None = None  # [out, in] int8: the stored weight as its fake quantizer rounds it
 
     def to_dict(self) -> dict[str, Any]:
         return {"weight_channels": None if self.weight_scale is None else int(self.weight_scale.numel()),

@@ -50,17 +50,18 @@ def sample_ids(seed: int = 0, batch: int = 4, length: int = 24) -> dict[str, tor
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
 
 
-def _linears(model: nn.Module) -> dict[str, nn.Linear]:
+def _linears(model: nn.Module, every: bool = False) -> dict[str, nn.Linear]:
+    """The encoder's linears; ``every``: the pooler and classifier too (ModelOpt quantizes every nn.Linear)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)
-            and any(name.endswith(part) for part in ENCODER_LINEARS) and ".layer." in name}
+            and (every or (any(name.endswith(part) for part in ENCODER_LINEARS) and ".layer." in name))}
 
 
-def _input_ranges(model: nn.Module, seed: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+def _input_ranges(model: nn.Module, seed: int, every: bool = False) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Per encoder linear: max |x| of its input over a seeded batch, and per input channel."""
     whole: dict[str, float] = {}
     channel: dict[str, torch.Tensor] = {}
     hooks = []
-    for name, module in _linears(model).items():
+    for name, module in _linears(model, every).items():
         def hook(_: nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).abs()
             whole[name] = float(x.max())
@@ -84,8 +85,8 @@ def modelopt_checkpoint(out: Path, seed: int = 0, smooth: bool = False, num_bits
     """A ModelOpt INT8 (``INT8_DEFAULT_CFG``) or SmoothQuant (``INT8_SMOOTHQUANT_CFG``, ``smooth``) checkpoint.
     ``weight_clip`` < 1 sets weight amax below max |W| (training moves weights past their range)."""
     model, state = _base(out, seed)
-    whole, channel = _input_ranges(model, seed)
-    linears = _linears(model)
+    whole, channel = _input_ranges(model, seed, every=True)
+    linears = _linears(model, every=True)
     pqs: dict[str, torch.Tensor] = {}
     if smooth:  # SmoothQuant, alpha 0.5: s_j = sqrt(max|x_j| / max|W_j|), x * (1/s), W * s; Q/K/V share one
         groups: dict[str, list[str]] = {}

@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import safetensors.torch
 import torch
+from onnx import numpy_helper
 
 from exporter.cli import main
 from exporter.loading import load_checkpoint
@@ -92,7 +94,7 @@ def test_smoothquant_model_onnx_is_the_unsmoothed_model(smoothquant_export: tupl
     assert np.abs(found - expected).max() < 1e-4
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["qat"]["format"] == "modelopt"
-    assert len(manifest["qat"]["restored_weights"]) == 18
+    assert len(manifest["qat"]["restored_weights"]) == len(truth.pre_quant_scale)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(("case", "phrase"), [
@@ -129,3 +131,82 @@ def test_unsupported_schemes_exit_2_with_one_line_and_nothing_written(
         load_checkpoint(folder)
     run = run_cli(["--model", str(folder), "--latency", "off"], tmp_path / "out", capsys)
     assert_refused(run, phrase)
+
+
+@pytest.fixture(scope="module")
+def modelopt_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    root = tmp_path_factory.mktemp("mo")
+    truth = modelopt_checkpoint(root / "ckpt")
+    out = root / "out"
+    assert main(["--model", str(root / "ckpt"), "--output", str(out), "--calibration-samples", "8",
+                 "--latency", "off"]) == 0
+    return out, truth
+
+
+def _expected_int8(truth: object, module: str) -> tuple[np.ndarray, np.ndarray]:
+    """The checkpoint's int8 weight ([in, out], the graph's layout) and step per output channel, computed here
+    as ModelOpt's fake quantizer rounds: round(W * (127 / amax)) clamped to [-128, 127]."""
+    weight, amax = truth.stored_weight[module], truth.weight_amax[module]  # type: ignore[attr-defined]
+    q = torch.clamp(torch.round(weight * (torch.tensor(127.0) / amax[:, None])), -128, 127)
+    return q.T.numpy().astype(np.int8), (amax / 127.0).numpy()
+
+
+@pytest.mark.parametrize("which", ["modelopt_export", "smoothquant_export"])
+def test_int8_file_holds_the_checkpoints_scales_and_weights(which: str, request: pytest.FixtureRequest) -> None:
+    out, truth = request.getfixturevalue(which)
+    manifest = json.loads((out / "manifest.json").read_text())
+    quantization, imported = manifest["quantization"], manifest["qat"]["int8"]
+    assert quantization["samples"] == 0 and quantization["method"] == "learned"  # no calibration ran
+    assert quantization["bias_corrected"] == [] and quantization["search"] is None
+    assert imported["calibration"].startswith("none")
+    assert manifest["quantization"]["calibration_rows"] == []
+    assert quantization["quantized_op_counts"] == {"Attention": 3, "MatMul": 9}
+    assert set(imported["scale_source"].values()) == {"checkpoint"}
+    graph = onnx.load(str(out / "model_quantized.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    checked = 0
+    for node, modules in imported["modules"].items():
+        parts = [_expected_int8(truth, m) for m in modules.split(" | ")]
+        weight = np.concatenate([p[0] for p in parts], 1)
+        step = np.concatenate([p[1] for p in parts])
+        assert np.array_equal(inits[f"{node}_weight_s8"], weight), node
+        np.testing.assert_allclose(inits[f"{node}_weight_scale"], step, rtol=1e-7, atol=0)
+        readers = {c.name for c in graph.graph.node} & {node, f"{node}_dequantize_x"}  # QAttention / MatMul's DQ
+        quantize = [n for n in graph.graph.node if n.op_type == "QuantizeLinear"
+                    and any(c.name in readers for c in graph.graph.node if n.output[0] in c.input)]
+        input_step = [inits[n.input[1]] for n in quantize]
+        zero = inits[quantize[0].input[2]]
+        assert zero.dtype == np.uint8 and int(zero) == 128  # symmetric int8 re-encoded as uint8
+        first = modules.split(" | ")[0]
+        assert float(input_step[0]) == pytest.approx(truth.input_amax[first] / 127.0, rel=1e-6), node
+        checked += 1
+    assert checked == 12
+    assert imported["session_options_without_vnni"] == {"session.x64quantprecision": "1"}
+
+
+@pytest.mark.parametrize("which", ["modelopt_export", "smoothquant_export"])
+def test_int8_file_matches_the_fake_quantized_model(which: str, request: pytest.FixtureRequest) -> None:
+    """Against the fake-quantized PyTorch model with the quantizers the graph implements: float noise (short
+    inputs, where no value sits on a rounding tie); with every quantizer on (pooler and classifier too, which the
+    graph keeps in float) it differs by what those quantizers do."""
+    from exporter.qat_reference import fake_quantized_model
+
+    out, truth = request.getfixturevalue(which)
+    manifest = json.loads((out / "manifest.json").read_text())
+    checkpoint = load_checkpoint(truth.path)  # type: ignore[attr-defined]
+    implemented = {m for ms in manifest["qat"]["int8"]["modules"].values() for m in ms.split(" | ")}
+    feeds = sample_ids(5)
+    session = ort.InferenceSession(str(out / "model_quantized.onnx"), providers=["CPUExecutionProvider"])
+    found = session.run(["logits"], {k: v.numpy() for k, v in feeds.items()})[0]
+    with torch.no_grad():
+        narrow = fake_quantized_model(checkpoint.model, checkpoint.qat, implemented)(**feeds).logits.numpy()
+        trained = fake_quantized_model(checkpoint.model, checkpoint.qat)(**feeds).logits.numpy()
+        plain = checkpoint.model(**feeds).logits.numpy()
+    assert np.abs(found - narrow).max() < 1e-5
+    assert np.abs(found - trained).max() > 1e-3  # the pooler/classifier quantizers are not in the graph
+    assert np.abs(found - plain).max() > 1e-3  # and the file is not the float model
+    parity = manifest["qat"]["parity"]
+    assert parity["quantizers_not_in_graph"] == ["bert.pooler.dense", "classifier"]
+    cpu = {label: next(e for e in parity[label] if e["provider"] == "CPUExecutionProvider")
+           for label in ("as_trained", "implemented")}
+    assert cpu["implemented"]["mean_abs_error"] < cpu["as_trained"]["mean_abs_error"]
