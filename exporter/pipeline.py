@@ -60,6 +60,7 @@ from exporter.runtime.parity import (
     check_file,
     failure_table,
     resolve_providers,
+    session_entries,
 )
 from exporter.stages import Stages
 from exporter.text import make_tokenize
@@ -326,7 +327,8 @@ def _build(
             else:
                 entries.append(ParityEntry(FP16_FILE, PROVIDERS["cuda"], "fp16", "skip", reason=fp16["reason"]))
             for name, precision in checked:
-                entries += check_file(built / name, precision, task, batches, expected, config.parity)
+                entries += check_file(built / name, precision, task, batches, expected, config.parity,
+                                      options=session_entries({"qat": qat_report}, name))
             failed = [e for e in entries if e.status == "fail"]
             if failed:
                 if reference is None:  # released before quantizing: the same load again

@@ -20,7 +20,7 @@ from torch import nn
 
 from exporter.qat_import import LinearScales, QatImport
 from exporter.reference import reference_outputs
-from exporter.runtime.parity import Batch, ParityConfig, check_file
+from exporter.runtime.parity import Batch, ParityConfig, check_file, session_entries
 from exporter.runtime.pooling import Pooling
 
 
@@ -79,7 +79,8 @@ def qat_parity(model: nn.Module, qat: QatImport, imported: dict[str, Any], path:
     result: dict[str, Any] = {}
     for label, only in (("as_trained", None), ("implemented", implemented)):
         expected = reference_outputs(fake_quantized_model(model, qat, only), batches, names, pooling)
-        entries = check_file(path, "int8", task, batches, expected, config)
+        entries = check_file(path, "int8", task, batches, expected, config,
+                             options=session_entries({"qat": {"int8": imported}}, path.name))
         result[label] = [{k: e.to_dict()[k] for k in ("provider", "status", "max_abs_error", "mean_abs_error",
                                                        "mean_cosine", "min_cosine", "reason")} for e in entries]
     result["quantizers_not_in_graph"] = sorted(set(qat.linears) - implemented) + sorted(qat.other)

@@ -210,3 +210,27 @@ def test_int8_file_matches_the_fake_quantized_model(which: str, request: pytest.
     cpu = {label: next(e for e in parity[label] if e["provider"] == "CPUExecutionProvider")
            for label in ("as_trained", "implemented")}
     assert cpu["implemented"]["mean_abs_error"] < cpu["as_trained"]["mean_abs_error"]
+
+
+def test_full_range_int8_asks_for_exact_kernels_only_where_the_cpu_lacks_vnni(
+        modelopt_export: tuple[Path, object], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The imported file keeps its learned weights in [-128, 127]: on an x86 CPU without VNNI the runtime and
+    verify open it with session.x64quantprecision=1 (from the manifest); with VNNI, and for other files, nothing."""
+    import graphs.core.cpu as cpu
+    from exporter.runtime import Runtime
+    from exporter.runtime.parity import session_entries
+    from exporter.runtime.verify import verify_artifact
+
+    out, _ = modelopt_export
+    manifest = json.loads((out / "manifest.json").read_text())
+    monkeypatch.setattr(cpu, "is_x86", lambda: True)
+    monkeypatch.setattr(cpu, "cpu_has_vnni", lambda: True)
+    assert session_entries(manifest, "model_quantized.onnx") == {}
+    monkeypatch.setattr(cpu, "cpu_has_vnni", lambda: False)
+    assert session_entries(manifest, "model_quantized.onnx") == {"session.x64quantprecision": "1"}
+    assert session_entries(manifest, "model_optimized.onnx") == {}
+    assert session_entries({"qat": None}, "model_quantized.onnx") == {}  # a calibrated file: unchanged
+    runtime = Runtime.load(out, file="model_quantized.onnx")
+    assert runtime.session.get_session_options().get_session_config_entry("session.x64quantprecision") == "1"
+    report = verify_artifact(out, providers=("cpu",))
+    assert report.ok, report.table()
