@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from calibration.fused import FusedPlan, smooth_graph
 from calibration.quantize import QuantizationReport, save_quantized
@@ -57,6 +57,7 @@ class LearnedLinear:
     input_scale: float | None  # step of the int8 input (amax / 127); None: no learned input range
     smooth: np.ndarray | None = None  # [in]: the graph divides the input by it (1 / pre_quant_scale)
     name: str = ""  # the checkpoint's module name(s), for the report
+    input_qmin: int = -128  # -127: a narrow symmetric range (Q8BERT), kept exact by a Clip before quantizing
 
     @property
     def fake_quantized(self) -> np.ndarray:
@@ -112,6 +113,7 @@ def plan_learned(
                 "model and calibrate instead")
         plans[target.activation] = plan
     smoothed = smooth_graph(model, [t for t, _ in chosen], plans, fold=False)
+    chosen = _clip_narrow(smoothed, chosen, plans)
     nodes = {node.name: node for node in smoothed.graph.node}
     for target, entry in chosen + weight_only:
         node = nodes[target.name]
@@ -122,6 +124,37 @@ def plan_learned(
     logger.info("learned scales: %d of %d nodes INT8 from the checkpoint, %d float with fake-quantized weights, "
                 "%d float", len(chosen), len(targets), len(weight_only), len(targets) - len(chosen) - len(weight_only))
     return LearnedPlan(FusedPlan([t for t, _ in chosen], plans, smoothed, int8, {}), sources, modules)
+
+
+def _clip_narrow(model: onnx.ModelProto, chosen: list[tuple[Target, LearnedLinear]],
+                 plans: dict[str, InputPlan]) -> list[tuple[Target, LearnedLinear]]:
+    """Targets whose learned input range is [-127, 127] read their input through ``Clip(-127 s, 127 s)``: uint8
+    with zero point 128 would keep -128 (values below -127.5 steps) where the trainer's quantizer clamped them::
+
+        x -> Clip(-127 s, 127 s) -> QuantizeLinear(s, 128) -> ...        (the target's input, in place)
+    """
+    narrow = {t.activation for t, e in chosen if e.input_qmin == -127}
+    if not narrow:
+        return chosen
+    nodes = list(model.graph.node)
+    for activation in narrow:
+        plan = plans.pop(activation)
+        clipped = f"{activation}_clipped"
+        plans[clipped] = plan
+        bounds = [numpy_helper.from_array(np.array(sign * 127.0 * plan.scale, np.float32), f"{clipped}_{end}")
+                  for sign, end in ((-1, "min"), (1, "max"))]
+        model.graph.initializer.extend(bounds)
+        first = min(i for i, node in enumerate(nodes) if activation in node.input
+                    and any(node.name == t.name for t, _ in chosen if t.activation == activation))
+        nodes.insert(first, helper.make_node("Clip", [activation, bounds[0].name, bounds[1].name], [clipped],
+                                             f"{activation}_clip"))
+        for node in nodes:
+            if any(node.name == t.name for t, _ in chosen if t.activation == activation):
+                node.input[0] = clipped
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return [(Target(t.name, t.op_type, f"{t.activation}_clipped", t.weight) if t.activation in narrow else t, e)
+            for t, e in chosen]
 
 
 def quantize_learned(

@@ -225,6 +225,9 @@ def _build(
             compaction = compact_model(compacted, arch, hf_config, drops)
             # A quantization-aware-trained checkpoint's INT8 scales, sliced as compaction sliced the weights.
             learned = learned_linears(reference, compacted, arch, checkpoint.qat) if checkpoint.qat else None
+            if checkpoint.qat and learned is None:
+                log.warning("%s checkpoint: its learned scales do not map to the INT8 graph's inputs yet; "
+                            "model_quantized.onnx is calibrated from text (manifest qat.int8)", checkpoint.qat.format)
             note["detail"] = compaction.summary()
         with stages.stage("export") as note:
             sentence = checkpoint.sentence
@@ -272,6 +275,9 @@ def _build(
         batches = build_batches(report_pool, tokenize, shapes, max_length)
         expected = reference_outputs(reference, batches, output_names(task, sentence is not None), pooling)
         qat_report: dict[str, Any] = checkpoint.qat.to_dict() if checkpoint.qat else {}
+        if checkpoint.qat and learned is None:
+            qat_report["int8"] = {"calibration": "calibrated from text: this format's learned input ranges are not "
+                                                 "mapped to the INT8 graph yet"}
         if evalset is None and learned is None:  # a QAT import's parity needs it again (fake-quantized)
             reference = checkpoint.model = None
         with stages.stage("quantize") as note:

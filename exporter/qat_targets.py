@@ -62,28 +62,30 @@ def _learned(scales: LinearScales, rows: torch.Tensor | None, columns: torch.Ten
     return LearnedLinear(weight_int8=weight.T.contiguous().numpy().astype(np.int8),
                          weight_scale=step.to(torch.float32).numpy(), input_scale=scales.input_scale,
                          smooth=None if pqs is None else (1.0 / pqs.to(torch.float64)).to(torch.float32).numpy(),
-                         name=scales.module)
+                         name=scales.module, input_qmin=scales.input_qmin)
 
 
 def _packed(parts: list[LearnedLinear]) -> LearnedLinear:
     """Q|K|V as the fused Attention packs them: one input, so one input step and one smoothing."""
-    inputs = {p.input_scale for p in parts}
+    inputs = {(p.input_scale, p.input_qmin) for p in parts}
     smooths = [p.smooth for p in parts]
     if len(inputs) != 1 or any((s is None) != (smooths[0] is None) for s in smooths) or (
             smooths[0] is not None and not all(np.array_equal(s, smooths[0]) for s in smooths)):
         log.warning("Q, K and V of %s learned different input ranges or smoothing %s; the fused Attention reads one "
                     "quantized input, so it stays float with fake-quantized weights", parts[0].name, sorted(
                         str(i) for i in inputs))
-        inputs = {None}
+        inputs = {(None, -128)}
+    scale, qmin = next(iter(inputs)) if len(inputs) == 1 else (None, -128)
     return LearnedLinear(np.concatenate([p.weight_int8 for p in parts], 1),
-                         np.concatenate([p.weight_scale for p in parts]), next(iter(inputs)), smooths[0],
-                         " | ".join(p.name for p in parts))
+                         np.concatenate([p.weight_scale for p in parts]), scale, smooths[0],
+                         " | ".join(p.name for p in parts), qmin)
 
 
 def learned_linears(original: nn.Module, compacted: nn.Module, architecture: Architecture,
-                    qat: QatImport) -> dict[str, LearnedLinear]:
+                    qat: QatImport) -> dict[str, LearnedLinear] | None:
     """{fingerprint of the compacted weight as the fused graph holds it: learned INT8} for every encoder linear
-    the checkpoint quantized (each Q/K/V alone too, for a graph where attention did not fuse)."""
+    the checkpoint quantized (each Q/K/V alone too, for a graph where attention did not fuse); None when no linear
+    has a learned input range the graph can use (torch.ao eager QAT learns output ranges: not mapped yet)."""
     names = {id(module): name for name, module in original.named_modules()}
     prefix = getattr(original, "base_model_prefix", "")
     result: dict[str, LearnedLinear] = {}
@@ -104,4 +106,4 @@ def learned_linears(original: nn.Module, compacted: nn.Module, architecture: Arc
             packed = _packed([entries[p] for p in ("query", "key", "value")])
             weight = torch.cat([getattr(after, p).weight.detach() for p in ("query", "key", "value")]).numpy().T
             result[fingerprint(weight)] = packed
-    return result
+    return result if any(entry.input_scale is not None for entry in result.values()) else None

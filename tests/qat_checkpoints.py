@@ -159,3 +159,74 @@ def compressed_tensors_checkpoint(out: Path, seed: int = 0, dynamic: bool = Fals
         "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed"}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return truth
+
+
+Q8BERT_LINEARS = {"attention.self.query": "attention_query", "attention.self.key": "attention_key",
+                  "attention.self.value": "attention_value", "attention.output.dense": "attention_output",
+                  "intermediate.dense": "ffn_intermediate", "output.dense": "ffn_output"}
+
+
+def q8bert_checkpoint(out: Path, seed: int = 0, eight_bit: bool = False) -> QatTruth:
+    """Q8BERT as nlp-architect's QuantizedBert* saves it: every linear a QuantizedLinear (``input_thresh``,
+    ``output_thresh``, ``_step``), the embeddings QuantizedEmbedding (``_step``), per-layer quantization dicts at
+    the top level of config.json, ``architectures: QuantizedBertForSequenceClassification``. ``eight_bit``: its
+    8-bit export mode (``quantized_weight`` int8 + ``_weight_scale`` = 127 / max|W| instead of ``weight``)."""
+    model, state = _base(out, seed)
+    whole, _ = _input_ranges(model, seed, every=True)
+    truth = QatTruth(out, model, {}, {}, {}, {})
+    for name, linear in _linears(model, every=True).items():
+        weight = linear.weight.detach().to(torch.float32)
+        multiplier = 127.0 / float(weight.abs().max())
+        q = torch.clamp(torch.round(weight * multiplier), -127, 127)
+        state[f"{name}.input_thresh"] = torch.tensor([whole[name]])
+        state[f"{name}.output_thresh"] = torch.tensor([whole[name] * 2.0])
+        state[f"{name}._step"] = torch.tensor([100])
+        if eight_bit:
+            del state[f"{name}.weight"]
+            state[f"{name}.quantized_weight"] = q.to(torch.int8)
+            state[f"{name}._weight_scale"] = torch.tensor([multiplier])
+            with torch.no_grad():
+                linear.weight.copy_(q / multiplier)
+        truth.input_amax[name] = whole[name]
+        truth.weight_amax[name] = torch.full((weight.shape[0],), 127.0 / multiplier)
+        truth.stored_weight[name] = q.to(torch.int8)
+    for table in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        state[f"bert.embeddings.{table}._step"] = torch.tensor([100])
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
+                                metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["architectures"] = ["QuantizedBertForSequenceClassification"]
+    quant = {"mode": "ema", "weight_bits": 8, "activation_bits": 8, "requantize_output": True, "ema_decay": 0.9999}
+    for key in (*Q8BERT_LINEARS.values(), "pooler", "head", "word_embeddings", "position_embeddings",
+                "token_type_embeddings"):
+        config[key] = dict(quant)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return truth
+
+
+def torch_ao_checkpoint(out: Path, seed: int = 0, steps: int = 3) -> QatTruth:
+    """torch.ao eager-mode QAT, written by torch itself: the encoder linears get the default x86 QAT qconfig
+    (``prepare_qat``: per-channel symmetric weight fake-quant, an output ``activation_post_process``), a few
+    training steps run, and the state_dict is saved as the model's weights."""
+    from torch.ao import quantization as tq
+
+    model, _ = _base(out, seed)
+    for module in _linears(model).values():
+        module.qconfig = tq.get_default_qat_qconfig("x86")
+    model.train()
+    tq.prepare_qat(model, inplace=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for step in range(steps):
+        loss = model(**sample_ids(seed + step), labels=torch.tensor([0, 1, 2, 0])).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    safetensors.torch.save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    truth = QatTruth(out, model, {}, {}, {}, {})
+    for name, module in model.named_modules():
+        if hasattr(module, "weight_fake_quant"):
+            truth.weight_amax[name] = module.weight_fake_quant.scale.detach().clone() * 127.0
+            truth.stored_weight[name] = module.weight.detach().clone()
+    return truth
