@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 def read_qat(path: Path, raw: dict[str, Any], weights: WeightFiles) -> tuple[WeightFiles | QatWeights, QatImport | None]:
     """See :func:`_detect`; logs what was imported."""
     loaded, qat = _detect(path, raw, weights)
+    if qat is not None and raw.get("layer_norm_type") == "no_norm":
+        raise refuse(path, f"{qat.format} form with layer_norm_type no_norm (the NoNorm fold moves weights into "
+                     "their neighbours, and with them the learned scales)", "export the float checkpoint, or train "
+                     "with LayerNorm")
     if qat is not None:
         log.info("quantization-aware-trained checkpoint (%s): learned scales of %d linears imported, %d quantizer "
                  "tensors read, %d weights restored to float, %d quantizers outside the INT8 graph's linears",

@@ -101,7 +101,7 @@ def test_smoothquant_model_onnx_is_the_unsmoothed_model(smoothquant_export: tupl
 
 @pytest.mark.parametrize(("case", "phrase"), [
     ("int4", "4-bit"), ("fp8", "FP8"), ("blocks", "block"), ("ct-dynamic", "dynamic"), ("fx", "FX"),
-    ("unknown", "quantizer tensors"), ("inc", "Neural Compressor"),
+    ("unknown", "quantizer tensors"), ("inc", "Neural Compressor"), ("nonorm", "no_norm"),
 ])
 def test_unsupported_schemes_exit_2_with_one_line_and_nothing_written(
         case: str, phrase: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -114,6 +114,10 @@ def test_unsupported_schemes_exit_2_with_one_line_and_nothing_written(
         modelopt_checkpoint(folder, block_sizes={-1: 128})
     elif case == "ct-dynamic":
         compressed_tensors_checkpoint(folder, dynamic=True)
+    elif case == "nonorm":
+        modelopt_checkpoint(folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(config | {"layer_norm_type": "no_norm"}))
     else:
         compressed_tensors_checkpoint(folder)  # then rewritten as another form below
         config = json.loads((folder / "config.json").read_text())
