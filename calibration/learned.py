@@ -61,7 +61,16 @@ class LearnedLinear:
 
     @property
     def fake_quantized(self) -> np.ndarray:
+        """The weight as the trainer's weight quantizer gives it, [in, out]; it reads the input divided by
+        ``smooth``."""
         return (self.weight_int8.astype(np.float32) * self.weight_scale[None, :]).astype(np.float32)
+
+    @property
+    def fake_quantized_unsmoothed(self) -> np.ndarray:
+        """:attr:`fake_quantized` for a node that reads the input itself (no smoothing Mul before it)."""
+        if self.smooth is None:
+            return self.fake_quantized
+        return (self.fake_quantized.astype(np.float64) / self.smooth.astype(np.float64)[:, None]).astype(np.float32)
 
 
 def fingerprint(weight: np.ndarray) -> str:
@@ -118,12 +127,34 @@ def plan_learned(
     for target, entry in chosen + weight_only:
         node = nodes[target.name]
         node.input[1] = f"{target.weight}_fake_quantized"
-        smoothed.graph.initializer.append(numpy_helper.from_array(entry.fake_quantized, node.input[1]))
+        value = entry.fake_quantized if (target, entry) in chosen else entry.fake_quantized_unsmoothed
+        smoothed.graph.initializer.append(numpy_helper.from_array(value, node.input[1]))
+    _bake_other_weights(smoothed, {t.name for t in targets}, learned, sources, modules)
     drop_unused_initializers(smoothed)
     int8 = {t.name: (e.weight_int8.astype(np.int8), e.weight_scale.astype(np.float32)) for t, e in chosen}
     logger.info("learned scales: %d of %d nodes INT8 from the checkpoint, %d float with fake-quantized weights, "
                 "%d float", len(chosen), len(targets), len(weight_only), len(targets) - len(chosen) - len(weight_only))
     return LearnedPlan(FusedPlan([t for t, _ in chosen], plans, smoothed, int8, {}), sources, modules)
+
+
+def _bake_other_weights(model: onnx.ModelProto, targets: set[str], learned: dict[str, LearnedLinear],
+                        sources: dict[str, str], modules: dict[str, str]) -> None:
+    """Weights of learned linears the graph does not run as a target (the pooler and task head, exported as
+    ``Gemm`` with the weight as stored, [out, in]): replaced by their fake-quantized values, in float. Only
+    initializers that some node other than a target reads are looked at."""
+    read = {name for node in model.graph.node if node.name not in targets for name in node.input}
+    for init in model.graph.initializer:
+        if init.name not in read or len(init.dims) != 2:
+            continue
+        weight = numpy_helper.to_array(init)
+        for layout in (weight, weight.T):
+            entry = learned.get(fingerprint(layout))
+            if entry is not None:
+                baked = entry.fake_quantized_unsmoothed if layout is weight else entry.fake_quantized_unsmoothed.T
+                init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(baked), init.name))
+                sources[init.name] = "float (fake-quantized weight; not an INT8 target, e.g. a Gemm)"
+                modules[init.name] = entry.name
+                break
 
 
 def _clip_narrow(model: onnx.ModelProto, chosen: list[tuple[Target, LearnedLinear]],

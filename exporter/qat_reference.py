@@ -29,10 +29,11 @@ def fake_quantize(x: torch.Tensor, step: float, qmin: int, qmax: int) -> torch.T
 
 
 class FakeQuantLinear(nn.Module):
-    """``linear`` with its learned input and weight quantizers on."""
+    """``linear`` with its learned weight quantizer on, and its input quantizer (``inputs``, default True)."""
 
-    def __init__(self, linear: nn.Linear, scales: LinearScales) -> None:
+    def __init__(self, linear: nn.Linear, scales: LinearScales, inputs: bool = True) -> None:
         super().__init__()
+        self.inputs = inputs
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
         self.scales = scales
         pqs = scales.pre_quant_scale
@@ -46,14 +47,16 @@ class FakeQuantLinear(nn.Module):
         s = self.scales
         if s.pre_quant_scale is not None:
             x = x * s.pre_quant_scale
-        if s.input_scale is not None:
+        if s.input_scale is not None and self.inputs:
             x = fake_quantize(x, s.input_scale, s.input_qmin, s.input_qmax)
         return nn.functional.linear(x, self.weight, self.bias)
 
 
-def fake_quantized_model(model: nn.Module, qat: QatImport, only: Collection[str] | None = None) -> nn.Module:
+def fake_quantized_model(model: nn.Module, qat: QatImport, only: Collection[str] | None = None,
+                         weights_only: Collection[str] = ()) -> nn.Module:
     """A copy of ``model`` (the float model the checkpoint means) with the learned quantizers on: every imported
-    linear, or those whose checkpoint name is in ``only``."""
+    linear, or those whose checkpoint name is in ``only``; those in ``weights_only`` with the weight quantizer
+    alone."""
     result = copy.deepcopy(model)
     prefix = getattr(model, "base_model_prefix", "")
     for name, module in list(result.named_modules()):
@@ -61,10 +64,11 @@ def fake_quantized_model(model: nn.Module, qat: QatImport, only: Collection[str]
             continue
         stored = next((c for c in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}."))
                        if c in qat.linears), None)
-        if stored is None or (only is not None and stored not in only):
+        if stored is None or (only is not None and stored not in only and stored not in weights_only):
             continue
         parent, _, attr = name.rpartition(".")
-        setattr(result.get_submodule(parent) if parent else result, attr, FakeQuantLinear(module, qat.linears[stored]))
+        replaced = FakeQuantLinear(module, qat.linears[stored], inputs=stored not in weights_only)
+        setattr(result.get_submodule(parent) if parent else result, attr, replaced)
     return result.eval()
 
 
@@ -74,14 +78,19 @@ def qat_parity(model: nn.Module, qat: QatImport, imported: dict[str, Any], path:
     """The INT8 file against the fake-quantized model twice: ``as_trained`` (every imported quantizer on) and
     ``implemented`` (only the quantizers of the nodes the file runs in INT8 from the checkpoint). Per provider:
     max / mean abs error and cosines (the INT8 pass bar of ParityConfig applies to both)."""
-    implemented = {name for node, modules in imported["modules"].items()
-                   if imported["scale_source"].get(node) == "checkpoint" for name in modules.split(" | ")}
+    def modules(kind: str) -> set[str]:
+        return {name for node, found in imported["modules"].items()
+                if imported["scale_source"].get(node, "").startswith(kind) for name in found.split(" | ")}
+
+    implemented, weights_only = modules("checkpoint"), modules("float (fake-quantized")
     result: dict[str, Any] = {}
     for label, only in (("as_trained", None), ("implemented", implemented)):
-        expected = reference_outputs(fake_quantized_model(model, qat, only), batches, names, pooling)
+        model_q = fake_quantized_model(model, qat, only, weights_only if only is not None else ())
+        expected = reference_outputs(model_q, batches, names, pooling)
         entries = check_file(path, "int8", task, batches, expected, config,
                              options=session_entries({"qat": {"int8": imported}}, path.name))
         result[label] = [{k: e.to_dict()[k] for k in ("provider", "status", "max_abs_error", "mean_abs_error",
                                                        "mean_cosine", "min_cosine", "reason")} for e in entries]
     result["quantizers_not_in_graph"] = sorted(set(qat.linears) - implemented) + sorted(qat.other)
+    result["weight_quantizers_only"] = sorted(weights_only)
     return result

@@ -106,4 +106,10 @@ def learned_linears(original: nn.Module, compacted: nn.Module, architecture: Arc
             packed = _packed([entries[p] for p in ("query", "key", "value")])
             weight = torch.cat([getattr(after, p).weight.detach() for p in ("query", "key", "value")]).numpy().T
             result[fingerprint(weight)] = packed
+    encoder = {id(getattr(view, part)) for view in architecture.layers(compacted) for part in PARTS}
+    for name, module in compacted.named_modules():  # the pooler, the task head: not compacted
+        scales = _scales_for(qat, name, prefix) if isinstance(module, nn.Linear) and id(module) not in encoder else None
+        entry = None if scales is None else _learned(scales, None, None)
+        if entry is not None:
+            result[fingerprint(module.weight.detach().numpy().T)] = entry
     return result if any(entry.input_scale is not None for entry in result.values()) else None

@@ -188,11 +188,23 @@ def test_int8_file_holds_the_checkpoints_scales_and_weights(which: str, request:
     assert imported["calibration"].startswith("none")
     assert manifest["quantization"]["calibration_rows"] == []
     assert quantization["quantized_op_counts"] == {"Attention": 3, "MatMul": 9}
-    assert set(imported["scale_source"].values()) == {"checkpoint"}
+    assert {s for n, s in imported["scale_source"].items() if n in imported["modules"] and " | " not in n} >= {
+        "checkpoint"}
+    baked = {n for n, s in imported["scale_source"].items() if s.startswith("float (fake-quantized")}
+    assert len(baked) == (2 if which in ("modelopt_export", "smoothquant_export", "q8bert_export") else 0)
     graph = onnx.load(str(out / "model_quantized.onnx"))
     inits = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
     checked = 0
     for node, modules in imported["modules"].items():
+        if node in baked:  # the pooler / classifier weight, fake-quantized in float
+            module = modules
+            weight = inits[node] if inits[node].shape[0] == truth.stored_weight[module].shape[0] else inits[node].T
+            q, step = _expected_int8(truth, module)
+            expected = q.T.astype(np.float32) * step[:, None]
+            if module in truth.pre_quant_scale:  # type: ignore[attr-defined]  # no input Mul: unsmoothed
+                expected = expected * truth.pre_quant_scale[module].numpy()[None, :]  # type: ignore[attr-defined]
+            np.testing.assert_allclose(weight, expected, rtol=1e-5, atol=1e-7)
+            continue
         parts = [_expected_int8(truth, m) for m in modules.split(" | ")]
         weight = np.concatenate([p[0] for p in parts], 1)
         step = np.concatenate([p[1] for p in parts])
@@ -223,7 +235,13 @@ def test_int8_file_matches_the_fake_quantized_model(which: str, request: pytest.
     out, truth = request.getfixturevalue(which)
     manifest = json.loads((out / "manifest.json").read_text())
     checkpoint = load_checkpoint(truth.path)  # type: ignore[attr-defined]
-    implemented = {m for ms in manifest["qat"]["int8"]["modules"].values() for m in ms.split(" | ")}
+    imported = manifest["qat"]["int8"]
+
+    def modules(kind: str) -> set[str]:
+        return {m for node, ms in imported["modules"].items() if imported["scale_source"][node].startswith(kind)
+                for m in ms.split(" | ")}
+
+    implemented, weights_only = modules("checkpoint"), modules("float (fake-quantized")
     feeds = sample_ids(5)
     from graphs.core.sessions import open_session
 
@@ -231,7 +249,8 @@ def test_int8_file_matches_the_fake_quantized_model(which: str, request: pytest.
     found = as_written.run(["logits"], {k: v.numpy() for k, v in feeds.items()})[0]
     fused = open_session(out / "model_quantized.onnx").run(["logits"], {k: v.numpy() for k, v in feeds.items()})[0]
     with torch.no_grad():
-        narrow = fake_quantized_model(checkpoint.model, checkpoint.qat, implemented)(**feeds).logits.numpy()
+        narrow = fake_quantized_model(checkpoint.model, checkpoint.qat, implemented,
+                                      weights_only)(**feeds).logits.numpy()
         trained = fake_quantized_model(checkpoint.model, checkpoint.qat)(**feeds).logits.numpy()
         plain = checkpoint.model(**feeds).logits.numpy()
     assert np.abs(found - narrow).max() < 1e-5
@@ -241,8 +260,9 @@ def test_int8_file_matches_the_fake_quantized_model(which: str, request: pytest.
     if which == "ct_export":  # its ignore list keeps the pooler and classifier float: nothing left out
         assert parity["quantizers_not_in_graph"] == []
         return
-    assert np.abs(found - trained).max() > 1e-3  # the pooler/classifier quantizers are not in the graph
+    assert np.abs(found - trained).max() > 1e-3  # the pooler/classifier input quantizers are not in the graph
     assert set(parity["quantizers_not_in_graph"]) >= {"bert.pooler.dense", "classifier"}
+    assert weights_only == {"bert.pooler.dense", "classifier"} == set(parity["weight_quantizers_only"])
     cpu = {label: next(e for e in parity[label] if e["provider"] == "CPUExecutionProvider")
            for label in ("as_trained", "implemented")}
     assert cpu["implemented"]["mean_abs_error"] < cpu["as_trained"]["mean_abs_error"]
