@@ -38,7 +38,8 @@ class FakeQuantLinear(nn.Module):
         self.scales = scales
         pqs = scales.pre_quant_scale
         if scales.weight_int8 is not None and scales.weight_scale is not None:
-            weight = scales.weight_int8.to(torch.float32) * scales.weight_scale[:, None]
+            # weights the float model holds at zero (heads masked by --drop-heads) stay zero: round(0) is 0
+            weight = scales.weight_int8.to(torch.float32) * scales.weight_scale[:, None] * (linear.weight != 0)
         else:  # the weight as the quantizer reads it: the stored (smoothed) one
             weight = linear.weight.detach() / (pqs[None, :] if pqs is not None else 1.0)
         self.weight = nn.Parameter(weight.clone())

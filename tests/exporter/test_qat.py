@@ -329,3 +329,42 @@ def test_torch_ao_eager_qat_is_recognised_with_torchs_own_keys(tmp_path: Path) -
     assert manifest["qat"]["format"] == "torch-ao-eager"
     assert manifest["qat"]["int8"]["calibration"].startswith("calibrated from text")
     assert manifest["quantization"]["samples"] == 8
+
+
+def test_dropped_heads_slice_the_learned_weights_and_scales(tmp_path: Path) -> None:
+    """--drop-heads 0:1 removes head 1 of layer 0 (rows 32-63 of Q, K and V, columns 32-63 of the output
+    projection): the INT8 file holds exactly the checkpoint's int8 rows / columns and steps of the heads kept,
+    and matches the fake-quantized model with that head masked."""
+    from exporter.qat_reference import fake_quantized_model
+    from graphs.core.sessions import open_session
+
+    truth = modelopt_checkpoint(tmp_path / "m")
+    out = tmp_path / "out"
+    assert main(["--model", str(tmp_path / "m"), "--output", str(out), "--calibration-samples", "8",
+                 "--latency", "off", "--drop-heads", "0:1"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["compaction"]["heads_per_layer"] == [3, 4, 4]
+    imported = manifest["qat"]["int8"]
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out / "model_quantized.onnx")).graph.initializer}
+    kept = np.r_[0:32, 64:128]
+    prefix = "bert.encoder.layer.0."
+    node = next(n for n, m in imported["modules"].items() if m.startswith(f"{prefix}attention.self.query"))
+    parts = [_expected_int8(truth, f"{prefix}attention.self.{p}") for p in ("query", "key", "value")]
+    assert np.array_equal(inits[f"{node}_weight_s8"], np.concatenate([w[:, kept] for w, _ in parts], 1))
+    np.testing.assert_allclose(inits[f"{node}_weight_scale"], np.concatenate([s[kept] for _, s in parts]), rtol=1e-6)
+    node = next(n for n, m in imported["modules"].items() if m == f"{prefix}attention.output.dense")
+    weight, step = _expected_int8(truth, f"{prefix}attention.output.dense")
+    assert np.array_equal(inits[f"{node}_weight_s8"], weight[kept])
+    np.testing.assert_allclose(inits[f"{node}_weight_scale"], step, rtol=1e-6)
+    checkpoint = load_checkpoint(tmp_path / "m")
+    with torch.no_grad():  # the head masked as the pipeline masks it: zero output-projection columns
+        checkpoint.model.bert.encoder.layer[0].attention.output.dense.weight[:, 32:64] = 0.0
+    sources = imported["scale_source"]
+    implemented = {m for n, ms in imported["modules"].items() if sources[n] == "checkpoint" for m in ms.split(" | ")}
+    weights_only = {m for n, m in imported["modules"].items() if sources[n].startswith("float (fake")}
+    feeds = sample_ids(5)
+    with torch.no_grad():
+        expected = fake_quantized_model(checkpoint.model, checkpoint.qat, implemented, weights_only)(**feeds).logits
+    found = open_session(out / "model_quantized.onnx", optimize=False).run(
+        ["logits"], {k: v.numpy() for k, v in feeds.items()})[0]
+    assert np.abs(found - expected.numpy()).max() < 1e-5
