@@ -73,3 +73,55 @@ def test_a_compressed_tensors_checkpoint_written_by_the_library(tmp_path: Path) 
         assert np.array_equal(inits[f"{node}_weight_s8"], weight), node
         assert np.array_equal(inits[f"{node}_weight_scale"], scale), node
     assert manifest["quantization"]["samples"] == 0
+
+
+_MODELOPT_CHILD = """
+import sys
+from pathlib import Path
+import numpy as np, torch
+import modelopt.torch.opt as mto
+import modelopt.torch.quantization as mtq
+from tests.qat_checkpoints import _base, sample_ids
+folder = Path(sys.argv[1])
+model, _ = _base(folder, 0)
+mto.enable_huggingface_checkpointing()
+model = mtq.quantize(model, mtq.INT8_SMOOTHQUANT_CFG, lambda m: m(**sample_ids(0)))
+model.save_pretrained(folder)
+feeds = sample_ids(5)
+for pattern in ("*LayerNorm*", "*bmm_quantizer", "*pooler*input_quantizer", "*classifier*input_quantizer"):
+    mtq.disable_quantizer(model, pattern)
+with torch.no_grad():
+    trained = model(**feeds).logits.numpy()
+    mtq.disable_quantizer(model, "*")
+    unquantized = model(**feeds).logits.numpy()
+np.savez(folder.parent / "expected.npz", trained=trained, unquantized=unquantized)
+"""
+
+
+def test_a_modelopt_smoothquant_checkpoint_written_by_the_library(tmp_path: Path) -> None:
+    """nvidia-modelopt's own mtq.quantize(INT8_SMOOTHQUANT_CFG) and save_pretrained (modelopt_state.pth beside
+    the weights), in a child process (ModelOpt patches transformers' save and load for the whole process):
+    model.onnx equals ModelOpt's model with every quantizer off, and the INT8 file equals its fake-quantized model
+    with the quantizers the graph does not implement off (the LayerNorm inputs, the attention BMMs, the pooler's
+    and classifier's inputs), run as written."""
+    pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is not installed")
+    import subprocess
+    import sys
+
+    from graphs.core.sessions import open_session
+    from tests.qat_checkpoints import sample_ids
+
+    folder = tmp_path / "mo"
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", _MODELOPT_CHILD, str(folder)], check=True, cwd=root, timeout=600)
+    assert (folder / "modelopt_state.pth").is_file()
+    expected = np.load(tmp_path / "expected.npz")
+    out = tmp_path / "out"
+    assert main(["--model", str(folder), "--output", str(out), "--latency", "off"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["qat"]["format"] == "modelopt" and manifest["quantization"]["samples"] == 0
+    numpy_feeds = {k: v.numpy() for k, v in sample_ids(5).items()}
+    found = open_session(out / "model_quantized.onnx", optimize=False).run(["logits"], numpy_feeds)[0]
+    assert np.abs(found - expected["trained"]).max() < 1e-5
+    fp32 = open_session(out / "model.onnx").run(["logits"], numpy_feeds)[0]
+    assert np.abs(fp32 - expected["unquantized"]).max() < 1e-5
