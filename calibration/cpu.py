@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from graphs.core.cpu import cpu_has_vnni, is_x86
+
+__all__ = ["INT8_WEIGHT_RANGES", "cpu_has_vnni", "int8_weight_bits"]
 
 INT8_WEIGHT_RANGES = ("auto", "full", "reduced")
-
-
-def cpu_has_vnni() -> bool | None:
-    """Whether this x86 CPU has VNNI (AVX-512 VNNI or AVX-VNNI), from /proc/cpuinfo; None where unknown
-    (not Linux) and False off x86 is never returned: ARM's kernels do not saturate, see :func:`int8_weight_bits`."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    line = next((line for line in flags.splitlines() if line.startswith("flags")), None)
-    if line is None:
-        return None
-    words = set(line.split(":", 1)[-1].split())
-    return bool(words & {"avx512_vnni", "avx_vnni", "avx512vnni"})
 
 
 def int8_weight_bits(setting: str = "auto") -> int:
@@ -36,8 +24,6 @@ def int8_weight_bits(setting: str = "auto") -> int:
         return 7
     if setting != "auto":
         raise ValueError(f"int8_weights {setting!r} not in {list(INT8_WEIGHT_RANGES)}")
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+    if not is_x86():
         return 8
     return 8 if cpu_has_vnni() else 7

@@ -148,19 +148,20 @@ def foldable_attention(view: GraphView, activation: str, readers: set[str]) -> o
 
 
 def smooth_graph(
-    model: onnx.ModelProto, targets: Sequence[Target], plans: dict[str, InputPlan]
+    model: onnx.ModelProto, targets: Sequence[Target], plans: dict[str, InputPlan], fold: bool = True
 ) -> onnx.ModelProto:
     """The FP32 twin: each smoothed activation divided by ``s``, each target's weight rows multiplied by ``s``.
     Equal to ``model`` in exact arithmetic. The division is folded into the V projection of the Attention that
-    produces the activation where :func:`foldable_attention` allows (the attention output projection's input),
-    else it is one Mul shared by the activation's readers."""
+    produces the activation where :func:`foldable_attention` allows (the attention output projection's input) and
+    ``fold`` (default True; False where V's weights are learned int8 values that must not move), else it is one
+    Mul shared by the activation's readers."""
     model = copy.deepcopy(model)
     weights = {init.name: init for init in model.graph.initializer}
     by_name = {node.name: node for node in model.graph.node}
     readers, view = {target.name for target in targets}, _view(model)
     activations = dict.fromkeys(t.activation for t in targets if plans[t.activation].alpha)
     folded = {activation: attention for activation in activations
-              if (attention := foldable_attention(view, activation, readers)) is not None}
+              if fold and (attention := foldable_attention(view, activation, readers)) is not None}
     smoothed: dict[str, str] = {}
     new_inits: list[onnx.TensorProto] = []
     for target in targets:

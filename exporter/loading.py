@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from exporter.architectures import TASKS, Architecture, architecture_for, infer_task
+from exporter.qat import QatImport, QatWeights, read_qat
 from exporter.sentence import SentenceModules, read_sentence_modules
 from exporter.tokenizer_check import load_tokenizer
 from exporter.weights import WeightFiles, read_json
@@ -72,6 +73,7 @@ class Checkpoint:
     layer_norm: str  # "layer_norm" | "no_norm"
     files_read: list[Path] = field(default_factory=list)  # every checkpoint file the load read (source hash)
     sentence: SentenceModules | None = None  # a sentence-transformers folder's pooling (feature extraction)
+    qat: QatImport | None = None  # a quantization-aware-trained checkpoint's learned scales (exporter.qat)
 
 
 def default_model_path() -> Path:
@@ -162,7 +164,7 @@ def load_checkpoint(path: Path, task: str | None = None) -> Checkpoint:
     raw = read_config(path)
     architecture = architecture_for(str(raw["model_type"]))
     task = resolve_task(raw, task)
-    weights = WeightFiles(path)
+    weights, qat = read_qat(path, raw, WeightFiles(path))  # the float weights a QAT checkpoint means
     if "auto_map" in raw:
         # Never executed (the model class is the stock one for model_type) and never shipped.
         log.warning("config.json auto_map %s ignored: export-model builds the stock %s classes and never runs "
@@ -201,7 +203,7 @@ def load_checkpoint(path: Path, task: str | None = None) -> Checkpoint:
                  sentence.pooling.source)
     files = [path / "config.json", *weights.files, *tokenizer_files,
              *(path / name for name in (sentence.files if sentence else []))]
-    return Checkpoint(path, model, tokenizer, config, architecture, task, layer_norm, files, sentence)
+    return Checkpoint(path, model, tokenizer, config, architecture, task, layer_norm, files, sentence, qat)
 
 
 def _build_config(path: Path, raw: dict[str, Any], model_class_name: str) -> Any:
@@ -306,7 +308,7 @@ def check_config_values(path: Path, config: Any, architecture: Architecture) -> 
     architecture.check_pruned(config)
 
 
-def check_against_weights(path: Path, config: Any, architecture: Architecture, weights: WeightFiles) -> None:
+def check_against_weights(path: Path, config: Any, architecture: Architecture, weights: WeightFiles | QatWeights) -> None:
     """Refuse, before any module is built, a config whose sizes the weight headers contradict: the layer count,
     the embedding tables, and the parameter count it implies (bounded by what the weights hold)."""
     where = path / "config.json"
@@ -409,7 +411,7 @@ def _stored_name(name: str, prefix: str, stored: dict[str, Any]) -> str | None:
     return next((c for c in candidates if c in stored), None)
 
 
-def _load_weights(path: Path, model: nn.Module, task: str, config: Any, weights: WeightFiles) -> None:
+def _load_weights(path: Path, model: nn.Module, task: str, config: Any, weights: WeightFiles | QatWeights) -> None:
     """Copy every parameter (and stored buffer) of `model` from `weights`, after checking all shapes."""
     state = model.state_dict()
     buffers = {name for name, _ in model.named_buffers()}

@@ -35,6 +35,7 @@ import onnx
 
 from calibration.corpus import builtin_texts, split_texts
 from calibration.data import ChainedReader, TextCalibrationReader, joined_texts, load_texts, sample_texts
+from calibration.learned import quantize_learned
 from calibration.quantize import quantize_model
 from calibration.tune import tune_quantization
 from exporter.architectures import Architecture
@@ -47,6 +48,8 @@ from exporter.latency import binds_io, latency_feeds, measure_latency, peak_memo
 from exporter.loading import load_checkpoint, resolve_checkpoint
 from exporter.manifest import checkpoint_hash, write_manifest
 from exporter.onnx_export import export_onnx
+from exporter.qat_reference import qat_parity
+from exporter.qat_targets import learned_linears
 from exporter.reference import build_batches, reference_outputs
 from exporter.runtime.files import Limits
 from exporter.runtime.outputs import output_names
@@ -57,6 +60,7 @@ from exporter.runtime.parity import (
     check_file,
     failure_table,
     resolve_providers,
+    session_entries,
 )
 from exporter.stages import Stages
 from exporter.text import make_tokenize
@@ -219,6 +223,11 @@ def _build(
         with stages.stage("compact") as note:
             compacted = copy.deepcopy(reference)
             compaction = compact_model(compacted, arch, hf_config, drops)
+            # A quantization-aware-trained checkpoint's INT8 scales, sliced as compaction sliced the weights.
+            learned = learned_linears(reference, compacted, arch, checkpoint.qat) if checkpoint.qat else None
+            if checkpoint.qat and learned is None:
+                log.warning("%s checkpoint: its learned scales do not map to the INT8 graph's inputs yet; "
+                            "model_quantized.onnx is calibrated from text (manifest qat.int8)", checkpoint.qat.format)
             note["detail"] = compaction.summary()
         with stages.stage("export") as note:
             sentence = checkpoint.sentence
@@ -267,7 +276,11 @@ def _build(
         # loaded again only to localize a parity failure.
         batches = build_batches(report_pool, tokenize, shapes, max_length)
         expected = reference_outputs(reference, batches, output_names(task, sentence is not None), pooling)
-        if evalset is None:
+        qat_report: dict[str, Any] = checkpoint.qat.to_dict() if checkpoint.qat else {}
+        if checkpoint.qat and learned is None:
+            qat_report["int8"] = {"calibration": "calibrated from text: this format's learned input ranges are not "
+                                                 "mapped to the INT8 graph yet"}
+        if evalset is None and learned is None:  # a QAT import's parity needs it again (fake-quantized)
             reference = checkpoint.model = None
         with stages.stage("quantize") as note:
             calibration_tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, working_length, pairs=pairs)
@@ -296,7 +309,11 @@ def _build(
                                 wanted, config.quantization.max_accuracy_drop)
                 validation = [calibration_tokenize(search_texts[i : i + 16]) for i in range(0, len(search_texts), 16)]
             tuning: list[dict[str, Any]] = []
-            if config.quantization.tune:
+            if learned is not None:  # its own scales: nothing calibrated, nothing searched
+                quantization, qat_report["int8"] = quantize_learned(built / OPTIMIZED_FILE, built / QUANTIZED_FILE,
+                                                                    learned, config.quantization)
+                calibration_rows, tuning = [], []
+            elif config.quantization.tune:
                 timing = latency_feeds(calibration_tokenize, search_texts, [(1, working_length), (8, working_length)])
                 quantization, tuning = tune_quantization(
                     {"fused": built / OPTIMIZED_FILE, "unfused": built / MODEL_FILE}, built / QUANTIZED_FILE, reader,
@@ -306,7 +323,8 @@ def _build(
                 quantization = quantize_model(built / source_graph, built / QUANTIZED_FILE, reader,
                                               config.quantization, sample_sha256=sample_hash, validation=validation,
                                               metric=metric)
-            note["detail"] = f"{QUANTIZED_FILE}, {quantization.quantized_nodes} nodes INT8, {len(samples)} texts"
+            note["detail"] = f"{QUANTIZED_FILE}, {quantization.quantized_nodes} nodes INT8, " + (
+                "scales from the checkpoint" if learned is not None else f"{len(samples)} texts")
             if tuning:
                 note["detail"] += f", tuned: {quantization.preset} fastest of {len(tuning)} presets"
         with stages.stage("parity") as note:
@@ -317,7 +335,8 @@ def _build(
             else:
                 entries.append(ParityEntry(FP16_FILE, PROVIDERS["cuda"], "fp16", "skip", reason=fp16["reason"]))
             for name, precision in checked:
-                entries += check_file(built / name, precision, task, batches, expected, config.parity)
+                entries += check_file(built / name, precision, task, batches, expected, config.parity,
+                                      options=session_entries({"qat": qat_report}, name))
             failed = [e for e in entries if e.status == "fail"]
             if failed:
                 if reference is None:  # released before quantizing: the same load again
@@ -326,6 +345,10 @@ def _build(
                         mask_heads(reference, arch, hf_config, drops)
                 localize_failures(failed, built, reference, arch, batches[-1], config.parity)
             note["detail"] = ", ".join(f"{e.file} {e.status}" for e in entries if e.status != "skip")
+            if learned is not None:
+                qat_report["parity"] = qat_parity(reference, checkpoint.qat, qat_report["int8"], built / QUANTIZED_FILE,
+                                                  task, batches, output_names(task, sentence is not None), pooling,
+                                                  config.parity)
         with stages.stage("latency") as note:
             latency: dict[str, Any] = {}
             if config.latency != "off":
@@ -357,6 +380,7 @@ def _build(
                 "options": resolved,
                 "signature": signature.to_dict(),
                 "sentence_embedding": sentence.to_dict() if sentence else None,
+                "qat": qat_report or None,
                 "compaction": compaction.to_dict(),
                 "fusion": fusion.to_dict() | {"summary": fusion.summary()},
                 "quantization": quantization.to_dict() | {"calibration_rows": calibration_rows}

@@ -34,7 +34,8 @@ HEAVY = {"torch", "transformers", "onnx", "onnxscript", "optimum", "sentence_tra
 # transformers' log level.
 TORCH_SIDE = {"exporter.weights", "exporter.loading", "exporter.sentence", "exporter.compaction",
               "exporter.export_forward", "exporter.forward_parts", "exporter.tokenizer_check", "exporter.onnx_export", "exporter.reference",
-              "exporter.divergence",
+              "exporter.divergence", "exporter.qat", "exporter.qat_formats", "exporter.qat_import",
+              "exporter.qat_targets", "exporter.qat_reference",
               "exporter.cli"}
 STDLIB = set(sys.stdlib_module_names)
 

@@ -41,6 +41,7 @@ import numpy as np
 
 from exporter.runtime.artifact import Artifact, Limits, Trust
 from exporter.runtime.decode import Answer, Entity, Label, group_entities, softmax
+from exporter.runtime.parity import session_entries
 from exporter.runtime.pooling import Pooling, pool, read_pooling
 from exporter.runtime.text import cap_chars
 from graphs.core.errors import ParityError, UsageError, first_line, from_onnxruntime
@@ -192,7 +193,7 @@ class Runtime:
                                        lambda path: artifact.has(relative(path)))
             try:
                 with artifact.model_source(file) as source:
-                    session = open_session(source, full)
+                    session = open_session(source, full, entries=session_entries(manifest, file))
             except Exception as error:
                 if not from_onnxruntime(error):
                     raise

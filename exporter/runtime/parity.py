@@ -11,15 +11,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from exporter.runtime.files import FP32_ATOL_MAX, MIN_COSINE_FLOOR
+from exporter.runtime.files import FP32_ATOL_MAX, MIN_COSINE_FLOOR, QUANTIZED_FILE
 from exporter.runtime.outputs import SENTENCE_OUTPUT, token_level
+from graphs.core.cpu import exact_int8_options
 from graphs.core.errors import ProviderUnavailableError, first_line, from_onnxruntime
 from graphs.core.sessions import PROVIDERS, open_session
 
@@ -230,13 +231,23 @@ def resolve_providers(names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     return run, {}
 
 
+def session_entries(manifest: Mapping[str, Any], file: str) -> dict[str, str]:
+    """The session options ``file`` of the artifact described by ``manifest`` needs on this machine: an INT8 file
+    imported with full-range learned weights (``qat.int8.session_options_without_vnni``) asks for exact int8
+    products where this x86 CPU lacks VNNI (:func:`graphs.core.cpu.exact_int8_options`); none otherwise."""
+    qat = manifest.get("qat")
+    int8 = qat.get("int8") if isinstance(qat, dict) else None
+    asked = int8.get("session_options_without_vnni") if isinstance(int8, dict) and file == QUANTIZED_FILE else None
+    return exact_int8_options(bool(asked))
+
+
 def check_file(
     path: Path | str, precision: str, task: str, batches: Sequence[Batch], expected: Sequence[Batch],
-    config: ParityConfig, model: bytes | Path | None = None,
+    config: ParityConfig, model: bytes | Path | None = None, options: Mapping[str, str] | None = None,
 ) -> list[ParityEntry]:
     """Parity entries for one file on every configured provider (an absent one under "auto" is a recorded skip).
     `model`: the file's bytes, already read and checked, or a private copy of them (the deployment side, see
-    `Artifact.model_source`); None opens `path`. A file
+    `Artifact.model_source`); None opens `path`. `options`: its session options (:func:`session_entries`). A file
     onnxruntime cannot load or run is a `fail` entry saying why, not an exception."""
     run, skipped = resolve_providers(config.providers)
     name = Path(path).name if model is None else str(path)
@@ -245,8 +256,8 @@ def check_file(
     for provider in run:
         start = time.perf_counter()
         try:
-            actual = run_session(open_session(Path(path) if model is None else model, provider), batches,
-                                 output_names)
+            actual = run_session(open_session(Path(path) if model is None else model, provider, entries=options),
+                                 batches, output_names)
         except ProviderUnavailableError:
             raise
         except Exception as error:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from exporter.runtime.artifact import Artifact, FileMismatch
 from exporter.runtime.files import Limits
-from exporter.runtime.parity import ParityConfig, ParityEntry, check_file
+from exporter.runtime.parity import ParityConfig, ParityEntry, check_file, session_entries
 from exporter.runtime.trust import Trust
 from graphs.core.errors import ParityError
 from graphs.core.telemetry import quiet_onnxruntime
@@ -78,7 +78,7 @@ def verify_artifact(folder: Path, providers: tuple[str, ...] = ("auto",), trust:
             try:
                 with artifact.model_source(name) as source:
                     report.parity += check_file(name, precision, manifest["task"], inputs, reference, config,
-                                                model=source)
+                                                model=source, options=session_entries(manifest, name))
             except FileMismatch as error:
                 report.hash_failures.append(error.line)
                 report.parity.append(ParityEntry(name, "-", precision, "fail", reason="file changed: not run"))

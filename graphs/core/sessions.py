@@ -9,9 +9,11 @@ bytes it hashed).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from graphs.core.cpu import EXACT_INT8_OPTIONS
 from graphs.core.errors import ProviderUnavailableError
 from graphs.core.telemetry import quiet_onnxruntime
 
@@ -43,10 +45,11 @@ def require(provider: str) -> str:
 
 
 def open_session(model: Path | str | bytes, provider: str = "cpu", threads: int = 0, optimize: bool = True,
-                 spinning: bool | None = None) -> Any:
+                 spinning: bool | None = None, entries: Mapping[str, str] | None = None) -> Any:
     """An onnxruntime session on exactly `provider`. `threads`: intra-op threads (0: onnxruntime's default);
     `optimize=False` runs the graph as written (no onnxruntime fusions); `spinning=False` stops idle worker
-    threads from spinning (fairer when several sessions are timed in turn)."""
+    threads from spinning (fairer when several sessions are timed in turn); `entries`: session config entries,
+    only those of :data:`graphs.core.cpu.EXACT_INT8_OPTIONS` (what an INT8 file may ask for)."""
     import onnxruntime as ort
 
     name = require(provider)
@@ -60,6 +63,10 @@ def open_session(model: Path | str | bytes, provider: str = "cpu", threads: int 
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if name != CPU:
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    for key, value in (entries or {}).items():
+        if EXACT_INT8_OPTIONS.get(key) != value:
+            raise ValueError(f"session option {key}={value!r} is not one export-model sets")
+        options.add_session_config_entry(key, value)
     session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=[name])
     if session.get_providers()[0] != name:
         raise ProviderUnavailableError(f"{name} requested but the session runs on {session.get_providers()}")
