@@ -47,8 +47,10 @@ from exporter.latency import binds_io, latency_feeds, measure_latency, peak_memo
 from exporter.loading import load_checkpoint, resolve_checkpoint
 from exporter.manifest import checkpoint_hash, write_manifest
 from exporter.onnx_export import export_onnx
+from exporter.openvino_stage import openvino_latency, openvino_parity
 from exporter.reference import build_batches, reference_outputs
 from exporter.runtime.files import Limits
+from exporter.runtime.openvino_check import record as openvino_record
 from exporter.runtime.outputs import output_names
 from exporter.runtime.parity import (
     PROVIDERS,
@@ -77,6 +79,7 @@ from graphs.core.errors import (
     ParityError,
     UsageError,
 )
+from graphs.core.openvino_sessions import ENGINE
 from graphs.core.progress import bar
 from graphs.float16 import to_float16
 from graphs.fusion import GraphPlan, fuse_graph
@@ -316,6 +319,7 @@ def _build(
                 entries.append(ParityEntry(FP16_FILE, PROVIDERS["cuda"], "fp16", "skip", reason=fp16["reason"]))
             for name, precision in checked:
                 entries += check_file(built / name, precision, task, batches, expected, config.parity)
+            entries += openvino_parity(built, checked, task, batches, expected, config.parity)
             failed = [e for e in entries if e.status == "fail"]
             if failed:
                 if reference is None:  # released before quantizing: the same load again
@@ -323,16 +327,20 @@ def _build(
                     if drops:
                         mask_heads(reference, arch, hf_config, drops)
                 localize_failures(failed, built, reference, arch, batches[-1], config.parity)
-            note["detail"] = ", ".join(f"{e.file} {e.status}" for e in entries if e.status != "skip")
+            note["detail"] = ", ".join(f"{e.file} {e.status}" if e.provider != ENGINE else
+                                       f"{e.file} {e.status} on OpenVINO {e.precision}"
+                                       for e in entries if e.status != "skip")
         with stages.stage("latency") as note:
             latency: dict[str, Any] = {}
             if config.latency != "off":
                 latency = measure_files(built, tokenize, report_pool[:40], working_length, config.parity.providers,
                                         [name for name, _ in checked], full=config.latency == "full",
-                                        max_length=max_length)
-            cpu = latency.get("CPUExecutionProvider", {}).get("files", {})
-            note["detail"] = ", ".join(f"{n} {v[f'b8xs{working_length}']['median_ms']:.0f} ms@b8"
-                                       for n, v in cpu.items()) or "off (--latency off)"
+                                        max_length=max_length, openvino=entries)
+            note["detail"] = ", ".join(
+                f"{n} {v[f'b8xs{working_length}']['median_ms']:.0f} ms@b8" + (f" on OpenVINO{key.removeprefix(ENGINE)}"
+                                                                            if key.startswith(ENGINE) else "")
+                for key in ("CPUExecutionProvider", *(k for k in latency if k.startswith(ENGINE)))
+                for n, v in latency.get(key, {}).get("files", {}).items()) or "off (--latency off)"
         evaluation: list[dict[str, Any]] = []
         if reported is not None:
             with stages.stage("evaluate") as note:
@@ -360,6 +368,7 @@ def _build(
                 "quantization": quantization.to_dict() | {"calibration_rows": calibration_rows}
                 | ({"tuning": tuning} if tuning else {}),
                 "fp16": fp16,
+                "openvino": openvino_record(),
                 "parity": [e.to_dict() for e in entries],
                 "parity_data": {"inputs": "parity/inputs.npz", "reference": "parity/reference.npz",
                                 "shapes": [list(b["attention_mask"].shape) for b in batches]},
@@ -385,12 +394,13 @@ def _build(
 
 def measure_files(
     built: Path, tokenize: Any, texts: list[str], length: int, providers: tuple[str, ...], names: list[str],
-    full: bool = False, max_length: int | None = None,
+    full: bool = False, max_length: int | None = None, openvino: list[ParityEntry] | None = None,
 ) -> dict[str, Any]:
     """Per provider: latency percentiles of each file at batch 1 and 8 (``full``: 1, 2, 4, 8) of ``length``
     tokens and at batch 1 of ``max_length`` (when longer), with all threads, and its peak memory at batch 8 in a
     fresh process; ``full`` adds, on CPU, one thread per session at batch 1 and 8 (the thread-settings grid) and
-    the best throughput mode."""
+    the best throughput mode. ``openvino``: the parity entries; each (file, precision) that passed on OpenVINO
+    is timed there too (the same feeds; exporter/openvino_stage.py)."""
     batches = LATENCY_BATCHES if full else (LATENCY_BATCHES[0], LATENCY_BATCHES[-1])
     shapes = [(b, length) for b in batches] + ([(1, max_length)] if max_length and max_length > length else [])
     feeds = latency_feeds(tokenize, texts, shapes)
@@ -410,7 +420,7 @@ def measure_files(
             result[provider]["by_threads"] = {"1": {
                 name: measure_latency(built / name, provider, ends, threads=1) for name in names}} if cores > 1 else {}
             result[provider]["throughput"] = {name: throughput_modes(built / name, feeds[largest]) for name in names}
-    return result
+    return result | openvino_latency(built, openvino or [], feeds, length, full)
 
 
 def _fp16_wanted(config: ExportConfig) -> bool:

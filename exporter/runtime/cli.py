@@ -29,6 +29,7 @@ from exporter.runtime import sandbox
 from exporter.runtime.files import parse_json
 from exporter.runtime.trust import Trust
 from graphs.core.errors import ExportError, UsageError, first_line
+from graphs.core.openvino_sessions import ENGINE
 from graphs.core.telemetry import quiet_onnxruntime
 
 PROG = "export-model run"
@@ -248,7 +249,8 @@ def _verify(args: argparse.Namespace) -> int:
     report = verify_artifact(Path(args.folder), args.providers, trust_from(args))
     for entry in report.parity:
         detail = f"max abs {entry.max_abs_error:.2e}" if entry.max_abs_error is not None else entry.reason
-        print(f"{entry.file:<24} {entry.provider:<24} {entry.status:<5} {detail}")
+        where = entry.provider if entry.provider != ENGINE else f"{ENGINE} {entry.precision}"
+        print(f"{entry.file:<24} {where:<24} {entry.status:<5} {detail}")
     print(f"trust: {report.trust}")
     if not report.ok:
         print(f"export-model verify: FAILED for {args.folder}:\n{report.table()}", file=sys.stderr)

@@ -1,0 +1,150 @@
+"""OpenVINO as a second CPU engine: parity rows per (file, precision) with explicit settings, latency rows, the
+bf16 variant where the CPU allows it, `verify` on it, one skip row without openvino, and no telemetry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exporter.cli import main
+from exporter.runtime.openvino_check import EVERY_FILE, absent_entries, check_openvino, variants
+from exporter.runtime.parity import ParityConfig
+from graphs.core import openvino_sessions
+from graphs.core.openvino_sessions import ENGINE, bf16_flags, cpu_flags
+from tests.exporter.test_cli import exported  # noqa: F401  (module-scoped fixture: one export for all tests)
+from tests.exporter.test_network import guarded_env
+
+HAS_OPENVINO = openvino_sessions.version() is not None
+needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed (the [openvino] extra)")
+pytestmark = pytest.mark.openvino
+
+
+def _rows(out: Path) -> list[dict]:
+    return [e for e in json.loads((out / "manifest.json").read_text())["parity"] if e["provider"] == ENGINE]
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_vnni avx512_bf16\n\nprocessor\t: 1\n")
+    assert "avx512_bf16" in cpu_flags(info)
+    assert bf16_flags(cpu_flags(info)) == ["avx512_bf16"]
+    assert bf16_flags({"avx512f", "avx512_vnni"}) == []
+    assert variants("fp32", ["amx_bf16"]) == ["fp32", "bf16"] and variants("fp32", []) == ["fp32"]
+    assert variants("int8", []) == ["int8"] and variants("fp16", ["amx_bf16"]) == []
+
+
+@needs_openvino
+def test_every_readable_file_gets_openvino_rows_with_explicit_settings(exported: tuple[Path, Path, int]) -> None:  # noqa: F811
+    _, out, code = exported
+    assert code == 0
+    rows = {(e["file"], e["precision"]): e for e in _rows(out)}
+    for name in ("model.onnx", "model_optimized.onnx"):
+        fp32 = rows[(name, "fp32")]
+        assert fp32["status"] == "pass" and fp32["max_abs_error"] <= 1e-4, fp32
+        if bf16_flags():
+            bf16 = rows[(name, "bf16")]
+            assert bf16["status"] == "pass" and bf16["tolerance"] == "mean_cosine >= 0.999"
+            assert bf16["max_abs_error"] > fp32["max_abs_error"]  # it really ran in bfloat16
+        else:
+            assert (name, "bf16") not in rows
+    quantized = rows[("model_quantized.onnx", "int8")]  # onnxruntime's QAttention: not an OpenVINO file
+    assert quantized["status"] == "skip" and "QAttention" in quantized["reason"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    record = manifest["openvino"]
+    assert record["settings"]["fp32"]["INFERENCE_PRECISION_HINT"] == "f32"
+    assert record["settings"]["fp32"]["NUM_STREAMS"] == "1"
+    assert record["settings"]["fp32"]["PERFORMANCE_HINT"] == "LATENCY"
+    assert record["bf16"]["run"] == bool(bf16_flags()) and record["bf16"].get("cpu_flags", []) == bf16_flags()
+    timed = manifest["latency"][f"{ENGINE} fp32"]
+    assert set(timed["files"]) == {"model.onnx", "model_optimized.onnx"}
+    assert timed["settings"]["INFERENCE_PRECISION_HINT"] == "f32"
+    assert timed["files"]["model.onnx"]["b8xs128"]["median_ms"] > 0
+    assert manifest["deployable"] is True
+
+
+@needs_openvino
+def test_fp32_is_asked_for_explicitly_where_the_default_would_be_bf16(exported: tuple[Path, Path, int]) -> None:  # noqa: F811
+    """The compiled model reports f32 because it was asked; left to OpenVINO's defaults, a CPU with AVX-512 BF16 or
+    AMX compiles the same FP32 file to bf16 (the silent change the explicit hint prevents)."""
+    import openvino as ov
+
+    _, out, _ = exported
+    model = (out / "model.onnx").read_bytes()
+    session = openvino_sessions.open_compiled(model, "fp32", threads=1)
+    assert session.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+    assert session.settings["INFERENCE_NUM_THREADS"] == "1"
+    core = ov.Core()
+    default = core.compile_model(core.read_model(model=model), "CPU").get_property("INFERENCE_PRECISION_HINT")
+    assert default == (ov.Type.bf16 if bf16_flags() else ov.Type.f32)
+
+
+@needs_openvino
+def test_the_bf16_bar_is_applied(exported: tuple[Path, Path, int]) -> None:  # noqa: F811
+    if not bf16_flags():
+        pytest.skip("this CPU has neither avx512_bf16 nor amx_bf16: no bf16 variant")
+    from exporter.runtime.files import Limits
+    from exporter.runtime.npz import load_npz_batches
+
+    _, out, _ = exported
+    inputs = load_npz_batches((out / "parity/inputs.npz").read_bytes(), "inputs", Limits())
+    reference = load_npz_batches((out / "parity/reference.npz").read_bytes(), "reference", Limits())
+    strict = ParityConfig(bf16_min_cosine=1.0)  # bfloat16 rounding cannot reach cosine 1 exactly
+    rows = {e.precision: e for e in check_openvino("model.onnx", "fp32", "feature-extraction", inputs, reference,
+                                                   strict, (out / "model.onnx").read_bytes())}
+    assert rows["fp32"].status == "pass"
+    assert rows["bf16"].status == "fail" and "mean cosine" in rows["bf16"].reason
+
+
+@needs_openvino
+def test_verify_runs_the_openvino_rows(exported: tuple[Path, Path, int], capsys: pytest.CaptureFixture) -> None:  # noqa: F811
+    _, out, _ = exported
+    assert main(["verify", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert f"{ENGINE} fp32        pass" in stdout
+    assert ("OpenVINO CPU bf16        pass" in stdout) == bool(bf16_flags())
+
+
+def test_without_openvino_one_skip_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)  # an import of openvino now raises ImportError
+    rows = absent_entries()
+    assert len(rows) == 1 and rows[0].file == EVERY_FILE and rows[0].status == "skip"
+    assert "pip install export-model[openvino]" in rows[0].reason
+    assert check_openvino("model.onnx", "fp32", "feature-extraction", [], [{}], ParityConfig(), b"") == []
+
+
+_IMPORT = """
+import sys
+if sys.argv[1] == "quiet":
+    from graphs.core.telemetry import quiet_onnxruntime
+    quiet_onnxruntime()
+from graphs.core.openvino_sessions import version
+import openvino, nncf
+from nncf.telemetry import telemetry
+telemetry.send_event("export-model-test", "probe", "probe")
+import time
+time.sleep(2)  # the senders run in background threads and processes
+"""
+
+
+@needs_openvino
+@pytest.mark.parametrize("mode", ["raw", "quiet"])
+def test_importing_openvino_and_nncf_reaches_out_unless_quieted(mode: str, tmp_path: Path) -> None:
+    """`import openvino` (2026.4) and NNCF send usage events through openvino-telemetry; with the tool's switch
+    (graphs/core/telemetry.py) nothing is attempted. "raw" shows the guard sees the attempt, so "quiet" can fail."""
+    pytest.importorskip("nncf")
+    log = tmp_path / "net.log"
+    env = guarded_env(tmp_path, log)
+    env["HOME"] = str(tmp_path)  # no consent file: the package's default is to send
+    env.pop("NNCF_CI", None)
+    done = subprocess.run([sys.executable, "-c", _IMPORT, mode], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    attempts = log.read_text() if log.exists() else ""
+    if mode == "raw":
+        assert "google-analytics" in attempts
+    else:
+        assert attempts == "", attempts
