@@ -148,3 +148,91 @@ def test_importing_openvino_and_nncf_reaches_out_unless_quieted(mode: str, tmp_p
         assert "google-analytics" in attempts
     else:
         assert attempts == "", attempts
+
+
+# ----- the deployment side: which (file, engine, precision) `run` serves -----
+
+
+def _manifest(ov_bf16_ms: float, ov_status: str = "pass") -> dict:
+    cpu = "CPUExecutionProvider"
+
+    def timing(ms: float) -> dict:
+        return {"b1xs128": {"median_ms": ms}, "b8xs128": {"median_ms": 8 * ms}}
+
+    return {
+        "files": {name: {} for name in ("model.onnx", "model_optimized.onnx", "model_quantized.onnx")},
+        "parity": [{"file": "model.onnx", "provider": cpu, "precision": "fp32", "status": "pass"},
+                   {"file": "model_optimized.onnx", "provider": cpu, "precision": "fp32", "status": "pass"},
+                   {"file": "model_quantized.onnx", "provider": cpu, "precision": "int8", "status": "pass"},
+                   {"file": "model.onnx", "provider": ENGINE, "precision": "fp32", "status": "pass"},
+                   {"file": "model.onnx", "provider": ENGINE, "precision": "bf16", "status": ov_status},
+                   {"file": "model_quantized.onnx", "provider": ENGINE, "precision": "int8", "status": "skip"}],
+        "latency": {cpu: {"files": {"model.onnx": timing(10), "model_optimized.onnx": timing(9),
+                                    "model_quantized.onnx": timing(5)}},
+                    f"{ENGINE} fp32": {"files": {"model.onnx": timing(7)}},
+                    f"{ENGINE} bf16": {"files": {"model.onnx": timing(ov_bf16_ms)}}},
+    }
+
+
+def test_run_picks_the_fastest_deployable_file_engine_and_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    from exporter.runtime import engines
+    from exporter.runtime.engines import Run, choose_run
+
+    cpu = "CPUExecutionProvider"
+    monkeypatch.setattr(engines, "version", lambda: "2026.4")
+    monkeypatch.setattr(engines, "bf16_flags", lambda: ["amx_bf16"])
+    assert choose_run(_manifest(3), cpu) == Run("model.onnx", ENGINE, "bf16")
+    assert choose_run(_manifest(6), cpu) == Run("model_quantized.onnx", cpu, "int8")
+    assert choose_run(_manifest(3), cpu, engine="onnxruntime") == Run("model_quantized.onnx", cpu, "int8")
+    assert choose_run(_manifest(3), cpu, engine="openvino") == Run("model.onnx", ENGINE, "bf16")
+    # a named FP32 file keeps its precision: OpenVINO fp32 (7 ms) beats onnxruntime (10 ms), bf16 is not offered
+    assert choose_run(_manifest(3), cpu, file="model.onnx") == Run("model.onnx", ENGINE, "fp32")
+    assert choose_run(_manifest(3, ov_status="skip"), cpu) == Run("model_quantized.onnx", cpu, "int8")
+    # a fail row anywhere makes the file undeployable on every engine
+    assert choose_run(_manifest(3, ov_status="fail"), cpu) == Run("model_quantized.onnx", cpu, "int8")
+    monkeypatch.setattr(engines, "bf16_flags", lambda: [])  # a deployment CPU without bf16
+    assert choose_run(_manifest(3), cpu) == Run("model_quantized.onnx", cpu, "int8")
+    assert choose_run(_manifest(3), cpu, engine="openvino") == Run("model.onnx", ENGINE, "fp32")
+    monkeypatch.setattr(engines, "version", lambda: None)  # openvino absent: onnxruntime only
+    assert choose_run(_manifest(3), cpu) == Run("model_quantized.onnx", cpu, "int8")
+    assert choose_run(_manifest(3), "CUDAExecutionProvider").provider == "CUDAExecutionProvider"
+
+
+@needs_openvino
+def test_run_serves_an_openvino_file_from_the_checked_bytes(exported: tuple[Path, Path, int],  # noqa: F811
+                                                            tmp_path: Path) -> None:
+    import numpy as np
+
+    from exporter.runtime.model import Runtime
+
+    _, out, _ = exported
+    on_openvino = Runtime.load(out, engine="openvino")
+    assert on_openvino.run_choice is not None and on_openvino.run_choice.openvino
+    on_onnxruntime = Runtime.load(out, file=on_openvino.file, engine="onnxruntime")
+    texts = ["a short text", "a longer text with more words in it, padded against the first"]
+    a, b = on_openvino.embed(texts), on_onnxruntime.embed(texts)
+    assert a.shape == b.shape == (2, 32)
+    # fp32 within parity's FP32 bar; bf16 (where the CPU has it and it timed fastest) within bfloat16's rounding
+    assert np.abs(a - b).max() < (1e-4 if on_openvino.run_choice.precision == "fp32" else 1e-2)
+
+
+@needs_openvino
+def test_run_cli_on_openvino(exported: tuple[Path, Path, int], tmp_path: Path) -> None:  # noqa: F811
+    import numpy as np
+
+    _, out, _ = exported
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "a local run"}\n{"text": "and a second, longer row of text"}\n')
+    answers = {}
+    for engine in ("openvino", "onnxruntime"):
+        done = subprocess.run([sys.executable, "-m", "exporter.cli", "run", str(out), "--input", str(rows),
+                               "--engine", engine, "--file", "model_optimized.onnx"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        answers[engine] = np.array([json.loads(line)["embedding"] for line in done.stdout.splitlines()])
+    assert answers["openvino"].shape == answers["onnxruntime"].shape == (2, 32)
+    assert np.abs(answers["openvino"] - answers["onnxruntime"]).max() < 1e-4  # a named FP32 file runs in fp32
+    done = subprocess.run([sys.executable, "-m", "exporter.cli", "run", str(out), "--input", str(rows),
+                           "--engine", "openvino", "--file", "model_quantized.onnx"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3 and "OpenVINO cannot load it" in done.stderr and "Traceback" not in done.stderr
