@@ -1,18 +1,48 @@
-"""The export's OpenVINO rows: parity of every file OpenVINO reads, at each precision this CPU allows, and the
-latency of each (file, precision) that passed, keyed ``"OpenVINO CPU <precision>"`` in the manifest's ``latency``
-beside onnxruntime's providers (same shapes, same runs, so the ratios between them are meaningful)."""
+"""The export's OpenVINO side: ``model_qdq.onnx`` (an INT8 file OpenVINO runs on its INT8 kernels), parity of
+every file OpenVINO reads, at each precision this CPU allows, and the latency of each (file, precision) that
+passed, keyed ``"OpenVINO CPU <precision>"`` in the manifest's ``latency`` beside onnxruntime's providers (same
+shapes, same runs, so the ratios between them are meaningful).
+
+``model_qdq.onnx`` is the fused FP32 graph with every weight MatMul outside the fused Attention nodes as a
+standard ``QuantizeLinear -> DequantizeLinear -> MatMul`` pair (u8 activations with one static range each, s8
+symmetric per-channel weights), calibrated with the project's own recipe (SmoothQuant, GPTQ rounding, bias
+correction; :mod:`calibration.fused` with ``op_types=("MatMul",)`` and no per-token scale, whose run-time
+``DynamicQuantizeLinear`` OpenVINO's ONNX frontend cannot read). That is the form OpenVINO's ONNX frontend maps
+to its INT8 kernels, as NNCF places quantizers for transformers (on MatMul inputs; LayerNorm, Softmax and GELU
+stay float). The fused Attention's own QKV projection stays float (OpenVINO cannot read onnxruntime's
+``QAttention``). No accuracy search runs on it: its parity rows (onnxruntime and OpenVINO, mean cosine >=
+``int8_min_cosine``) decide whether it is deployable. Built where openvino is installed.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from calibration.data import CalibrationDataReader
+from calibration.quantize import quantize_model
+from calibration.settings import QuantizationConfig
 from exporter.latency import Feeds, measure_latency
 from exporter.runtime.openvino_check import absent_entries, check_openvino, hint
 from exporter.runtime.parity import Batch, ParityConfig, ParityEntry
-from graphs.core.openvino_sessions import ENGINE, open_compiled
+from graphs.core.openvino_sessions import ENGINE, missing_reason, open_compiled, version
+
+QDQ_FILE = "model_qdq.onnx"
+
+
+def build_qdq(source: Path, output: Path, reader: CalibrationDataReader, config: QuantizationConfig,
+              sample_sha256: str) -> dict[str, Any]:
+    """Write ``model_qdq.onnx`` (see the module docstring) from the fused graph `source` where openvino is
+    installed; the manifest's record of it (``built``, and the quantization report or why not)."""
+    if version() is None:
+        return {"built": False, "reason": missing_reason()}
+    recipe = dataclasses.replace(config, op_types=("MatMul",), per_token_ffn=False, graph="fused",
+                                 format="QDQ", preset=f"{config.preset}+openvino-qdq")
+    report = quantize_model(source, output, reader, recipe, sample_sha256=sample_sha256)
+    return {"built": True, "source": source.name, **report.to_dict()}
 
 
 def openvino_parity(built: Path, checked: Sequence[tuple[str, str]], task: str, batches: Sequence[Batch],

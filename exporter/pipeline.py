@@ -47,7 +47,7 @@ from exporter.latency import binds_io, latency_feeds, measure_latency, peak_memo
 from exporter.loading import load_checkpoint, resolve_checkpoint
 from exporter.manifest import checkpoint_hash, write_manifest
 from exporter.onnx_export import export_onnx
-from exporter.openvino_stage import openvino_latency, openvino_parity
+from exporter.openvino_stage import QDQ_FILE, build_qdq, openvino_latency, openvino_parity
 from exporter.reference import build_batches, reference_outputs
 from exporter.runtime.files import Limits
 from exporter.runtime.openvino_check import record as openvino_record
@@ -272,13 +272,18 @@ def _build(
             reference = checkpoint.model = None
         with stages.stage("quantize") as note:
             calibration_tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, working_length, pairs=pairs)
-            reader: Any = TextCalibrationReader(samples, calibration_tokenize, config.quantization.batch_size)
             calibration_rows = [{"texts": len(samples), "tokens": working_length}]
             # Rows that span the positions up to the longest length served (not for the histogram methods, whose
             # chunked calibration needs one reader's set_range).
-            if max_length > working_length and config.quantization.method not in ("entropy", "percentile"):
-                joined = joined_texts(samples, max_length)[:LONG_CALIBRATION_TEXTS]
-                reader = ChainedReader([reader, TextCalibrationReader(joined, tokenize, 2)])  # tokenize: max_length
+            long_rows = max_length > working_length and config.quantization.method not in ("entropy", "percentile")
+            joined = joined_texts(samples, max_length)[:LONG_CALIBRATION_TEXTS] if long_rows else []
+
+            def make_reader() -> Any:  # one reader per quantized file: a reader is read to its end once
+                short = TextCalibrationReader(samples, calibration_tokenize, config.quantization.batch_size)
+                return ChainedReader([short, TextCalibrationReader(joined, tokenize, 2)]) if joined else short
+
+            reader = make_reader()
+            if joined:
                 calibration_rows.append({"texts": len(joined), "tokens": max_length,
                                          "made_of": "consecutive calibration texts joined"})
             wanted = config.quantization.validation_count(task)
@@ -310,9 +315,12 @@ def _build(
             note["detail"] = f"{QUANTIZED_FILE}, {quantization.quantized_nodes} nodes INT8, {len(samples)} texts"
             if tuning:
                 note["detail"] += f", tuned: {quantization.preset} fastest of {len(tuning)} presets"
+            qdq = build_qdq(built / OPTIMIZED_FILE, built / QDQ_FILE, make_reader(), config.quantization, sample_hash)
+            note["detail"] += f"; {QDQ_FILE}, {qdq['quantized_nodes']} nodes INT8" if qdq["built"] else ""
         with stages.stage("parity") as note:
             entries = []
             checked = [(MODEL_FILE, "fp32"), (OPTIMIZED_FILE, "fp32"), (QUANTIZED_FILE, "int8")]
+            checked += [(QDQ_FILE, "int8")] if qdq["built"] else []
             if fp16.get("built"):
                 checked.append((FP16_FILE, "fp16"))
             else:
@@ -368,7 +376,7 @@ def _build(
                 "quantization": quantization.to_dict() | {"calibration_rows": calibration_rows}
                 | ({"tuning": tuning} if tuning else {}),
                 "fp16": fp16,
-                "openvino": openvino_record(),
+                "openvino": openvino_record() | {"qdq_file": qdq},
                 "parity": [e.to_dict() for e in entries],
                 "parity_data": {"inputs": "parity/inputs.npz", "reference": "parity/reference.npz",
                                 "shapes": [list(b["attention_mask"].shape) for b in batches]},

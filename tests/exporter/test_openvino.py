@@ -51,6 +51,8 @@ def test_every_readable_file_gets_openvino_rows_with_explicit_settings(exported:
             assert bf16["max_abs_error"] > fp32["max_abs_error"]  # it really ran in bfloat16
         else:
             assert (name, "bf16") not in rows
+    qdq = rows[("model_qdq.onnx", "int8")]  # the INT8 file built for OpenVINO
+    assert qdq["status"] == "pass" and qdq["tolerance"] == "mean_cosine >= 0.99", qdq
     quantized = rows[("model_quantized.onnx", "int8")]  # onnxruntime's QAttention: not an OpenVINO file
     assert quantized["status"] == "skip" and "QAttention" in quantized["reason"]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -59,6 +61,7 @@ def test_every_readable_file_gets_openvino_rows_with_explicit_settings(exported:
     assert record["settings"]["fp32"]["NUM_STREAMS"] == "1"
     assert record["settings"]["fp32"]["PERFORMANCE_HINT"] == "LATENCY"
     assert record["bf16"]["run"] == bool(bf16_flags()) and record["bf16"].get("cpu_flags", []) == bf16_flags()
+    assert set(manifest["latency"][f"{ENGINE} int8"]["files"]) == {"model_qdq.onnx"}
     timed = manifest["latency"][f"{ENGINE} fp32"]
     assert set(timed["files"]) == {"model.onnx", "model_optimized.onnx"}
     assert timed["settings"]["INFERENCE_PRECISION_HINT"] == "f32"
@@ -236,3 +239,28 @@ def test_run_cli_on_openvino(exported: tuple[Path, Path, int], tmp_path: Path) -
                            "--engine", "openvino", "--file", "model_quantized.onnx"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 3 and "OpenVINO cannot load it" in done.stderr and "Traceback" not in done.stderr
+
+
+@needs_openvino
+def test_the_qdq_file_runs_on_openvinos_int8_kernels(exported: tuple[Path, Path, int]) -> None:  # noqa: F811
+    """Every MatMul quantized in model_qdq.onnx becomes one of OpenVINO's u8/i8 FullyConnected kernels; the
+    fused Attention's QKV projection stays float; nothing of onnxruntime's own INT8 ops is in the file."""
+    from collections import Counter
+
+    import onnx
+
+    _, out, _ = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    record = manifest["openvino"]["qdq_file"]
+    assert record["built"] is True and record["source"] == "model_optimized.onnx"
+    ops = Counter(node.op_type for node in onnx.load(str(out / "model_qdq.onnx")).graph.node)
+    assert ops["DequantizeLinear"] >= 2 * record["quantized_nodes"] and ops["QuantizeLinear"] >= record["quantized_nodes"]
+    assert not {"QAttention", "DynamicQuantizeLinear", "MatMulIntegerToFloat"} & set(ops)
+    session = openvino_sessions.open_compiled((out / "model_qdq.onnx").read_bytes(), "fp32")
+    kernels = Counter()
+    for op in session.compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        kernels[(info["layerType"].astype(str), info["runtimePrecision"].astype(str))] += 1
+    int8 = kernels[("FullyConnected", "u8")] + kernels[("FullyConnected", "i8")]
+    assert int8 == record["quantized_nodes"] == 6, kernels  # 2 layers x (output, FFN in, FFN out)
+    assert kernels[("FullyConnected", "f32")] == 2  # the two fused Attention QKV projections
