@@ -264,3 +264,17 @@ def test_the_qdq_file_runs_on_openvinos_int8_kernels(exported: tuple[Path, Path,
     int8 = kernels[("FullyConnected", "u8")] + kernels[("FullyConnected", "i8")]
     assert int8 == record["quantized_nodes"] == 6, kernels  # 2 layers x (output, FFN in, FFN out)
     assert kernels[("FullyConnected", "f32")] == 2  # the two fused Attention QKV projections
+
+
+def test_openvinos_multi_line_errors_become_one_line() -> None:
+    from exporter.runtime.openvino_check import openvino_failure
+
+    text = ("Exception from src/inference/src/cpp/core.cpp:105:\nCheck 'false' failed at src/frontends/x.cpp:151:\n"
+            "FrontEnd API failed with OpConversionFailure:\nModel wasn't fully converted.\n\nSummary:\n"
+            "-- No conversion rule found for operations: com.microsoft.QAttention\n"
+            "-- Conversion is failed for: QuantizeLinear-17\nTo facilitate the conversion of unsupported operations, "
+            "refer to Frontend Extension documentation: https://docs.openvino.ai/\n")
+    assert openvino_failure(RuntimeError(text)) == ("No conversion rule found for operations: com.microsoft.QAttention; "
+                                                    "Conversion is failed for: QuantizeLinear-17")
+    plain = "Exception from src/plugin.cpp:1:\nCheck 'x' failed at y:\nInput shape mismatch\n"
+    assert openvino_failure(RuntimeError(plain)) == "Input shape mismatch"
