@@ -34,9 +34,12 @@ QDQ_FILE = "model_qdq.onnx"
 
 
 def build_qdq(source: Path, output: Path, reader: CalibrationDataReader, config: QuantizationConfig,
-              sample_sha256: str) -> dict[str, Any]:
+              sample_sha256: str, mode: str = "auto") -> dict[str, Any]:
     """Write ``model_qdq.onnx`` (see the module docstring) from the fused graph `source` where openvino is
-    installed; the manifest's record of it (``built``, and the quantization report or why not)."""
+    installed (`mode` "auto"; "never" skips it); the manifest's record of it (``built``, and the quantization
+    report or why not)."""
+    if mode == "never":
+        return {"built": False, "reason": "not requested (--openvino-int8 never)"}
     if version() is None:
         return {"built": False, "reason": missing_reason()}
     recipe = dataclasses.replace(config, op_types=("MatMul",), per_token_ffn=False, graph="fused",

@@ -112,6 +112,9 @@ def check_options(config: ExportConfig) -> None:
     """Refuse flags that contradict each other before any work starts."""
     if config.fp16 not in FP16_MODES:
         raise UsageError(f"fp16 option {config.fp16!r} is not one of {list(FP16_MODES)}; pass --fp16 auto, always or never")
+    if config.openvino_int8 not in ("auto", "never"):
+        raise UsageError(f"openvino_int8 option {config.openvino_int8!r} is not auto or never; pass --openvino-int8 "
+                         "auto or never")
     if config.latency not in LATENCY_MODES:  # --config and Python callers bypass argparse's choices
         raise UsageError(f"latency option {config.latency!r} is not one of {list(LATENCY_MODES)}; pass --latency "
                          "quick, full or off")
@@ -315,7 +318,8 @@ def _build(
             note["detail"] = f"{QUANTIZED_FILE}, {quantization.quantized_nodes} nodes INT8, {len(samples)} texts"
             if tuning:
                 note["detail"] += f", tuned: {quantization.preset} fastest of {len(tuning)} presets"
-            qdq = build_qdq(built / OPTIMIZED_FILE, built / QDQ_FILE, make_reader(), config.quantization, sample_hash)
+            qdq = build_qdq(built / OPTIMIZED_FILE, built / QDQ_FILE, make_reader(), config.quantization, sample_hash,
+                            config.openvino_int8)
             note["detail"] += f"; {QDQ_FILE}, {qdq['quantized_nodes']} nodes INT8" if qdq["built"] else ""
         with stages.stage("parity") as note:
             entries = []

@@ -278,3 +278,22 @@ def test_openvinos_multi_line_errors_become_one_line() -> None:
                                                     "Conversion is failed for: QuantizeLinear-17")
     plain = "Exception from src/plugin.cpp:1:\nCheck 'x' failed at y:\nInput shape mismatch\n"
     assert openvino_failure(RuntimeError(plain)) == "Input shape mismatch"
+
+
+@needs_openvino
+def test_openvino_int8_never_leaves_the_qdq_file_out(tmp_path: Path) -> None:
+    from tests.exporter.test_loading import tiny_bert
+
+    model = tiny_bert(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    assert main(["--model", str(model), "--output", str(out), "--calibration-samples", "16", "--latency", "off",
+                 "--openvino-int8", "never"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not (out / "model_qdq.onnx").exists() and manifest["openvino"]["qdq_file"]["built"] is False
+    assert "never" in manifest["openvino"]["qdq_file"]["reason"]
+    assert {e["file"] for e in manifest["parity"]} == {"model.onnx", "model_optimized.onnx", "model_quantized.onnx",
+                                                       "model_fp16.onnx"}
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"openvino_int8": "sometimes"}))
+    assert main(["--model", str(model), "--output", str(tmp_path / "out2"), "--config", str(config)]) == 2
+    assert not (tmp_path / "out2").exists()
