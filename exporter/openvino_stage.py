@@ -11,7 +11,9 @@ correction; :mod:`calibration.fused` with ``op_types=("MatMul",)`` and no per-to
 to its INT8 kernels, as NNCF places quantizers for transformers (on MatMul inputs; LayerNorm, Softmax and GELU
 stay float). The fused Attention's own QKV projection stays float (OpenVINO cannot read onnxruntime's
 ``QAttention``). No accuracy search runs on it: its parity rows (onnxruntime and OpenVINO, mean cosine >=
-``int8_min_cosine``) decide whether it is deployable. Built where openvino is installed.
+``int8_min_cosine``) decide whether it ships: built where openvino is installed, and left out again, with a skip
+row giving the failed row's reason, where one of its rows fails (an optional file does not make the artifact
+undeployable).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from exporter.latency import Feeds, measure_latency
 from exporter.runtime.openvino_check import absent_entries, check_openvino, hint
 from exporter.runtime.parity import Batch, ParityConfig, ParityEntry
 from graphs.core.openvino_sessions import ENGINE, missing_reason, open_compiled, version
+from graphs.core.sessions import CPU
 
 QDQ_FILE = "model_qdq.onnx"
 
@@ -46,6 +49,21 @@ def build_qdq(source: Path, output: Path, reader: CalibrationDataReader, config:
                                  format="QDQ", preset=f"{config.preset}+openvino-qdq")
     report = quantize_model(source, output, reader, recipe, sample_sha256=sample_sha256)
     return {"built": True, "source": source.name, **report.to_dict()}
+
+
+def keep_qdq(built: Path, entries: list[ParityEntry], checked: list[tuple[str, str]], record: dict[str, Any]
+             ) -> tuple[list[ParityEntry], list[tuple[str, str]]]:
+    """(entries, checked) with ``model_qdq.onnx`` removed from the folder and its rows replaced by one skip row
+    where any of its parity rows failed (`record`, the manifest's ``qdq_file``, says why); unchanged otherwise."""
+    failed = [e for e in entries if e.file == QDQ_FILE and e.status == "fail"]
+    if not failed:
+        return entries, checked
+    (built / QDQ_FILE).unlink()
+    why = "; ".join(f"{e.provider} {e.precision}: {e.reason}" for e in failed)
+    record.update(built=False, reason=f"left out: its parity failed ({why}); --openvino-int8 never skips building it")
+    kept = [e for e in entries if e.file != QDQ_FILE]
+    return kept + [ParityEntry(QDQ_FILE, CPU, "int8", "skip", reason=record["reason"])], [
+        pair for pair in checked if pair[0] != QDQ_FILE]
 
 
 def openvino_parity(built: Path, checked: Sequence[tuple[str, str]], task: str, batches: Sequence[Batch],

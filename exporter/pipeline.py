@@ -47,7 +47,7 @@ from exporter.latency import binds_io, latency_feeds, measure_latency, peak_memo
 from exporter.loading import load_checkpoint, resolve_checkpoint
 from exporter.manifest import checkpoint_hash, write_manifest
 from exporter.onnx_export import export_onnx
-from exporter.openvino_stage import QDQ_FILE, build_qdq, openvino_latency, openvino_parity
+from exporter.openvino_stage import QDQ_FILE, build_qdq, keep_qdq, openvino_latency, openvino_parity
 from exporter.reference import build_batches, reference_outputs
 from exporter.runtime.files import Limits
 from exporter.runtime.openvino_check import record as openvino_record
@@ -332,6 +332,7 @@ def _build(
             for name, precision in checked:
                 entries += check_file(built / name, precision, task, batches, expected, config.parity)
             entries += openvino_parity(built, checked, task, batches, expected, config.parity)
+            entries, checked = keep_qdq(built, entries, checked, qdq)
             failed = [e for e in entries if e.status == "fail"]
             if failed:
                 if reference is None:  # released before quantizing: the same load again

@@ -297,3 +297,21 @@ def test_openvino_int8_never_leaves_the_qdq_file_out(tmp_path: Path) -> None:
     config.write_text(json.dumps({"openvino_int8": "sometimes"}))
     assert main(["--model", str(model), "--output", str(tmp_path / "out2"), "--config", str(config)]) == 2
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_qdq_file_that_fails_parity_is_left_out_with_a_skip_row(tmp_path: Path) -> None:
+    from exporter.openvino_stage import QDQ_FILE, keep_qdq
+    from exporter.runtime.parity import ParityEntry
+
+    (tmp_path / QDQ_FILE).write_bytes(b"onnx")
+    cpu = "CPUExecutionProvider"
+    passing = [ParityEntry("model.onnx", cpu, "fp32", "pass"), ParityEntry(QDQ_FILE, cpu, "int8", "pass"),
+               ParityEntry(QDQ_FILE, ENGINE, "int8", "pass")]
+    checked = [("model.onnx", "fp32"), (QDQ_FILE, "int8")]
+    record = {"built": True}
+    assert keep_qdq(tmp_path, passing, checked, record) == (passing, checked) and (tmp_path / QDQ_FILE).exists()
+    failing = passing[:2] + [ParityEntry(QDQ_FILE, ENGINE, "int8", "fail", reason="mean cosine 0.9812 < 0.99")]
+    entries, kept = keep_qdq(tmp_path, failing, checked, record)
+    assert not (tmp_path / QDQ_FILE).exists() and kept == [("model.onnx", "fp32")]
+    assert [(e.file, e.status) for e in entries] == [("model.onnx", "pass"), (QDQ_FILE, "skip")]
+    assert record["built"] is False and "mean cosine 0.9812 < 0.99" in entries[-1].reason
