@@ -137,6 +137,45 @@ def _optimum_peers(source: Path, work: Path, threads: int) -> dict[str, Callable
             "optimum dynamic int8": _ort_runner(work / "optimum-int8" / "model_quantized.onnx", threads)}
 
 
+def _openvino_runners(artifact: Path, work: Path, threads: int, calibration: list[dict[str, np.ndarray]]
+                      ) -> tuple[dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]], dict[str, Path], str]:
+    """OpenVINO's variants (with the optional extra; none without): FP32 and bf16 (where the CPU has it) of
+    model.onnx, NNCF's INT8 of model.onnx (transformer model type, mixed preset, on `calibration`, as its docs
+    show) and our model_qdq.onnx, each compiled with explicit settings (graphs/core/openvino_sessions.py; the INT8
+    files with the f32 hint: their float parts in float32). Returns (runners, files for the size column, note)."""
+    from graphs.core.openvino_sessions import bf16_flags, open_compiled, version
+
+    if version() is None:
+        return {}, {}, "OpenVINO variants skipped: openvino is not installed (pip install -e '.[openvino,bench]')"
+    runners = {"OpenVINO fp32 model.onnx": open_compiled(artifact / "model.onnx", "fp32", threads).run}
+    sizes = {"OpenVINO fp32 model.onnx": artifact / "model.onnx"}
+    if bf16_flags():
+        runners["OpenVINO bf16 model.onnx"] = open_compiled(artifact / "model.onnx", "bf16", threads).run
+        sizes["OpenVINO bf16 model.onnx"] = artifact / "model.onnx"
+    note = f"OpenVINO {version()}, bf16 flags {bf16_flags() or 'none'}"
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError:
+        note += "; NNCF INT8 skipped: nncf is not installed"
+    else:
+        start = time.perf_counter()
+        model = ov.Core().read_model(str(artifact / "model.onnx"))
+        names = [p.get_any_name() for p in model.inputs]
+        quantized = nncf.quantize(model, nncf.Dataset(calibration, lambda f: {k: f[k] for k in names}),
+                                  model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.MIXED,
+                                  subset_size=len(calibration))
+        (work / "nncf").mkdir(exist_ok=True)
+        ov.save_model(quantized, str(work / "nncf" / "model.xml"))
+        note += f"; NNCF {nncf.__version__} INT8 in {time.perf_counter() - start:.0f} s on {len(calibration)} texts"
+        runners["NNCF INT8 model.onnx (OpenVINO)"] = open_compiled(work / "nncf" / "model.xml", "fp32", threads).run
+        sizes["NNCF INT8 model.onnx (OpenVINO)"] = work / "nncf" / "model.bin"
+    if (artifact / "model_qdq.onnx").exists():
+        runners["model_qdq.onnx (OpenVINO)"] = open_compiled(artifact / "model_qdq.onnx", "fp32", threads).run
+        sizes["model_qdq.onnx (OpenVINO)"] = artifact / "model_qdq.onnx"
+    return {name: (lambda feeds, run=run: run(None, feeds)) for name, run in runners.items()}, sizes, note
+
+
 def _accuracy(task: str, reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]],
               batches: list[dict[str, np.ndarray]], labels: list[int] | None = None,
               groups: np.ndarray | None = None) -> dict[str, Any]:
@@ -388,8 +427,16 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
             print("optimum peers skipped: optimum-onnx is not installed (it requires transformers<4.58)")
         else:
             runners |= _optimum_peers(source, work, threads)
-    for name in ("model.onnx", "model_optimized.onnx", "model_quantized.onnx"):
-        runners[name] = _ort_runner(artifact / name, threads)
+    for name in ("model.onnx", "model_optimized.onnx", "model_quantized.onnx", "model_qdq.onnx"):
+        if (artifact / name).exists():  # model_qdq.onnx: built where openvino is installed
+            runners[name] = _ort_runner(artifact / name, threads)
+    openvino_sizes: dict[str, Path] = {}
+    if kind == "minilm" and task == "feature-extraction":
+        calibration_texts = split_texts(builtin_texts())[0][:300]
+        openvino, openvino_sizes, openvino_note = _openvino_runners(artifact, work, threads,
+                                                                    [tokenize([t]) for t in calibration_texts])
+        runners |= openvino
+        print(openvino_note)
     if other_result is not None:
         runners[other] = _ort_runner(work / "other" / "model_quantized.onnx", threads)
     if searched_other is not None:
@@ -424,7 +471,7 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
     sizes = {"model.onnx": artifact / "model.onnx", "model_optimized.onnx": artifact / "model_optimized.onnx",
              "model_quantized.onnx": artifact / "model_quantized.onnx", other: work / "other" / "model_quantized.onnx",
              SEARCH_VARIANT: work / "loo" / "model_quantized.onnx", ALL_INT8: work / "all-int8" / "model_quantized.onnx",
-             dense_name: dense}
+             dense_name: dense, "model_qdq.onnx": artifact / "model_qdq.onnx", **openvino_sizes}
     for name, run in runners.items():
         row = {"kind": kind, "variant": name}
         for b in BATCHES:

@@ -207,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         return 1
-    passed = [f"{e['file']} {e['status']}" for e in result.manifest["parity"] if e["status"] != "skip"]
+    passed = [f"{e['file']} {e['status']}" + (f" on {e['provider']} {e['precision']}" if "Execution" not in e["provider"]
+                                              else "") for e in result.manifest["parity"] if e["status"] != "skip"]
     print(f"artifact: {result.output}")
     from exporter.runtime.files import sha256_digest
 

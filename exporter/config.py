@@ -35,6 +35,8 @@ class ExportConfig:
     calibration_field: JSONL / dataset field holding the text (default "text").
     fp16: build model_fp16.onnx (float16, float32 I/O): "auto" (default) where CUDA is present, "always" (e.g. a
         GPU deployment built on a CPU machine; checked on CPU, slowly), "never".
+    openvino_int8: build model_qdq.onnx (INT8 in the QDQ form OpenVINO runs on its INT8 kernels): "auto"
+        (default) where openvino is installed, "never" (saves its calibration time, about a minute for MiniLM).
     max_length: the longest sequence the artifact is checked at (parity gets a 2 x max_length batch): None means
         the model's own maximum (positions, tokenizer) capped at 512, and 384 for question answering (the usual
         serving window). A sentence-transformers `max_seq_length` does not cap it (the runtime still truncates to it).
@@ -57,6 +59,7 @@ class ExportConfig:
     calibration_data: str | None = None
     calibration_field: str = "text"
     fp16: str = "auto"
+    openvino_int8: str = "auto"
     max_length: int | None = None
     eval_data: str | None = None
     eval_fields: str = ""
@@ -185,6 +188,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--parity-atol", "parity.fp32_atol", "largest absolute error allowed for FP32 files"),
     Option("--fp16", "fp16", "build model_fp16.onnx: auto (where CUDA is present), always, never",
            ("auto", "always", "never")),
+    Option("--openvino-int8", "openvino_int8", "build model_qdq.onnx, INT8 for OpenVINO: auto (where openvino is "
+           "installed) or never", ("auto", "never")),
     Option("--max-length", "max_length", "longest sequence parity checks, in a 2 x N batch (default: the model's "
            "maximum capped at 512; 384 for question answering)", kind=int),
     Option("--eval-data", "eval_data", "labelled data for gold metrics: .jsonl, .csv, SQuAD .json, or a datasets "

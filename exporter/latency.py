@@ -29,17 +29,20 @@ logger = logging.getLogger(__name__)
 
 def measure_latency(
     path: Path, provider: str, feeds_by_shape: dict[str, Feeds], runs: int = 9, warmup: int = 2, threads: int = 0,
-    io_binding: bool | None = None,
+    io_binding: bool | None = None, session: Any = None,
 ) -> dict[str, dict[str, float]]:
     """{"b1xs128": {"median_ms", "p90_ms", "p99_ms", "samples_per_s"}, ...} per named feed dict.
 
     ``threads``: intra-op threads of the session (0: onnxruntime's default, every core). ``io_binding`` (default:
     :func:`binds_io`) binds inputs and outputs on the provider's device once, so a GPU timing measures the run,
-    not host-device copies. Peak memory is :func:`peak_memory_mb` (a fresh process).
+    not host-device copies. Peak memory is :func:`peak_memory_mb` (a fresh process). ``session``: one already
+    made (an OpenVINO compiled model, graphs/core/openvino_sessions.py) instead of an onnxruntime session of
+    ``path``; ``provider`` then only names it (no IOBinding).
     """
     if io_binding is None:
-        io_binding = binds_io(provider)
-    session = open_session(path, provider, threads=threads)
+        io_binding = binds_io(provider) and session is None
+    if session is None:
+        session = open_session(path, provider, threads=threads)
     names = {i.name for i in session.get_inputs()}
     result = {}
     for label, feeds in feeds_by_shape.items():

@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from exporter.report_html import evaluation_cells, render_html, thread_grid
+from exporter.report_html import engine_label, evaluation_cells, render_html, thread_grid
 
 SCHEMA_VERSION = 1
 TOOL = "export-model"
@@ -20,7 +20,8 @@ TOOL = "export-model"
 VARYING_FIELDS = ("created", "host", "timings", "peak_rss_mb", "latency", "source.path", "options.output", "options.model",
                   "fusion.seconds", "quantization.seconds", "quantization.search.seconds",
                   "files.report.md", "files.report.html")
-_DEPENDENCIES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxscript", "numpy")
+_DEPENDENCIES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxscript", "numpy",
+                 "openvino")
 
 
 def sha256_file(path: Path) -> str:
@@ -135,14 +136,14 @@ def render_report(manifest: dict[str, Any]) -> str:
         metric = ", ".join(f"{k} {v:.4f}" for k, v in e["metric"].items())
         err = f"{e['max_abs_error']:.2e}" if e["max_abs_error"] is not None else "-"
         cos = f"{e['mean_cosine']:.6f}" if e["mean_cosine"] is not None else "-"
-        lines.append(f"| {e['file']} | {e['provider']} | {e['status']} | {err} | {cos} | {metric} | {e['tolerance']} | {e['reason'] or ''} |")
+        lines.append(f"| {e['file']} | {engine_label(e)} | {e['status']} | {err} | {cos} | {metric} | {e['tolerance']} | {e['reason'] or ''} |")
     checked = [e for e in manifest["parity"] if e.get("per_shape")]
     if checked:
         shapes = [f"{s['shape'][0]}x{s['shape'][1]}" for s in checked[0]["per_shape"]]
         lines += ["", f"Parity per batch shape (as run; max length {manifest.get('max_length', '?')}): max abs error "
                   "/ min cosine", "", "| file | provider | " + " | ".join(shapes) + " |",
                   "| --- | --- | " + " | ".join("---" for _ in shapes) + " |"]
-        lines += [f"| {e['file']} | {e['provider']} | " + " | ".join(
+        lines += [f"| {e['file']} | {engine_label(e)} | " + " | ".join(
             f"{s['max_abs_error']:.2e} / {s['min_cosine']:.5f}" for s in e["per_shape"]) + " |" for e in checked]
     for provider, measured in (manifest.get("latency") or {}).items():
         shapes = list(next(iter(measured["files"].values())))
@@ -175,3 +176,4 @@ def evaluation_table(manifest: dict[str, Any]) -> list[str]:
     lines = [f"## Accuracy on the labelled data ({data.get('path', '')}, {data.get('examples', '?')} examples)", "",
              "| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
+

@@ -48,10 +48,12 @@ from exporter.latency import binds_io, latency_feeds, measure_latency, peak_memo
 from exporter.loading import load_checkpoint, resolve_checkpoint
 from exporter.manifest import checkpoint_hash, write_manifest
 from exporter.onnx_export import export_onnx
+from exporter.openvino_stage import QDQ_FILE, build_qdq, keep_qdq, openvino_latency, openvino_parity
 from exporter.qat_reference import qat_parity
 from exporter.qat_targets import learned_linears
 from exporter.reference import build_batches, reference_outputs
 from exporter.runtime.files import Limits
+from exporter.runtime.openvino_check import record as openvino_record
 from exporter.runtime.outputs import output_names
 from exporter.runtime.parity import (
     PROVIDERS,
@@ -81,6 +83,7 @@ from graphs.core.errors import (
     ParityError,
     UsageError,
 )
+from graphs.core.openvino_sessions import ENGINE
 from graphs.core.progress import bar
 from graphs.float16 import to_float16
 from graphs.fusion import GraphPlan, fuse_graph
@@ -113,6 +116,9 @@ def check_options(config: ExportConfig) -> None:
     """Refuse flags that contradict each other before any work starts."""
     if config.fp16 not in FP16_MODES:
         raise UsageError(f"fp16 option {config.fp16!r} is not one of {list(FP16_MODES)}; pass --fp16 auto, always or never")
+    if config.openvino_int8 not in ("auto", "never"):
+        raise UsageError(f"openvino_int8 option {config.openvino_int8!r} is not auto or never; pass --openvino-int8 "
+                         "auto or never")
     if config.latency not in LATENCY_MODES:  # --config and Python callers bypass argparse's choices
         raise UsageError(f"latency option {config.latency!r} is not one of {list(LATENCY_MODES)}; pass --latency "
                          "quick, full or off")
@@ -284,13 +290,18 @@ def _build(
             reference = checkpoint.model = None
         with stages.stage("quantize") as note:
             calibration_tokenize = make_tokenize(checkpoint.tokenizer, arch.input_names, working_length, pairs=pairs)
-            reader: Any = TextCalibrationReader(samples, calibration_tokenize, config.quantization.batch_size)
             calibration_rows = [{"texts": len(samples), "tokens": working_length}]
             # Rows that span the positions up to the longest length served (not for the histogram methods, whose
             # chunked calibration needs one reader's set_range).
-            if max_length > working_length and config.quantization.method not in ("entropy", "percentile"):
-                joined = joined_texts(samples, max_length)[:LONG_CALIBRATION_TEXTS]
-                reader = ChainedReader([reader, TextCalibrationReader(joined, tokenize, 2)])  # tokenize: max_length
+            long_rows = max_length > working_length and config.quantization.method not in ("entropy", "percentile")
+            joined = joined_texts(samples, max_length)[:LONG_CALIBRATION_TEXTS] if long_rows else []
+
+            def make_reader() -> Any:  # one reader per quantized file: a reader is read to its end once
+                short = TextCalibrationReader(samples, calibration_tokenize, config.quantization.batch_size)
+                return ChainedReader([short, TextCalibrationReader(joined, tokenize, 2)]) if joined else short
+
+            reader = make_reader()
+            if joined:
                 calibration_rows.append({"texts": len(joined), "tokens": max_length,
                                          "made_of": "consecutive calibration texts joined"})
             wanted = config.quantization.validation_count(task)
@@ -327,9 +338,14 @@ def _build(
                 "scales from the checkpoint" if learned is not None else f"{len(samples)} texts")
             if tuning:
                 note["detail"] += f", tuned: {quantization.preset} fastest of {len(tuning)} presets"
+            qdq = build_qdq(built / OPTIMIZED_FILE, built / QDQ_FILE, make_reader(), config.quantization, sample_hash,
+                            config.openvino_int8) if learned is None else {
+                "built": False, "reason": "quantization-aware-trained: INT8 only from the learned scales"}
+            note["detail"] += f"; {QDQ_FILE}, {qdq['quantized_nodes']} nodes INT8" if qdq["built"] else ""
         with stages.stage("parity") as note:
             entries = []
             checked = [(MODEL_FILE, "fp32"), (OPTIMIZED_FILE, "fp32"), (QUANTIZED_FILE, "int8")]
+            checked += [(QDQ_FILE, "int8")] if qdq["built"] else []
             if fp16.get("built"):
                 checked.append((FP16_FILE, "fp16"))
             else:
@@ -337,6 +353,8 @@ def _build(
             for name, precision in checked:
                 entries += check_file(built / name, precision, task, batches, expected, config.parity,
                                       options=session_entries({"qat": qat_report}, name))
+            entries += openvino_parity(built, checked, task, batches, expected, config.parity)
+            entries, checked = keep_qdq(built, entries, checked, qdq)
             failed = [e for e in entries if e.status == "fail"]
             if failed:
                 if reference is None:  # released before quantizing: the same load again
@@ -344,7 +362,9 @@ def _build(
                     if drops:
                         mask_heads(reference, arch, hf_config, drops)
                 localize_failures(failed, built, reference, arch, batches[-1], config.parity)
-            note["detail"] = ", ".join(f"{e.file} {e.status}" for e in entries if e.status != "skip")
+            note["detail"] = ", ".join(f"{e.file} {e.status}" if e.provider != ENGINE else
+                                       f"{e.file} {e.status} on OpenVINO {e.precision}"
+                                       for e in entries if e.status != "skip")
             if learned is not None:
                 qat_report["parity"] = qat_parity(reference, checkpoint.qat, qat_report["int8"], built / QUANTIZED_FILE,
                                                   task, batches, output_names(task, sentence is not None), pooling,
@@ -354,10 +374,12 @@ def _build(
             if config.latency != "off":
                 latency = measure_files(built, tokenize, report_pool[:40], working_length, config.parity.providers,
                                         [name for name, _ in checked], full=config.latency == "full",
-                                        max_length=max_length)
-            cpu = latency.get("CPUExecutionProvider", {}).get("files", {})
-            note["detail"] = ", ".join(f"{n} {v[f'b8xs{working_length}']['median_ms']:.0f} ms@b8"
-                                       for n, v in cpu.items()) or "off (--latency off)"
+                                        max_length=max_length, openvino=entries)
+            note["detail"] = ", ".join(
+                f"{n} {v[f'b8xs{working_length}']['median_ms']:.0f} ms@b8" + (f" on OpenVINO{key.removeprefix(ENGINE)}"
+                                                                            if key.startswith(ENGINE) else "")
+                for key in ("CPUExecutionProvider", *(k for k in latency if k.startswith(ENGINE)))
+                for n, v in latency.get(key, {}).get("files", {}).items()) or "off (--latency off)"
         evaluation: list[dict[str, Any]] = []
         if reported is not None:
             with stages.stage("evaluate") as note:
@@ -386,6 +408,7 @@ def _build(
                 "quantization": quantization.to_dict() | {"calibration_rows": calibration_rows}
                 | ({"tuning": tuning} if tuning else {}),
                 "fp16": fp16,
+                "openvino": openvino_record() | {"qdq_file": qdq},
                 "parity": [e.to_dict() for e in entries],
                 "parity_data": {"inputs": "parity/inputs.npz", "reference": "parity/reference.npz",
                                 "shapes": [list(b["attention_mask"].shape) for b in batches]},
@@ -412,12 +435,13 @@ def _build(
 
 def measure_files(
     built: Path, tokenize: Any, texts: list[str], length: int, providers: tuple[str, ...], names: list[str],
-    full: bool = False, max_length: int | None = None,
+    full: bool = False, max_length: int | None = None, openvino: list[ParityEntry] | None = None,
 ) -> dict[str, Any]:
     """Per provider: latency percentiles of each file at batch 1 and 8 (``full``: 1, 2, 4, 8) of ``length``
     tokens and at batch 1 of ``max_length`` (when longer), with all threads, and its peak memory at batch 8 in a
     fresh process; ``full`` adds, on CPU, one thread per session at batch 1 and 8 (the thread-settings grid) and
-    the best throughput mode."""
+    the best throughput mode. ``openvino``: the parity entries; each (file, precision) that passed on OpenVINO
+    is timed there too (the same feeds; exporter/openvino_stage.py)."""
     batches = LATENCY_BATCHES if full else (LATENCY_BATCHES[0], LATENCY_BATCHES[-1])
     shapes = [(b, length) for b in batches] + ([(1, max_length)] if max_length and max_length > length else [])
     feeds = latency_feeds(tokenize, texts, shapes)
@@ -437,7 +461,7 @@ def measure_files(
             result[provider]["by_threads"] = {"1": {
                 name: measure_latency(built / name, provider, ends, threads=1) for name in names}} if cores > 1 else {}
             result[provider]["throughput"] = {name: throughput_modes(built / name, feeds[largest]) for name in names}
-    return result
+    return result | openvino_latency(built, openvino or [], feeds, length, full)
 
 
 def _fp16_wanted(config: ExportConfig) -> bool:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from graphs.core.openvino_sessions import ENGINE
+
 # Colours are distinct per role so a rendering test can find each figure in a screenshot.
 KEPT, DEAD, REQUESTED, PRUNED = "#2e8b57", "#e4572e", "#f2a541", "#9aa0a6"
 BUBBLE, LINES = "#1f77b4", ("#6a3d9a", "#e7298a", "#17becf", "#bcbd22")
@@ -206,7 +208,7 @@ def render_html(manifest: dict[str, Any]) -> str:
     deployable = manifest["deployable"]
     verdict = (f"<div class='verdict' style='background:{STATUS['pass' if deployable else 'fail']}'>"
                f"{'deployable: every parity check passed' if deployable else 'NOT deployable: parity failed'}</div>")
-    parity_rows = [[e["file"], e["provider"], f"<span style='background:{STATUS[e['status']]};padding:0 6px'>{e['status']}</span>",
+    parity_rows = [[e["file"], _e(engine_label(e)), f"<span style='background:{STATUS[e['status']]};padding:0 6px'>{e['status']}</span>",
                     f"{e['max_abs_error']:.2e}" if e["max_abs_error"] is not None else "-",
                     f"{e['mean_cosine']:.6f}" if e["mean_cosine"] is not None else "-",
                     _e(", ".join(f"{k} {v:.4f}" for k, v in e["metric"].items())), _e(e["tolerance"]),
@@ -256,3 +258,8 @@ torch {_e(manifest['versions'].get('torch'))}, onnxruntime {_e(manifest['version
 <h2>Stage timings (s)</h2>{_table(['stage', 'seconds'], [[k, f'{v:.1f}'] for k, v in manifest['timings'].items()])}
 </body></html>
 """
+
+
+def engine_label(entry: dict[str, Any]) -> str:
+    """A parity row's provider as the reports show it: OpenVINO's rows with their precision ("OpenVINO CPU bf16")."""
+    return f"{entry['provider']} {entry['precision']}" if entry["provider"] == ENGINE else entry["provider"]

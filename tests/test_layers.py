@@ -2,7 +2,8 @@
 
 Rules, read from every import of every module, those inside functions included:
 
-1. ``graphs.core`` (the base layer) imports only the standard library, numpy, onnxruntime and tqdm.
+1. ``graphs.core`` (the base layer) imports only the standard library, numpy, onnxruntime, openvino (optional)
+   and tqdm.
 2. ``graphs`` never imports ``calibration`` or ``exporter``; ``calibration`` never imports ``exporter``.
 3. ``exporter.runtime`` (the deployment side) imports only itself and ``graphs.core`` among the project's
    modules, and none of torch, transformers, onnx, onnxscript or optimum.
@@ -26,8 +27,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("exporter", "graphs", "calibration")
-THIRD_PARTY_BASE = {"numpy", "onnxruntime", "tqdm"}
-DEPLOYMENT_THIRD_PARTY = {"numpy", "onnxruntime", "tokenizers", "cryptography"}
+THIRD_PARTY_BASE = {"numpy", "onnxruntime", "openvino", "tqdm"}
+DEPLOYMENT_THIRD_PARTY = {"numpy", "onnxruntime", "openvino", "tokenizers", "cryptography"}
 HEAVY = {"torch", "transformers", "onnx", "onnxscript", "optimum", "sentence_transformers", "safetensors"}
 # The modules that do PyTorch work (with exporter.architectures.*, the families): checkpoint reading, compaction,
 # the traced export, the PyTorch reference outputs and the divergence localizer; the command line only sets

@@ -284,7 +284,7 @@ def validate_manifest(manifest: Any, where: str, limits: Limits | None = None) -
     parity = manifest["parity"]
     if not isinstance(parity, list) or not parity or not all(
             isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("provider"), str)
-            and e.get("status") in ("pass", "fail", "skip") and e.get("precision") in ("fp32", "fp16", "int8")
+            and e.get("status") in ("pass", "fail", "skip") and e.get("precision") in ("fp32", "fp16", "bf16", "int8")
             for e in parity):
         raise bad("'parity' is not a non-empty list of {file, provider, precision, status} rows")
     checked = {e["file"] for e in parity if e["status"] != "skip"}
@@ -302,8 +302,8 @@ def validate_manifest(manifest: Any, where: str, limits: Limits | None = None) -
     atol = bars.get("fp32_atol")
     if not _number(atol) or not 0 <= atol <= FP32_ATOL_MAX:
         raise bad(f"fp32_atol {str(atol)[:30]} is outside what export writes ([0, {FP32_ATOL_MAX:g}])")
-    for key in ("int8_min_cosine", "fp16_min_cosine"):
-        value = bars.get(key, 0.999 if key == "fp16_min_cosine" else None)
+    for key in ("int8_min_cosine", "fp16_min_cosine", "bf16_min_cosine"):
+        value = bars.get(key, None if key == "int8_min_cosine" else 0.999)
         if not _number(value) or not MIN_COSINE_FLOOR <= value <= 1:
             raise bad(f"{key} {str(value)[:30]} is outside what export writes ([{MIN_COSINE_FLOOR:g}, 1])")
 

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from exporter.runtime import sandbox
+from exporter.runtime.engines import ENGINES
 from exporter.runtime.files import parse_json
 from exporter.runtime.trust import Trust
 from graphs.core.errors import ExportError, UsageError, first_line
+from graphs.core.openvino_sessions import ENGINE
 from graphs.core.telemetry import quiet_onnxruntime
 
 PROG = "export-model run"
@@ -72,6 +74,10 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--file", default=None, metavar="NAME",
                         help="model file to run (default: the fastest deployable one in the manifest)")
     parser.add_argument("--provider", default="cpu", help="execution provider: cpu, cuda, ... (default: cpu)")
+    parser.add_argument("--engine", default="auto", choices=ENGINES,
+                        help="auto (default): the fastest deployable (file, engine, precision) in the manifest's "
+                        "latency table, OpenVINO included where openvino is installed and the provider is cpu; "
+                        "onnxruntime or openvino to keep to one; with --file, the file runs at its own precision")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per session run (default: 8)")
     parser.add_argument("--max-answer-length", type=int, default=15,
                         help="question answering: longest answer in tokens (default: 15)")
@@ -129,7 +135,7 @@ def _execute(args: argparse.Namespace) -> int:
 
     sandbox.arm(args.time_limit)  # loading counts as one batch
     runtime = Runtime.load(Path(args.folder), file=args.file, provider=args.provider, batch_size=args.batch_size,
-                           trust=trust_from(args))
+                           trust=trust_from(args), engine=args.engine)
     sandbox.disarm()
     path = Path(args.input)
     options: dict[str, Any] = {}
@@ -248,7 +254,8 @@ def _verify(args: argparse.Namespace) -> int:
     report = verify_artifact(Path(args.folder), args.providers, trust_from(args))
     for entry in report.parity:
         detail = f"max abs {entry.max_abs_error:.2e}" if entry.max_abs_error is not None else entry.reason
-        print(f"{entry.file:<24} {entry.provider:<24} {entry.status:<5} {detail}")
+        where = entry.provider if entry.provider != ENGINE else f"{ENGINE} {entry.precision}"
+        print(f"{entry.file:<24} {where:<24} {entry.status:<5} {detail}")
     print(f"trust: {report.trust}")
     if not report.ok:
         print(f"export-model verify: FAILED for {args.folder}:\n{report.table()}", file=sys.stderr)

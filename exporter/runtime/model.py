@@ -41,17 +41,19 @@ import numpy as np
 
 from exporter.runtime.artifact import Artifact, Limits, Trust
 from exporter.runtime.decode import Answer, Entity, Label, group_entities, softmax
+from exporter.runtime.engines import Run, candidates, choose_run, open_run
+from exporter.runtime.openvino_check import openvino_failure
 from exporter.runtime.parity import session_entries
 from exporter.runtime.pooling import Pooling, pool, read_pooling
 from exporter.runtime.text import cap_chars
 from graphs.core.errors import ParityError, UsageError, first_line, from_onnxruntime
-from graphs.core.sessions import open_session, require
+from graphs.core.openvino_sessions import ENGINE
+from graphs.core.sessions import require
 from graphs.core.telemetry import quiet_onnxruntime
 
 log = logging.getLogger(__name__)
 
 # Preference when the manifest has no latency for the candidates: the fused FP32 graph, then the plain one.
-_FALLBACK_ORDER = ("model_optimized.onnx", "model.onnx", "model_quantized.onnx", "model_fp16.onnx")
 
 
 @dataclass
@@ -93,34 +95,10 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def deployable_files(manifest: dict[str, Any]) -> list[str]:
-    """Model files the artifact holds whose parity passed: at least one `pass` row and no `fail` row."""
-    status: dict[str, set[str]] = {}
-    for entry in manifest.get("parity", []):
-        if entry.get("file") in manifest.get("files", {}):
-            status.setdefault(entry["file"], set()).add(entry.get("status", ""))
-    return [name for name, seen in status.items() if "pass" in seen and "fail" not in seen]
-
-
 def choose_file(manifest: dict[str, Any], provider: str) -> str:
-    """The fastest deployable file on `provider` by the manifest's latency (summed median ms over the shapes every
-    candidate was timed at); without latency for them, the fused FP32 graph."""
-    candidates = deployable_files(manifest)
-    if not candidates:
-        raise ParityError("no model file of this artifact passed parity (manifest.json 'parity'); it is not "
-                          "deployable: re-export it, or name a file with --file to run it anyway")
-    latency = manifest.get("latency") or {}
-    measured = (latency.get(provider) or {}).get("files") or {}
-    timed = {name: {shape: row["median_ms"] for shape, row in measured.get(name, {}).items()
-                    if isinstance(row, dict) and isinstance(row.get("median_ms"), (int, float))}
-             for name in candidates}
-    timed = {name: shapes for name, shapes in timed.items() if shapes}
-    if timed:
-        common = set.intersection(*(set(shapes) for shapes in timed.values()))
-        if common:
-            return min(timed, key=lambda name: (sum(timed[name][s] for s in common), name))
-    return min(candidates, key=lambda name: (_FALLBACK_ORDER.index(name) if name in _FALLBACK_ORDER
-                                             else len(_FALLBACK_ORDER), name))
+    """The fastest deployable file on onnxruntime's `provider` (see :func:`exporter.runtime.engines.choose_run`,
+    which also weighs OpenVINO's runs)."""
+    return choose_run(manifest, provider, "onnxruntime").file
 
 
 class Runtime:
@@ -133,6 +111,7 @@ class Runtime:
         sentence-transformers pooling (feature extraction); `st_max_length`: sentence_bert_config's
         max_seq_length."""
         self.folder, self.file, self.session, self.manifest, self.config = folder, file, session, manifest, config
+        self.run_choice: Run | None = None  # set by load(): the (file, engine, precision) served
         self.task: str = manifest["task"]
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -147,12 +126,15 @@ class Runtime:
 
     @classmethod
     def load(cls, folder: str | Path, file: str | None = None, provider: str = "cpu", batch_size: int = 8,
-             trust: Trust | None = None, limits: Limits | None = None) -> Runtime:
+             trust: Trust | None = None, limits: Limits | None = None, engine: str = "auto") -> Runtime:
         """Open `folder` (an export-model artifact) through :class:`exporter.runtime.artifact.Artifact`: every file read
         is a plain file inside the folder, listed in the manifest, within its size cap and equal to its sha256
         (ParityError, exit 3, if not), and the session is built from the very bytes that were checked. `file`: a
         model file name, or None for the fastest deployable one recorded in the manifest. `provider`: cpu, cuda,
-        ... or a full onnxruntime name. `trust`: a signature or digest to check the manifest against.
+        ... or a full onnxruntime name. `engine`: "auto" (default: the fastest deployable (file, engine, precision)
+        by the manifest's latency table, OpenVINO included where it is installed and the provider is the CPU),
+        "onnxruntime" or "openvino" (exporter/runtime/engines.py). `trust`: a signature or digest to check the
+        manifest against.
 
         Not bounded here: the graph's and the tokenizer's own compute and memory (the CLI runs this in a bounded
         child, exporter/runtime/sandbox.py)."""
@@ -164,12 +146,15 @@ class Runtime:
             manifest = artifact.manifest
             full = require(provider)
             models = sorted(name for name in manifest["files"] if name.endswith(".onnx") and "/" not in name)
-            if file is None:
-                file = choose_file(manifest, full)
-            elif file not in models:
+            if file is not None and file not in models:
                 raise UsageError(f"--file {file!r} is not a model file of {folder}; it holds {models}")
-            elif file not in deployable_files(manifest):
-                log.warning("%s did not pass parity at export (manifest.json 'parity'); running it anyway", file)
+            if file is None or candidates(manifest, full, engine, file):
+                run = choose_run(manifest, full, engine, file)
+            else:
+                log.warning("%s did not pass parity%s at export (manifest.json 'parity'); running it anyway", file,
+                            " on OpenVINO" if engine == "openvino" else "")
+                run = Run(file, ENGINE if engine == "openvino" else full, "fp32")
+            file = run.file
             config = artifact.read_json("config.json")
             if not isinstance(config, dict):
                 raise ParityError(f"{folder / 'config.json'} is not a JSON object; re-export the artifact")
@@ -193,15 +178,20 @@ class Runtime:
                                        lambda path: artifact.has(relative(path)))
             try:
                 with artifact.model_source(file) as source:
-                    session = open_session(source, full, entries=session_entries(manifest, file))
+                    session = open_run(source, run, session_entries(manifest, file))
             except Exception as error:
-                if not from_onnxruntime(error):
+                if not from_onnxruntime(error) and not (run.openvino and isinstance(error, RuntimeError)):
                     raise
+                if run.openvino:
+                    raise ParityError(f"{folder / file}: OpenVINO cannot load it ({openvino_failure(error)}); run it "
+                                      "with --engine onnxruntime, or pick a file with an OpenVINO pass row") from None
                 raise ParityError(f"{folder / file}: onnxruntime cannot load it ({first_line(error, 200)}); the "
                                   "artifact is damaged or was not written by export-model") from None
-        log.info("runtime: %s on %s", folder / file, full)
-        return cls(folder, file, session, manifest, config, tokenizer, batch_size, settings, pooling,
-                   _int(st_max, 0) or None)
+        log.info("runtime: %s", run.describe())
+        runtime = cls(folder, file, session, manifest, config, tokenizer, batch_size, settings, pooling,
+                      _int(st_max, 0) or None)
+        runtime.run_choice = run
+        return runtime
 
     def _apply_tokenizer_settings(self, settings: dict[str, Any], st_max_length: int | None) -> None:
         tok = self.tokenizer

@@ -37,6 +37,7 @@ class ParityConfig:
     fp32_atol: largest absolute error allowed for FP32 files (default 1e-4).
     int8_min_cosine: smallest mean per-sample cosine to the reference allowed for INT8 files (default 0.99).
     fp16_min_cosine: the same for the FP16 file (default 0.999).
+    bf16_min_cosine: the same for an FP32 file run by OpenVINO in bfloat16 (default 0.999).
     providers: execution providers to check, short or full names; "auto" (default) checks every provider
         onnxruntime offers here and records CUDA as a skip, with its reason, where it is absent.
     """
@@ -45,6 +46,7 @@ class ParityConfig:
     fp32_atol: float = 1e-4
     int8_min_cosine: float = 0.99
     fp16_min_cosine: float = 0.999
+    bf16_min_cosine: float = 0.999
     providers: tuple[str, ...] = ("auto",)
 
     def __post_init__(self) -> None:
@@ -56,7 +58,7 @@ class ParityConfig:
         if not _is_number(self.fp32_atol) or not math.isfinite(self.fp32_atol) or not 0 <= self.fp32_atol <= FP32_ATOL_MAX:
             problems.append(f"fp32_atol must be a finite number >= 0 and <= {FP32_ATOL_MAX:g} (e.g. 1e-4), got "
                             f"{self.fp32_atol!r}")
-        for name in ("int8_min_cosine", "fp16_min_cosine"):
+        for name in ("int8_min_cosine", "fp16_min_cosine", "bf16_min_cosine"):
             value = getattr(self, name)
             if not _is_number(value) or not MIN_COSINE_FLOOR <= value <= 1.0:  # NaN and infinities fail too
                 problems.append(f"{name} must be a number in [{MIN_COSINE_FLOOR:g}, 1], got {value!r}")
@@ -71,8 +73,8 @@ class ParityConfig:
             raise ValueError("invalid parity settings: " + "; ".join(problems))
 
     def min_cosine(self, precision: str) -> float:
-        """The mean-cosine bar of a reduced-precision file ("fp16" or "int8")."""
-        return self.fp16_min_cosine if precision == "fp16" else self.int8_min_cosine
+        """The mean-cosine bar of a reduced-precision run ("fp16", "bf16" or "int8")."""
+        return {"fp16": self.fp16_min_cosine, "bf16": self.bf16_min_cosine}.get(precision, self.int8_min_cosine)
 
 
 def _is_number(value: object) -> bool:
@@ -83,7 +85,7 @@ def _is_number(value: object) -> bool:
 class ParityEntry:
     file: str
     provider: str
-    precision: str  # "fp32" | "fp16" | "int8"
+    precision: str  # "fp32" | "fp16" | "bf16" | "int8"
     status: str  # "pass" | "fail" | "skip"
     max_abs_error: float | None = None
     mean_abs_error: float | None = None

@@ -3,8 +3,9 @@
 Opens the folder through :class:`exporter.runtime.artifact.Artifact` (contained, bounded, checked against a signature or
 pinned digest when one is given), re-hashes every file the manifest lists, reports every file it does not list,
 then re-runs parity for each model file from the stored reference inputs and PyTorch outputs (``parity/*.npz``) on
-whatever providers this machine offers, each session built from the bytes that were hashed. Needs no torch and no
-checkpoint: only onnxruntime, numpy and the artifact. Called from Python it bounds paths and sizes but not the
+whatever providers this machine offers, and (with ``--providers auto``, the default) on OpenVINO where the
+optional ``openvino`` package is installed, each session built from the bytes that were hashed. Needs no torch
+and no checkpoint: only onnxruntime, numpy and the artifact (and openvino for its rows). Called from Python it bounds paths and sizes but not the
 graph's compute; the CLI runs it in a bounded child (exporter/runtime/sandbox.py).
 """
 
@@ -16,9 +17,11 @@ from pathlib import Path
 
 from exporter.runtime.artifact import Artifact, FileMismatch
 from exporter.runtime.files import Limits
+from exporter.runtime.openvino_check import absent_entries, check_openvino
 from exporter.runtime.parity import ParityConfig, ParityEntry, check_file, session_entries
 from exporter.runtime.trust import Trust
 from graphs.core.errors import ParityError
+from graphs.core.openvino_sessions import ENGINE
 from graphs.core.telemetry import quiet_onnxruntime
 
 log = logging.getLogger(__name__)
@@ -55,7 +58,8 @@ def verify_artifact(folder: Path, providers: tuple[str, ...] = ("auto",), trust:
         manifest = artifact.manifest
         report = VerifyReport(Path(folder), artifact.trust, artifact.manifest_sha256)
         # Files the artifact holds; a parity row of a file never built (model_fp16.onnx without CUDA) is a skip.
-        precisions = {e["file"]: e["precision"] for e in manifest["parity"] if e["file"] in manifest["files"]}
+        precisions = {e["file"]: e["precision"] for e in manifest["parity"]
+                      if e["file"] in manifest["files"] and e["provider"] != ENGINE}
         data = manifest["parity_data"]
         # The parity data and the models are checked as they are read (once), everything else here.
         report.hash_failures = artifact.check_all(
@@ -64,7 +68,10 @@ def verify_artifact(folder: Path, providers: tuple[str, ...] = ("auto",), trust:
         bars = manifest["options"]["parity"]
         config = ParityConfig(fp32_atol=float(bars["fp32_atol"]), int8_min_cosine=float(bars["int8_min_cosine"]),
                               fp16_min_cosine=float(bars.get("fp16_min_cosine", ParityConfig.fp16_min_cosine)),
+                              bf16_min_cosine=float(bars.get("bf16_min_cosine", ParityConfig.bf16_min_cosine)),
                               providers=providers)
+        on_openvino = tuple(providers) == ("auto",)  # OpenVINO is checked beside every provider, as at export
+        report.parity += absent_entries() if on_openvino else []
         try:
             inputs, reference = artifact.batches(data["inputs"]), artifact.batches(data["reference"])
         except FileMismatch as error:
@@ -79,6 +86,9 @@ def verify_artifact(folder: Path, providers: tuple[str, ...] = ("auto",), trust:
                 with artifact.model_source(name) as source:
                     report.parity += check_file(name, precision, manifest["task"], inputs, reference, config,
                                                 model=source, options=session_entries(manifest, name))
+                    if on_openvino:
+                        report.parity += check_openvino(name, precision, manifest["task"], inputs, reference,
+                                                        config, source)
             except FileMismatch as error:
                 report.hash_failures.append(error.line)
                 report.parity.append(ParityEntry(name, "-", precision, "fail", reason="file changed: not run"))

@@ -36,18 +36,19 @@ def test_success_writes_every_file_and_a_complete_manifest(exported: tuple[Path,
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["deployable"] is True
     cpu = {(e["file"], e["status"]) for e in manifest["parity"] if e["provider"] == "CPUExecutionProvider"}
-    assert cpu == {("model.onnx", "pass"), ("model_optimized.onnx", "pass"), ("model_quantized.onnx", "pass")}
+    qdq = {("model_qdq.onnx", "pass")} if manifest["openvino"]["version"] else set()  # built with openvino only
+    assert cpu == {("model.onnx", "pass"), ("model_optimized.onnx", "pass"), ("model_quantized.onnx", "pass")} | qdq
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         cuda = [e for e in manifest["parity"] if e["provider"] == "CUDAExecutionProvider"]
-        assert len(cuda) == 4 and all(e["status"] == "skip" for e in cuda)
+        assert len(cuda) == 4 + len(qdq) and all(e["status"] == "skip" for e in cuda)
         assert all("not available" in e["reason"] for e in cuda if e["file"] != "model_fp16.onnx")
         fp16 = next(e for e in cuda if e["file"] == "model_fp16.onnx")
         assert "absent" in fp16["reason"] and "--fp16 always" in fp16["reason"]
         assert not (out / "model_fp16.onnx").exists() and manifest["fp16"]["built"] is False
     latency = manifest["latency"]["CPUExecutionProvider"]
-    assert set(latency["files"]) == {"model.onnx", "model_optimized.onnx", "model_quantized.onnx"}
+    assert set(latency["files"]) == {"model.onnx", "model_optimized.onnx", "model_quantized.onnx"} | {f for f, _ in qdq}
     shapes = list(latency["files"]["model.onnx"])
     length = manifest["max_length"]
     # The default (quick) latency: batch 1 and 8 at the working length, batch 1 at the model's max length.
@@ -235,7 +236,8 @@ def test_full_latency_adds_batches_the_thread_grid_and_throughput(tmp_path: Path
     latency = manifest["latency"]["CPUExecutionProvider"]
     assert latency["mode"] == "full" and latency["shapes"] == ["b1xs128", "b2xs128", "b4xs128", "b8xs128", "b1xs256"]
     assert set(latency["files"]["model_quantized.onnx"]) == set(latency["shapes"])
-    assert set(latency["throughput"]) == {"model.onnx", "model_optimized.onnx", "model_quantized.onnx"}
+    qdq = {"model_qdq.onnx"} if "OpenVINO CPU int8" in manifest["latency"] else set()  # built with openvino only
+    assert set(latency["throughput"]) == {"model.onnx", "model_optimized.onnx", "model_quantized.onnx"} | qdq
     if (os.cpu_count() or 1) > 1:
         one = latency["by_threads"]["1"]["model.onnx"]
         assert set(one) == {"b1xs128", "b8xs128"} and all(v["median_ms"] > 0 for v in one.values())

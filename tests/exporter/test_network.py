@@ -116,7 +116,7 @@ def test_quiet_onnxruntime_sets_the_child_variable(monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("ORT_DISABLE_TELEMETRY", raising=False)
     telemetry.quiet_onnxruntime()
     assert os.environ["ORT_DISABLE_TELEMETRY"] == "1"
-    assert telemetry.child_env({"A": "b"}) == {"A": "b", "ORT_DISABLE_TELEMETRY": "1"}
+    assert telemetry.child_env({"A": "b"}) == {"A": "b", "ORT_DISABLE_TELEMETRY": "1", "NNCF_CI": "1"}
 
 
 def test_the_memory_probe_child_gets_telemetry_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -1,0 +1,98 @@
+"""The export's OpenVINO side: ``model_qdq.onnx`` (an INT8 file OpenVINO runs on its INT8 kernels), parity of
+every file OpenVINO reads, at each precision this CPU allows, and the latency of each (file, precision) that
+passed, keyed ``"OpenVINO CPU <precision>"`` in the manifest's ``latency`` beside onnxruntime's providers (same
+shapes, same runs, so the ratios between them are meaningful).
+
+``model_qdq.onnx`` is the fused FP32 graph with every weight MatMul outside the fused Attention nodes as a
+standard ``QuantizeLinear -> DequantizeLinear -> MatMul`` pair (u8 activations with one static range each, s8
+symmetric per-channel weights), calibrated with the project's own recipe (SmoothQuant, GPTQ rounding, bias
+correction; :mod:`calibration.fused` with ``op_types=("MatMul",)`` and no per-token scale, whose run-time
+``DynamicQuantizeLinear`` OpenVINO's ONNX frontend cannot read). That is the form OpenVINO's ONNX frontend maps
+to its INT8 kernels, as NNCF places quantizers for transformers (on MatMul inputs; LayerNorm, Softmax and GELU
+stay float). The fused Attention's own QKV projection stays float (OpenVINO cannot read onnxruntime's
+``QAttention``). No accuracy search runs on it: its parity rows (onnxruntime and OpenVINO, mean cosine >=
+``int8_min_cosine``) decide whether it ships: built where openvino is installed, and left out again, with a skip
+row giving the failed row's reason, where one of its rows fails (an optional file does not make the artifact
+undeployable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from calibration.data import CalibrationDataReader
+from calibration.quantize import quantize_model
+from calibration.settings import QuantizationConfig
+from exporter.latency import Feeds, measure_latency
+from exporter.runtime.openvino_check import absent_entries, check_openvino, hint
+from exporter.runtime.parity import Batch, ParityConfig, ParityEntry
+from graphs.core.openvino_sessions import ENGINE, missing_reason, open_compiled, version
+from graphs.core.sessions import CPU
+
+QDQ_FILE = "model_qdq.onnx"
+
+
+def build_qdq(source: Path, output: Path, reader: CalibrationDataReader, config: QuantizationConfig,
+              sample_sha256: str, mode: str = "auto") -> dict[str, Any]:
+    """Write ``model_qdq.onnx`` (see the module docstring) from the fused graph `source` where openvino is
+    installed (`mode` "auto"; "never" skips it); the manifest's record of it (``built``, and the quantization
+    report or why not)."""
+    if mode == "never":
+        return {"built": False, "reason": "not requested (--openvino-int8 never)"}
+    if version() is None:
+        return {"built": False, "reason": missing_reason()}
+    recipe = dataclasses.replace(config, op_types=("MatMul",), per_token_ffn=False, graph="fused",
+                                 format="QDQ", preset=f"{config.preset}+openvino-qdq")
+    report = quantize_model(source, output, reader, recipe, sample_sha256=sample_sha256)
+    return {"built": True, "source": source.name, **report.to_dict()}
+
+
+def keep_qdq(built: Path, entries: list[ParityEntry], checked: list[tuple[str, str]], record: dict[str, Any]
+             ) -> tuple[list[ParityEntry], list[tuple[str, str]]]:
+    """(entries, checked) with ``model_qdq.onnx`` removed from the folder and its rows replaced by one skip row
+    where any of its parity rows failed (`record`, the manifest's ``qdq_file``, says why); unchanged otherwise."""
+    failed = [e for e in entries if e.file == QDQ_FILE and e.status == "fail"]
+    if not failed:
+        return entries, checked
+    (built / QDQ_FILE).unlink()
+    why = "; ".join(f"{e.provider} {e.precision}: {e.reason}" for e in failed)
+    record.update(built=False, reason=f"left out: its parity failed ({why}); --openvino-int8 never skips building it")
+    kept = [e for e in entries if e.file != QDQ_FILE]
+    return kept + [ParityEntry(QDQ_FILE, CPU, "int8", "skip", reason=record["reason"])], [
+        pair for pair in checked if pair[0] != QDQ_FILE]
+
+
+def openvino_parity(built: Path, checked: Sequence[tuple[str, str]], task: str, batches: Sequence[Batch],
+                    expected: Sequence[Batch], config: ParityConfig) -> list[ParityEntry]:
+    """OpenVINO parity rows of the `checked` (file, precision) pairs in folder `built` (one skip row without
+    openvino)."""
+    entries = absent_entries()
+    for name, precision in checked:
+        entries += check_openvino(name, precision, task, batches, expected, config, built / name)
+    return entries
+
+
+def openvino_latency(built: Path, entries: Sequence[ParityEntry], feeds: dict[str, Feeds], length: int,
+                     full: bool = False) -> dict[str, Any]:
+    """``{"OpenVINO CPU <precision>": {"files": {name: percentiles per shape}, "settings": ..., ...}}`` for each
+    (file, precision) whose OpenVINO parity row passed."""
+    passed: dict[str, list[str]] = {}
+    for entry in entries:
+        if entry.provider == ENGINE and entry.status == "pass":
+            passed.setdefault(entry.precision, []).append(entry.file)
+    result: dict[str, Any] = {}
+    for precision, names in passed.items():
+        files, applied = {}, {}
+        for name in names:
+            session = open_compiled(built / name, hint(precision))
+            applied = session.settings
+            files[name] = measure_latency(built / name, ENGINE, feeds, session=session)
+        result[f"{ENGINE} {precision}"] = {
+            "files": files, "engine": "openvino", "precision": precision, "settings": applied,
+            "sequence": length, "threads": os.cpu_count() or 1, "io_binding": False,
+            "mode": "full" if full else "quick", "shapes": list(feeds)}
+    return result

@@ -1,0 +1,109 @@
+"""Parity of the artifact's files on OpenVINO (the optional ``openvino`` package), beside onnxruntime's rows.
+
+Each file OpenVINO reads is run at every precision variant this machine allows and judged against the same
+PyTorch reference outputs with the same bars: an FP32 file at ``fp32`` (``INFERENCE_PRECISION_HINT=f32``, max abs
+error <= ``fp32_atol``) and, where the CPU has AVX-512 BF16 or AMX, at ``bf16`` (mean cosine >=
+``bf16_min_cosine``); an INT8 file at ``int8`` (f32 hint, mean cosine >= ``int8_min_cosine``). A float16 file is
+not an OpenVINO variant. A file OpenVINO cannot read or compile (onnxruntime's ``QAttention`` in
+``model_quantized.onnx``) is a ``skip`` row saying why; without openvino one ``skip`` row says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from exporter.runtime.parity import Batch, ParityConfig, ParityEntry, compare, run_session
+from graphs.core.errors import first_line
+from graphs.core.openvino_sessions import (
+    BF16_FLAGS,
+    ENGINE,
+    bf16_flags,
+    missing_reason,
+    open_compiled,
+    version,
+)
+
+log = logging.getLogger(__name__)
+
+EVERY_FILE = "every file"
+"""The ``file`` of the one skip row written where openvino is absent."""
+
+
+def variants(file_precision: str, flags: list[str] | None = None) -> list[str]:
+    """The OpenVINO runs of a file of `file_precision` on this CPU ("fp32" -> fp32, and bf16 where `flags`
+    (default: this CPU's) allow it; "int8" -> int8; anything else -> none)."""
+    if file_precision == "fp32":
+        return ["fp32", *(["bf16"] if (bf16_flags() if flags is None else flags) else [])]
+    return ["int8"] if file_precision == "int8" else []
+
+
+def hint(precision: str) -> str:
+    """The precision an OpenVINO run of `precision` compiles with ("bf16" for bf16, "fp32" otherwise)."""
+    return "bf16" if precision == "bf16" else "fp32"
+
+
+def absent_entries() -> list[ParityEntry]:
+    """One skip row where openvino is not installed; none where it is."""
+    if version() is not None:
+        return []
+    return [ParityEntry(EVERY_FILE, ENGINE, "fp32", "skip", reason=missing_reason())]
+
+
+def check_openvino(
+    name: str, file_precision: str, task: str, batches: Sequence[Batch], expected: Sequence[Batch],
+    config: ParityConfig, model: Any, threads: int = 0,
+) -> list[ParityEntry]:
+    """Parity entries of file `name` (`model`: its path or checked bytes) on OpenVINO, one per variant
+    (:func:`variants`); [] without openvino (see :func:`absent_entries`)."""
+    if version() is None:
+        return []
+    entries = []
+    output_names = list(expected[0])
+    for precision in variants(file_precision):
+        start = time.perf_counter()
+        try:
+            session = open_compiled(model, hint(precision), threads)
+        except RuntimeError as error:  # OpenVINO's read or compile failure (not ProviderUnavailableError)
+            entries.append(ParityEntry(name, ENGINE, precision, "skip",
+                                       reason=f"OpenVINO cannot read or compile it: {openvino_failure(error)}"))
+            continue
+        try:
+            actual = run_session(session, batches, output_names)
+        except RuntimeError as error:
+            entries.append(ParityEntry(name, ENGINE, precision, "fail",
+                                       reason=f"OpenVINO cannot run it: {openvino_failure(error)}"))
+            continue
+        entry = compare(name, ENGINE, precision, task, batches, expected, actual, config)
+        log.info("parity %s on %s %s: %s (max abs %.2e, mean cosine %.6f) in %.1fs", name, ENGINE, precision,
+                 entry.status, entry.max_abs_error, entry.mean_cosine, time.perf_counter() - start)
+        entries.append(entry)
+    return entries
+
+
+def openvino_failure(error: BaseException, limit: int = 240) -> str:
+    """One line from OpenVINO's multi-line error: its summary lines ("No conversion rule found for operations:
+    com.microsoft.QAttention") where it has them, else the first line that is not a source location."""
+    lines = [line.strip(" -") for line in str(error).splitlines() if line.strip()]
+    summary = lines[lines.index("Summary:") + 1:] if "Summary:" in lines else []
+    summary = [line for line in summary if not line.startswith("To facilitate")]
+    useful = [line for line in lines if not line.startswith(("Exception from", "Check '"))]
+    return ("; ".join(summary) or (useful[0] if useful else first_line(error)))[:limit]
+
+
+def record(threads: int = 0) -> dict[str, Any]:
+    """What the manifest says about OpenVINO on the building machine: version (None: absent), the settings each
+    precision compiles with, and the CPU flags that allowed bf16 (or why it was not run)."""
+    from graphs.core.openvino_sessions import settings
+
+    found = version()
+    flags = bf16_flags()
+    result: dict[str, Any] = {"version": found, "engine": ENGINE}
+    if found is None:
+        return result | {"reason": missing_reason()}
+    result["settings"] = {p: settings(hint(p), threads) for p in (["fp32", "bf16"] if flags else ["fp32"])}
+    result["bf16"] = ({"run": True, "cpu_flags": flags} if flags else
+                      {"run": False, "reason": f"this CPU has none of {list(BF16_FLAGS)}"})
+    return result
