@@ -117,6 +117,7 @@ def fuse_rotary_attention(model: object, max_length: int) -> list[int]:
     caches: dict[bytes, tuple[str, str]] = {}
     fused: list[int] = []
     remove: list[NodeProto] = []
+    positions: str | None = None
     for softmax in [n for n in model.nodes() if n.op_type == "Softmax"]:  # type: ignore[attr-defined]
         masked = graph.node(softmax.input[0], "Add")
         if masked is None:
@@ -164,15 +165,15 @@ def fuse_rotary_attention(model: object, max_length: int) -> list[int]:
                 model.add_initializer(numpy_helper.from_array(table.astype(np.float32), name))  # type: ignore[attr-defined]
             caches[key_bytes] = names
         cos_cache, sin_cache = caches[key_bytes]
-        if "rotary_position_zero" not in {i.name for i in model.model.graph.initializer}:  # type: ignore[attr-defined]
-            model.add_initializer(numpy_helper.from_array(np.zeros(1, dtype=np.int64), "rotary_position_zero"))  # type: ignore[attr-defined]
+        if positions is None:
+            positions = _position_ids(model, q_proj)
         base = softmax.name.rsplit("/", 1)[0] or softmax.name
         rotated = []
         for part, proj in (("q", q_proj), ("k", k_proj)):
             name = f"{base}/RotaryEmbedding_{part}"
             rotated.append(f"{name}_output_0")
             model.add_node(helper.make_node(  # type: ignore[attr-defined]
-                "RotaryEmbedding", [proj, "rotary_position_zero", cos_cache, sin_cache], [rotated[-1]], name=name,
+                "RotaryEmbedding", [proj, positions, cos_cache, sin_cache], [rotated[-1]], name=name,
                 domain="com.microsoft", interleaved=0, num_heads=heads))
         model.add_node(helper.make_node(  # type: ignore[attr-defined]
             "MultiHeadAttention", [rotated[0], rotated[1], value[0], "", "", mask], [out.output[0]],
@@ -182,3 +183,27 @@ def fuse_rotary_attention(model: object, max_length: int) -> list[int]:
     model.remove_nodes(remove)  # type: ignore[attr-defined]
     model.prune_graph()  # type: ignore[attr-defined]
     return fused
+
+
+def _position_ids(model: object, projection: str) -> str:
+    """(batch, seq) positions 0..seq-1 from the shape of a (batch, seq, width) tensor. onnxruntime also takes a
+    one-element start offset, but OpenVINO's conversion of RotaryEmbedding misreads that form (measured: outputs
+    off by 0.75), so the graph spells the positions out."""
+    names = ("rotary_positions_zero", "rotary_positions_one", "rotary_positions_axis")
+    for name, value in zip(names, (np.array(0, np.int64), np.array(1, np.int64), np.array([0], np.int64)),
+                           strict=True):
+        model.add_initializer(numpy_helper.from_array(value, name))  # type: ignore[attr-defined]
+    zero, one, axis = names
+    for node in (
+        helper.make_node("Shape", [projection], ["rotary_positions_shape"], "rotary_positions_Shape", end=2),
+        helper.make_node("Gather", ["rotary_positions_shape", one], ["rotary_positions_length"],
+                         "rotary_positions_Gather", axis=0),
+        helper.make_node("Range", [zero, "rotary_positions_length", one], ["rotary_positions_range"],
+                         "rotary_positions_Range"),
+        helper.make_node("Unsqueeze", ["rotary_positions_range", axis], ["rotary_positions_row"],
+                         "rotary_positions_Unsqueeze"),
+        helper.make_node("Expand", ["rotary_positions_row", "rotary_positions_shape"], ["rotary_position_ids"],
+                         "rotary_positions_Expand"),
+    ):
+        model.add_node(node)  # type: ignore[attr-defined]
+    return "rotary_position_ids"
