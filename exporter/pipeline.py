@@ -49,6 +49,7 @@ from exporter.loading import load_checkpoint, resolve_checkpoint
 from exporter.manifest import checkpoint_hash, write_manifest
 from exporter.onnx_export import export_onnx
 from exporter.openvino_stage import QDQ_FILE, build_qdq, keep_qdq, openvino_latency, openvino_parity
+from exporter.qat import refuse_calibration_options
 from exporter.qat_reference import qat_parity
 from exporter.qat_targets import learned_linears
 from exporter.reference import build_batches, reference_outputs
@@ -231,6 +232,7 @@ def _build(
             compaction = compact_model(compacted, arch, hf_config, drops)
             # A quantization-aware-trained checkpoint's INT8 scales, sliced as compaction sliced the weights.
             learned = learned_linears(reference, compacted, arch, checkpoint.qat) if checkpoint.qat else None
+            refuse_calibration_options(config, checkpoint.qat if learned is not None else None)
             if checkpoint.qat and learned is None:
                 log.warning("%s checkpoint: its learned scales do not map to the INT8 graph's inputs yet; "
                             "model_quantized.onnx is calibrated from text (manifest qat.int8)", checkpoint.qat.format)

@@ -42,7 +42,7 @@ from exporter.qat_import import (
     refuse,
 )
 from exporter.weights import WeightFiles
-from graphs.core.errors import CheckpointError
+from graphs.core.errors import CheckpointError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -102,3 +102,28 @@ def _detect(path: Path, raw: dict[str, Any], weights: WeightFiles) -> tuple[Weig
             f"{suspects[:2]}); they would be ignored: pass the float checkpoint, or a ModelOpt, compressed-tensors, "
             "torch.ao eager or Q8BERT one")
     return weights, None
+
+
+#: Options that shape a calibrated INT8 file: (flag, where in ExportConfig, the default that means "not asked").
+_CALIBRATION_OPTIONS = (
+    ("--calibration-data", "calibration_data", None), ("--calibration-field", "calibration_field", "text"),
+    ("--calibration-samples", "quantization.samples", 128), ("--calibration-method", "quantization.method", "minmax"),
+    ("--tune", "quantization.tune", False), ("--int8-weights", "quantization.int8_weights", "auto"),
+)
+
+
+def refuse_calibration_options(config: Any, qat: QatImport | None) -> None:
+    """A UsageError (exit 2, nothing written) naming the calibration options given for a checkpoint whose INT8 comes
+    from its learned scales (`qat`; None: a calibrated export, anything goes): they would be silently ignored."""
+    if qat is None:
+        return
+    given = []
+    for flag, where, default in _CALIBRATION_OPTIONS:
+        value: Any = config
+        for part in where.split("."):
+            value = getattr(value, part, default)
+        if value != default:
+            given.append(flag)
+    if given:
+        raise UsageError(f"a quantization-aware-trained ({qat.format}) checkpoint takes its INT8 from its learned scales, so "
+                         f"{', '.join(given)} would be ignored: leave {'it' if len(given) == 1 else 'them'} out")

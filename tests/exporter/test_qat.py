@@ -78,8 +78,7 @@ def smoothquant_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
     root = tmp_path_factory.mktemp("sq")
     truth = modelopt_checkpoint(root / "ckpt", smooth=True)
     out = root / "out"
-    assert main(["--model", str(root / "ckpt"), "--output", str(out), "--calibration-samples", "8",
-                 "--latency", "off"]) == 0
+    assert main(["--model", str(root / "ckpt"), "--output", str(out), "--latency", "off"]) == 0
     return out, truth
 
 
@@ -144,8 +143,7 @@ def modelopt_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, obj
     root = tmp_path_factory.mktemp("mo")
     truth = modelopt_checkpoint(root / "ckpt")
     out = root / "out"
-    assert main(["--model", str(root / "ckpt"), "--output", str(out), "--calibration-samples", "8",
-                 "--latency", "off"]) == 0
+    assert main(["--model", str(root / "ckpt"), "--output", str(out), "--latency", "off"]) == 0
     return out, truth
 
 
@@ -340,8 +338,8 @@ def test_dropped_heads_slice_the_learned_weights_and_scales(tmp_path: Path) -> N
 
     truth = modelopt_checkpoint(tmp_path / "m")
     out = tmp_path / "out"
-    assert main(["--model", str(tmp_path / "m"), "--output", str(out), "--calibration-samples", "8",
-                 "--latency", "off", "--drop-heads", "0:1"]) == 0
+    assert main(["--model", str(tmp_path / "m"), "--output", str(out), "--latency", "off", "--drop-heads",
+                 "0:1"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["compaction"]["heads_per_layer"] == [3, 4, 4]
     imported = manifest["qat"]["int8"]
@@ -368,3 +366,16 @@ def test_dropped_heads_slice_the_learned_weights_and_scales(tmp_path: Path) -> N
     found = open_session(out / "model_quantized.onnx", optimize=False).run(
         ["logits"], {k: v.numpy() for k, v in feeds.items()})[0]
     assert np.abs(found - expected.numpy()).max() < 1e-5
+
+
+def test_calibration_options_for_a_learned_import_are_refused_with_one_line(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Options that only shape a calibrated INT8 file would be ignored for one built from learned scales: exit 2,
+    one line naming them, nothing written."""
+    modelopt_checkpoint(tmp_path / "m")
+    out = tmp_path / "out"
+    assert main(["--model", str(tmp_path / "m"), "--output", str(out), "--latency", "off", "--tune",
+                 "--calibration-samples", "8"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("export-model: error:")]
+    assert len(errors) == 1 and "--calibration-samples, --tune" in errors[0] and "modelopt" in errors[0]
+    assert not out.exists()
