@@ -150,7 +150,8 @@ class ModernBertArchitecture(Architecture):
             own_activation(layer.mlp.act)
         if getattr(model, "head", None) is not None:
             patches.append((model.head, _prediction_head))
-            own_activation(model.head.act)
+            if getattr(config, "classifier_activation", None) == self.activation_name(config):
+                own_activation(model.head.act)  # else the head's own activation module runs
         return patches
 
     def attention_pass(self, layer_norm: str) -> str | None:

@@ -363,3 +363,15 @@ def test_a_modernbert_checkpoint_with_pruned_heads_is_refused_with_one_line(
     errors = [line for line in done.stderr.splitlines() if line.startswith("export-model: error:")]
     assert done.returncode == 2 and len(errors) == 1 and "Wqkv" in errors[0], done.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_modernbert_head_with_its_own_activation_exports(tmp_path: Path) -> None:
+    """classifier_activation may differ from hidden_activation: the head keeps its own (here SiLU) activation."""
+    from tests.checkpoints import tiny_checkpoint
+
+    truth = tiny_checkpoint(tmp_path / "ck", "modernbert", "text-classification", pruned_heads={})
+    config = json.loads((truth.path / "config.json").read_text())
+    config["classifier_activation"] = "silu"
+    (truth.path / "config.json").write_text(json.dumps(config))
+    artifact = export(tmp_path / "art", truth.path, "--latency", "off", "--max-accuracy-drop", "0.9")
+    _assert_labels_like_pytorch(truth.path, artifact, tmp_path)
