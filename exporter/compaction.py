@@ -271,15 +271,23 @@ def _compact_ffn(view: LayerView, report: LayerCompaction) -> None:
         survivor = int(fold.nonzero()[0]) if bool(fold.any()) else 0
         keep = torch.tensor([survivor])
         w_out[:, survivor] = 0.0  # its constant is folded above
+    _remove_ffn_units(view, report, keep, constant)
+
+
+def _remove_ffn_units(view: LayerView, report: LayerCompaction, keep: torch.Tensor, constant: torch.Tensor) -> None:
+    """Fold the dead units' `constant` into the FFN output bias and keep only the units `keep` (input rows, gate rows
+    where the FFN is gated, output columns)."""
     report.folded_ffn_constant = float(constant.norm())
     if view.ffn_out.bias is not None:
         view.ffn_out.bias += constant.to(view.ffn_out.bias.dtype)
     elif bool(constant.any()):
         raise UsageError(f"layer {view.index}: dead FFN units add a constant but the FFN output has no bias")
     report.ffn_after = int(keep.numel())
-    if report.ffn_after == width:
+    if report.ffn_after == report.ffn_before:
         return
     view.replace("ffn_in", _select_rows(view.ffn_in, keep))
+    if view.ffn_gate is not None:
+        view.replace("ffn_gate", _select_rows(view.ffn_gate, keep))
     view.replace("ffn_out", _select_columns(view.ffn_out, keep))
 
 
@@ -305,17 +313,7 @@ def _compact_gated_ffn(view: LayerView, report: LayerCompaction) -> None:
     if keep.numel() == 0:
         keep = torch.tensor([0])
         w_out[:, 0] = 0.0  # its constant, if any, is folded above
-    report.folded_ffn_constant = float(constant.norm())
-    if view.ffn_out.bias is not None:
-        view.ffn_out.bias += constant.to(view.ffn_out.bias.dtype)
-    elif bool(constant.any()):
-        raise UsageError(f"layer {view.index}: dead FFN units add a constant but the FFN output has no bias")
-    report.ffn_after = int(keep.numel())
-    if report.ffn_after == width:
-        return
-    view.replace("ffn_in", _select_rows(view.ffn_in, keep))
-    view.replace("ffn_gate", _select_rows(view.ffn_gate, keep))
-    view.replace("ffn_out", _select_columns(view.ffn_out, keep))
+    _remove_ffn_units(view, report, keep, constant)
 
 
 def _select_rows(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
