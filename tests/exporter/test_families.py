@@ -179,20 +179,27 @@ def test_mpnet_embeddings_torch_free_equal_the_stock_model(mpnet: dict[str, tupl
 
 def test_an_mpnet_checkpoint_with_pruned_heads_is_refused_with_one_line(mpnet: dict[str, tuple[Path, Path]],
                                                                         tmp_path: Path) -> None:
+    _assert_pruned_heads_refused(mpnet["feature-extraction"][0], tmp_path, "relative position bias")
+
+
+def _assert_pruned_heads_refused(source: Path, tmp_path: Path, reason: str) -> None:
+    """A copy of checkpoint `source` with ``config.pruned_heads`` set: exit 2, one error line naming `reason`,
+    nothing written."""
     import shutil
     import subprocess
     import sys
 
     from tests.exporter.test_runtime import REPO
 
-    checkpoint = Path(shutil.copytree(mpnet["feature-extraction"][0], tmp_path / "ck"))
+    checkpoint = Path(shutil.copytree(source, tmp_path / "ck"))
     config = json.loads((checkpoint / "config.json").read_text())
     config["pruned_heads"] = {"0": [1]}
     (checkpoint / "config.json").write_text(json.dumps(config))
     done = subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(checkpoint), "--output",
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=REPO)
     errors = [line for line in done.stderr.splitlines() if line.startswith("export-model: error:")]
-    assert done.returncode == 2 and len(errors) == 1 and "relative position bias" in errors[0], done.stderr[-2000:]
+    assert done.returncode == 2 and len(errors) == 1 and reason in errors[0], done.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
@@ -348,21 +355,7 @@ def test_modernbert_token_and_span_heads_equal_the_stock_model(modernbert: dict[
 
 def test_a_modernbert_checkpoint_with_pruned_heads_is_refused_with_one_line(
         modernbert: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
-    import shutil
-    import subprocess
-    import sys
-
-    from tests.exporter.test_runtime import REPO
-
-    checkpoint = Path(shutil.copytree(modernbert["feature-extraction"][0], tmp_path / "ck"))
-    config = json.loads((checkpoint / "config.json").read_text())
-    config["pruned_heads"] = {"0": [1]}
-    (checkpoint / "config.json").write_text(json.dumps(config))
-    done = subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(checkpoint), "--output",
-                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=REPO)
-    errors = [line for line in done.stderr.splitlines() if line.startswith("export-model: error:")]
-    assert done.returncode == 2 and len(errors) == 1 and "Wqkv" in errors[0], done.stderr[-2000:]
-    assert not (tmp_path / "out").exists()
+    _assert_pruned_heads_refused(modernbert["feature-extraction"][0], tmp_path, "Wqkv")
 
 
 def test_a_modernbert_head_with_its_own_activation_exports(tmp_path: Path) -> None:
