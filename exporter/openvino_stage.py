@@ -3,17 +3,19 @@ every file OpenVINO reads, at each precision this CPU allows, and the latency of
 passed, keyed ``"OpenVINO CPU <precision>"`` in the manifest's ``latency`` beside onnxruntime's providers (same
 shapes, same runs, so the ratios between them are meaningful).
 
-``model_qdq.onnx`` is the fused FP32 graph with every weight MatMul outside the fused Attention nodes as a
-standard ``QuantizeLinear -> DequantizeLinear -> MatMul`` pair (u8 activations with one static range each, s8
-symmetric per-channel weights), calibrated with the project's own recipe (SmoothQuant, GPTQ rounding, bias
-correction; :mod:`calibration.fused` with ``op_types=("MatMul",)`` and no per-token scale, whose run-time
-``DynamicQuantizeLinear`` OpenVINO's ONNX frontend cannot read). That is the form OpenVINO's ONNX frontend maps
-to its INT8 kernels, as NNCF places quantizers for transformers (on MatMul inputs; LayerNorm, Softmax and GELU
-stay float). The fused Attention's own QKV projection stays float (OpenVINO cannot read onnxruntime's
-``QAttention``). No accuracy search runs on it: its parity rows (onnxruntime and OpenVINO, mean cosine >=
-``int8_min_cosine``) decide whether it ships: built where openvino is installed, and left out again, with a skip
-row giving the failed row's reason, where one of its rows fails (an optional file does not make the artifact
-undeployable).
+``model_qdq.onnx`` is the compacted, unfused ``model.onnx`` with every weight MatMul (Q, K, V, attention output,
+FFN in and out; the graph's attention score and context MatMuls, which have no weight, stay float) as a standard
+``QuantizeLinear -> DequantizeLinear -> MatMul`` pair (u8 activations with one static range each, s8 symmetric
+per-channel weights), calibrated with the project's own recipe (SmoothQuant, GPTQ rounding, bias correction;
+:mod:`calibration.fused` with ``op_types=("MatMul",)`` and no per-token scale, whose run-time
+``DynamicQuantizeLinear`` OpenVINO's ONNX frontend cannot read) and the same accuracy search as
+``model_quantized.onnx`` (judged by onnxruntime on the same held-out texts or gold examples). That is the form
+OpenVINO's ONNX frontend maps to its INT8 kernels, as NNCF places quantizers for transformers (on MatMul inputs;
+LayerNorm, Softmax and GELU stay float). The unfused graph is the source because OpenVINO decomposes onnxruntime's
+fused ``Attention`` into float ops, which would leave the QKV projection, a third of each layer's weights, out of
+INT8. Its parity rows (onnxruntime and OpenVINO, mean cosine >= ``int8_min_cosine``) decide whether it ships:
+built where openvino is installed, and left out again, with a skip row giving the failed row's reason, where one
+of its rows fails (an optional file does not make the artifact undeployable).
 """
 
 from __future__ import annotations
@@ -37,17 +39,20 @@ QDQ_FILE = "model_qdq.onnx"
 
 
 def build_qdq(source: Path, output: Path, reader: CalibrationDataReader, config: QuantizationConfig,
-              sample_sha256: str, mode: str = "auto") -> dict[str, Any]:
-    """Write ``model_qdq.onnx`` (see the module docstring) from the fused graph `source` where openvino is
-    installed (`mode` "auto"; "never" skips it); the manifest's record of it (``built``, and the quantization
-    report or why not)."""
+              sample_sha256: str, mode: str = "auto", validation: Sequence[Batch] | None = None,
+              metric: Any = "embedding") -> dict[str, Any]:
+    """Write ``model_qdq.onnx`` (see the module docstring) from the unfused graph `source` where openvino is
+    installed (`mode` "auto"; "never" skips it), searched on `validation` by `metric` as
+    :func:`calibration.quantize.quantize_model` does (None: no search); the manifest's record of it (``built``,
+    and the quantization report or why not)."""
     if mode == "never":
         return {"built": False, "reason": "not requested (--openvino-int8 never)"}
     if version() is None:
         return {"built": False, "reason": missing_reason()}
     recipe = dataclasses.replace(config, op_types=("MatMul",), per_token_ffn=False, graph="fused",
                                  format="QDQ", preset=f"{config.preset}+openvino-qdq")
-    report = quantize_model(source, output, reader, recipe, sample_sha256=sample_sha256)
+    report = quantize_model(source, output, reader, recipe, sample_sha256=sample_sha256, validation=validation,
+                            metric=metric)
     return {"built": True, "source": source.name, **report.to_dict()}
 
 

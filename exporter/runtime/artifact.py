@@ -284,7 +284,7 @@ def validate_manifest(manifest: Any, where: str, limits: Limits | None = None) -
     parity = manifest["parity"]
     if not isinstance(parity, list) or not parity or not all(
             isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("provider"), str)
-            and e.get("status") in ("pass", "fail", "skip") and e.get("precision") in ("fp32", "fp16", "bf16", "int8")
+            and e.get("status") in ("pass", "fail", "skip") and e.get("precision") in ("fp32", "fp16", "bf16", "int8", "int8-bf16")
             for e in parity):
         raise bad("'parity' is not a non-empty list of {file, provider, precision, status} rows")
     checked = {e["file"] for e in parity if e["status"] != "skip"}

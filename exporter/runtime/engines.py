@@ -2,13 +2,14 @@
 
 Engines: onnxruntime on the requested provider, and OpenVINO's CPU plugin (the optional ``openvino`` package)
 at each precision its parity rows passed at (fp32, bf16 where this CPU has AVX-512 BF16 or AMX, int8 for a QDQ
-file). Deployable: the file passed parity at export (a pass row and no fail row, :func:`deployable_files`) and,
+file, and int8-bf16, its float parts in bf16, where bf16 is allowed). Deployable: the file passed parity at export (a pass row and no fail row, :func:`deployable_files`) and,
 for OpenVINO, its own row at that precision passed. The default choice is the deployable run with the least
 summed median latency over the shapes every candidate was timed at in the manifest's ``latency`` table (keys:
 onnxruntime's provider name, or ``"OpenVINO CPU <precision>"``); without common timings, onnxruntime with the
 fused FP32 graph first. OpenVINO is a candidate only when the provider asked for is the CPU and openvino is
 installed here. A file named by the user runs at its own precision on either engine (an FP32 file is never
-served in bf16 unless the default choice picked that run from the latency table).
+served in bf16, nor an INT8 file's float parts, unless the default choice picked that run from the latency
+table).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from exporter.runtime.openvino_check import hint
+from exporter.runtime.openvino_check import INT8_BF16, hint
 from graphs.core.errors import ParityError, UsageError
 from graphs.core.openvino_sessions import ENGINE, bf16_flags, open_compiled, version
 from graphs.core.sessions import CPU, open_session
@@ -63,7 +64,7 @@ def candidates(manifest: dict[str, Any], provider: str, engine: str = "auto", fi
     precision = {e.get("file"): e.get("precision", "fp32") for e in manifest.get("parity", []) if e.get("provider") != ENGINE}
     runs = [Run(name, provider, precision.get(name, "fp32")) for name in files] if engine != "openvino" else []
     if engine != "onnxruntime" and provider == CPU and version() is not None:
-        allowed = {"fp32", "int8"} | ({"bf16"} if bf16_flags() else set())
+        allowed = {"fp32", "int8"} | ({"bf16", INT8_BF16} if bf16_flags() else set())
         runs += [Run(e["file"], ENGINE, e["precision"]) for e in manifest.get("parity", [])
                  if e.get("provider") == ENGINE and e.get("status") == "pass" and e.get("file") in files
                  and e.get("precision") in allowed

@@ -3,7 +3,9 @@
 Each file OpenVINO reads is run at every precision variant this machine allows and judged against the same
 PyTorch reference outputs with the same bars: an FP32 file at ``fp32`` (``INFERENCE_PRECISION_HINT=f32``, max abs
 error <= ``fp32_atol``) and, where the CPU has AVX-512 BF16 or AMX, at ``bf16`` (mean cosine >=
-``bf16_min_cosine``); an INT8 file at ``int8`` (f32 hint, mean cosine >= ``int8_min_cosine``). A float16 file is
+``bf16_min_cosine``); an INT8 file at ``int8`` (f32 hint: its float parts, LayerNorm, Softmax, GELU and the
+attention MatMuls, in float32) and, where bf16 is allowed, at ``int8-bf16`` (bf16 hint: those float parts in
+bf16, the INT8 MatMuls unchanged), each with mean cosine >= ``int8_min_cosine``. A float16 file is
 not an OpenVINO variant. A file OpenVINO cannot read or compile (onnxruntime's ``QAttention`` in
 ``model_quantized.onnx``) is a ``skip`` row saying why; without openvino one ``skip`` row says so.
 """
@@ -28,21 +30,25 @@ from graphs.core.openvino_sessions import (
 
 log = logging.getLogger(__name__)
 
+INT8_BF16 = "int8-bf16"
+"""An INT8 file run with OpenVINO's bf16 hint: its INT8 MatMuls as they are, its float parts in bf16."""
 EVERY_FILE = "every file"
 """The ``file`` of the one skip row written where openvino is absent."""
 
 
 def variants(file_precision: str, flags: list[str] | None = None) -> list[str]:
     """The OpenVINO runs of a file of `file_precision` on this CPU ("fp32" -> fp32, and bf16 where `flags`
-    (default: this CPU's) allow it; "int8" -> int8; anything else -> none)."""
+    (default: this CPU's) allow it; "int8" -> int8, and int8-bf16 where they allow it; anything else -> none)."""
+    bf16 = bool(bf16_flags() if flags is None else flags)
     if file_precision == "fp32":
-        return ["fp32", *(["bf16"] if (bf16_flags() if flags is None else flags) else [])]
-    return ["int8"] if file_precision == "int8" else []
+        return ["fp32", *(["bf16"] if bf16 else [])]
+    return ["int8", *([INT8_BF16] if bf16 else [])] if file_precision == "int8" else []
 
 
 def hint(precision: str) -> str:
-    """The precision an OpenVINO run of `precision` compiles with ("bf16" for bf16, "fp32" otherwise)."""
-    return "bf16" if precision == "bf16" else "fp32"
+    """The precision an OpenVINO run of `precision` compiles with ("bf16" for bf16 and int8-bf16, "fp32"
+    otherwise)."""
+    return "bf16" if precision in ("bf16", INT8_BF16) else "fp32"
 
 
 def absent_entries() -> list[ParityEntry]:
@@ -103,7 +109,8 @@ def record(threads: int = 0) -> dict[str, Any]:
     result: dict[str, Any] = {"version": found, "engine": ENGINE}
     if found is None:
         return result | {"reason": missing_reason()}
-    result["settings"] = {p: settings(hint(p), threads) for p in (["fp32", "bf16"] if flags else ["fp32"])}
+    result["settings"] = {p: settings(hint(p), threads) for p in (["fp32", "bf16", "int8", INT8_BF16] if flags
+                                                                   else ["fp32", "int8"])}
     result["bf16"] = ({"run": True, "cpu_flags": flags} if flags else
                       {"run": False, "reason": f"this CPU has none of {list(BF16_FLAGS)}"})
     return result

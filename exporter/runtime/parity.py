@@ -73,7 +73,8 @@ class ParityConfig:
             raise ValueError("invalid parity settings: " + "; ".join(problems))
 
     def min_cosine(self, precision: str) -> float:
-        """The mean-cosine bar of a reduced-precision run ("fp16", "bf16" or "int8")."""
+        """The mean-cosine bar of a reduced-precision run ("fp16", "bf16", or "int8" and "int8-bf16": an INT8
+        file is held to the INT8 bar whatever its float parts run in)."""
         return {"fp16": self.fp16_min_cosine, "bf16": self.bf16_min_cosine}.get(precision, self.int8_min_cosine)
 
 
@@ -85,7 +86,7 @@ def _is_number(value: object) -> bool:
 class ParityEntry:
     file: str
     provider: str
-    precision: str  # "fp32" | "fp16" | "bf16" | "int8"
+    precision: str  # "fp32" | "fp16" | "bf16" | "int8" | "int8-bf16" (OpenVINO: an INT8 file, float parts in bf16)
     status: str  # "pass" | "fail" | "skip"
     max_abs_error: float | None = None
     mean_abs_error: float | None = None

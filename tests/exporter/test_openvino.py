@@ -35,6 +35,7 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
     assert bf16_flags({"avx512f", "avx512_vnni"}) == []
     assert variants("fp32", ["amx_bf16"]) == ["fp32", "bf16"] and variants("fp32", []) == ["fp32"]
     assert variants("int8", []) == ["int8"] and variants("fp16", ["amx_bf16"]) == []
+    assert variants("int8", ["avx512_bf16"]) == ["int8", "int8-bf16"]
 
 
 @needs_openvino
@@ -53,6 +54,12 @@ def test_every_readable_file_gets_openvino_rows_with_explicit_settings(exported:
             assert (name, "bf16") not in rows
     qdq = rows[("model_qdq.onnx", "int8")]  # the INT8 file built for OpenVINO
     assert qdq["status"] == "pass" and qdq["tolerance"] == "mean_cosine >= 0.99", qdq
+    if bf16_flags():  # the same INT8 file with its float parts in bf16: held to the INT8 bar, timed on its own
+        mixed = rows[("model_qdq.onnx", "int8-bf16")]
+        assert mixed["status"] == "pass" and mixed["tolerance"] == "mean_cosine >= 0.99", mixed
+        assert mixed["max_abs_error"] != qdq["max_abs_error"]  # it really ran its float parts in bfloat16
+    else:
+        assert ("model_qdq.onnx", "int8-bf16") not in rows
     quantized = rows[("model_quantized.onnx", "int8")]  # onnxruntime's QAttention: not an OpenVINO file
     assert quantized["status"] == "skip" and "QAttention" in quantized["reason"]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -243,8 +250,9 @@ def test_run_cli_on_openvino(exported: tuple[Path, Path, int], tmp_path: Path) -
 
 @needs_openvino
 def test_the_qdq_file_runs_on_openvinos_int8_kernels(exported: tuple[Path, Path, int]) -> None:  # noqa: F811
-    """Every MatMul quantized in model_qdq.onnx becomes one of OpenVINO's u8/i8 FullyConnected kernels; the
-    fused Attention's QKV projection stays float; nothing of onnxruntime's own INT8 ops is in the file."""
+    """model_qdq.onnx comes from the unfused model.onnx, so Q, K and V are INT8 too: every weight MatMul becomes
+    one of OpenVINO's u8/i8 FullyConnected kernels, none stays float; nothing of onnxruntime's own INT8 ops is in
+    the file."""
     from collections import Counter
 
     import onnx
@@ -252,9 +260,11 @@ def test_the_qdq_file_runs_on_openvinos_int8_kernels(exported: tuple[Path, Path,
     _, out, _ = exported
     manifest = json.loads((out / "manifest.json").read_text())
     record = manifest["openvino"]["qdq_file"]
-    assert record["built"] is True and record["source"] == "model_optimized.onnx"
+    assert record["built"] is True and record["source"] == "model.onnx"
     ops = Counter(node.op_type for node in onnx.load(str(out / "model_qdq.onnx")).graph.node)
-    assert ops["DequantizeLinear"] >= 2 * record["quantized_nodes"] and ops["QuantizeLinear"] >= record["quantized_nodes"]
+    # one DequantizeLinear per weight and per input read; one QuantizeLinear per distinct input: Q, K and V
+    # share theirs (2 layers x (QKV input, context, FFN input, GELU output))
+    assert ops["DequantizeLinear"] == 2 * record["quantized_nodes"] and ops["QuantizeLinear"] == 8, ops
     assert not {"QAttention", "DynamicQuantizeLinear", "MatMulIntegerToFloat"} & set(ops)
     session = openvino_sessions.open_compiled((out / "model_qdq.onnx").read_bytes(), "fp32")
     kernels = Counter()
@@ -262,8 +272,8 @@ def test_the_qdq_file_runs_on_openvinos_int8_kernels(exported: tuple[Path, Path,
         info = op.get_rt_info()
         kernels[(info["layerType"].astype(str), info["runtimePrecision"].astype(str))] += 1
     int8 = kernels[("FullyConnected", "u8")] + kernels[("FullyConnected", "i8")]
-    assert int8 == record["quantized_nodes"] == 6, kernels  # 2 layers x (output, FFN in, FFN out)
-    assert kernels[("FullyConnected", "f32")] == 2  # the two fused Attention QKV projections
+    assert int8 == record["quantized_nodes"] == 12, kernels  # 2 layers x (Q, K, V, output, FFN in, FFN out)
+    assert kernels[("FullyConnected", "f32")] == 0, kernels
 
 
 def test_openvinos_multi_line_errors_become_one_line() -> None:
