@@ -6,7 +6,7 @@ Rules, read from every import of every module, those inside functions included:
    and tqdm.
 2. ``graphs`` never imports ``calibration`` or ``exporter``; ``calibration`` never imports ``exporter``.
 3. ``exporter.runtime`` (the deployment side) imports only itself and ``graphs.core`` among the project's
-   modules, and none of torch, transformers, onnx, onnxscript or optimum.
+   modules, and none of torch, transformers, onnx, onnxscript, optimum or matplotlib (the report's plots).
 4. torch and transformers are imported only by the modules that do PyTorch work (``TORCH_SIDE``).
 5. No import cycle among the project's modules; only the command line imports the pipeline.
 
@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("exporter", "graphs", "calibration")
 THIRD_PARTY_BASE = {"numpy", "onnxruntime", "openvino", "tqdm"}
 DEPLOYMENT_THIRD_PARTY = {"numpy", "onnxruntime", "openvino", "tokenizers", "cryptography"}
-HEAVY = {"torch", "transformers", "onnx", "onnxscript", "optimum", "sentence_transformers", "safetensors"}
+HEAVY = {"torch", "transformers", "onnx", "onnxscript", "optimum", "sentence_transformers", "safetensors",
+         "matplotlib"}
 # The modules that do PyTorch work (with exporter.architectures.*, the families): checkpoint reading, compaction,
 # the traced export, the PyTorch reference outputs and the divergence localizer; the command line only sets
 # transformers' log level.
@@ -185,6 +186,7 @@ def test_the_deployment_side_imports_with_torch_transformers_and_onnx_blocked() 
     ("calibration.search", "import exporter.runtime.parity", "calibration.search imports exporter.runtime.parity"),
     ("exporter.runtime.pooling", "from exporter.sentence import torch_pool",
      "exporter.runtime.pooling (deployment side) imports exporter.sentence"),
+    ("exporter.runtime.pooling", "import matplotlib", "exporter.runtime.pooling (deployment side) imports matplotlib"),
     ("exporter.latency", "import torch", "exporter.latency imports ['torch']"),
     ("calibration.cpu", "from calibration.fused import plan_fused", "import cycle: calibration.cpu"),
 ])

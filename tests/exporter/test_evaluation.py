@@ -260,7 +260,7 @@ def test_the_report_draws_the_gold_bubble_chart(classification: tuple[Path, Path
                                                 tmp_path: Path) -> None:
     from PIL import Image
 
-    from exporter.report_html import BASELINE
+    from exporter.report_plots import BASELINE
     from tests.exporter.test_report_html import _count, _rgb, _screenshot
 
     _, out, _ = classification
