@@ -422,6 +422,8 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
             return [{"kind": kind, "variant": "(export failed)", "error": f"calibrated minilm-cls: {error}"}]
         other_note += (f"; minilm-cls calibrated: {calibrated['quantization']['quantized_nodes']} nodes INT8, "
                        f"{len(calibrated['quantization']['fallback_nodes'])} back in FP32")
+        strategy = (calibrated["quantization"].get("search") or {}).get("strategy", "-")
+        searches = [_search_row(kind, f"{strategy}, of the calibrated minilm-cls (the QAT import has none)", calibrated)]
     searched = ((calibrated or result.manifest)["quantization"].get("search") or {}).get("validation_examples",
                                                                                        len(heldout))
     unseen = heldout[1::2] + heldout[0::2][searched:]
