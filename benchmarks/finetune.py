@@ -106,6 +106,19 @@ def answer_tokens(encoding: Any, index: int, span: Span) -> tuple[int, int]:
     return first, last
 
 
+def topic_batch(tokenizer: Any, examples: list[tuple[str, int]]) -> dict[str, Any]:
+    """The classification task's training batch: ``(text, label)`` pairs padded to MAX_LENGTH, with ``labels``."""
+    encoding = tokenizer([text for text, _ in examples], truncation=True, max_length=MAX_LENGTH,
+                         padding="max_length", return_tensors="pt")
+    return {**encoding, "labels": torch.tensor([label for _, label in examples])}
+
+
+def topic_hits(model: torch.nn.Module, inputs: dict[str, Any]) -> int:
+    """How many examples of a :func:`topic_batch` (its ``labels`` popped) ``model`` classifies right."""
+    gold = inputs.pop("labels")
+    return int((model(**inputs).logits.argmax(-1) == gold).sum())
+
+
 @dataclass(frozen=True)
 class Settings:
     task: str
@@ -117,9 +130,10 @@ class Settings:
 
 
 def _train(model: torch.nn.Module, loss: Callable[[], torch.Tensor], settings: Settings, label: str, log: bool,
-           after_step: Callable[[], None] | None = None) -> list[float]:
-    """AdamW with a linearly decaying learning rate for ``settings.steps`` steps of ``loss()``; the losses."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
+           after_step: Callable[[], None] | None = None, groups: list[dict[str, Any]] | None = None) -> list[float]:
+    """AdamW with a linearly decaying learning rate for ``settings.steps`` steps of ``loss()``; the losses.
+    ``groups``: AdamW parameter groups (default: every parameter of ``model`` at ``settings.learning_rate``)."""
+    optimizer = torch.optim.AdamW(groups or model.parameters(), lr=settings.learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / settings.steps)
     model.train()
     losses = []
@@ -195,9 +209,7 @@ def finetune(out: Path, task: str, steps: int = 300, seed: int = 0, log: bool = 
             encoding.pop("offset_mapping")
             return {**encoding, "start_positions": torch.tensor([s for s, _ in ends]),
                     "end_positions": torch.tensor([e for _, e in ends])}
-        encoding = tokenizer([text for text, _ in examples], truncation=True, max_length=MAX_LENGTH,
-                             padding="max_length", return_tensors="pt")
-        return {**encoding, "labels": torch.tensor([label for _, label in examples])}
+        return topic_batch(tokenizer, examples)
 
     start = time.perf_counter()
     losses = _train(model, lambda: model(**batch(rng.sample(train, settings.batch_size))).loss, settings,
@@ -216,8 +228,7 @@ def finetune(out: Path, task: str, steps: int = 300, seed: int = 0, log: bool = 
                 predicted = torch.stack([output.start_logits.argmax(-1), output.end_logits.argmax(-1)], 1)
                 correct += int((predicted == gold).all(1).sum())
             else:
-                gold = inputs.pop("labels")
-                correct += int((model(**inputs).logits.argmax(-1) == gold).sum())
+                correct += topic_hits(model, inputs)
     _save(out, model, tokenizer, settings, losses, start, train_examples=len(train), heldout_examples=len(test),
           heldout_gold_accuracy=correct / len(test))
     return out

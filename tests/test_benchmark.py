@@ -56,6 +56,8 @@ def test_the_fine_tuned_kinds_get_labelled_rows_the_export_reads(tmp_path) -> No
                          parse_fields("", "text-classification"), list(TOPIC_GROUPS))
     assert len(cls.examples) > 100 and {e.label for e in cls.examples} == set(TOPIC_GROUPS)
     assert labelled_file("minilm", tmp_path / "x.jsonl") is None
+    qat = labelled_file("minilm-cls-qat", tmp_path / "qat.jsonl")  # the QAT model is scored on the same rows
+    assert qat is not None and qat.read_text() == (tmp_path / "cls.jsonl").read_text()
 
 
 def test_long_texts_are_unseen_real_text_of_the_asked_length() -> None:
@@ -82,3 +84,23 @@ def test_render_shows_the_stage_and_search_rows() -> None:
     assert "whole export 130 s, peak RSS 2.83 GB | load 7 s / 0.96 GB, quantize 71 s / 2.83 GB" in text
     assert "INT8 search: paired (question-answering) | 5 of 49 nodes back in FP32 | 11 evaluations" in text
     assert "| Attention_2, MatMul_1, MatMul_7, Attention_0 and 1 more |" in text
+
+
+def test_render_puts_the_qat_import_beside_the_calibrated_int8_of_the_model_before_qat() -> None:
+    from benchmarks.benchmark import CALIBRATED, render
+
+    base = [10.0, 10.0, 20.0]
+    times = {"model.onnx": {1: base, 8: base}, "model_quantized.onnx": {1: [5.0, 5.0, 10.0], 8: [4.0, 4.0, 8.0]},
+             CALIBRATED: {1: [5.0, 6.0, 12.0], 8: [4.0, 4.0, 8.0]}}
+    accuracy = {"cosine": 0.99, "agreement": 0.98, "agreement_name": "argmax agreement", "agreement_ci": (0.96, 1.0)}
+    rows = [{"kind": "minilm-cls-qat", "variant": name, "b1_ms": t[1][0], "b8_ms": t[8][0], "size_mb": 20.0,
+             **accuracy, "gold_accuracy": gold} for (name, t), gold in zip(times.items(), (0.9, 0.88, 0.86), strict=True)]
+    _add_ratios(rows, times, "model.onnx", "model_onnx")
+    _add_ratios(rows, times, CALIBRATED, "calibrated")
+    text = render(rows, 2, 3)
+    line = next(line for line in text.splitlines() if "| model_quantized.onnx, learned scales" in line)
+    # per round 5/5, 5/6, 10/12 at batch 1: median 0.83, quartiles 0.83-0.92; batch 8 equal in every round
+    assert "(0.83x (0.83-0.92) / 1.00x of the calibrated one)" in line and "gold accuracy 0.880" in line
+    assert "| 0.50x | 0.40x |" in line
+    calibrated = next(line for line in text.splitlines() if CALIBRATED in line)
+    assert "of the calibrated one" not in calibrated and "gold accuracy 0.860" in calibrated
