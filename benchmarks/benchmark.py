@@ -7,7 +7,9 @@
 For each model kind it builds the checkpoint, runs the export-model pipeline, and times, round-robin so that
 machine noise hits every variant alike: torch eager FP32, optimum's ONNX export on onnxruntime FP32 and
 optimum's avx512_vnni dynamic INT8 (peers, feature extraction only), and our model.onnx,
-model_optimized.onnx and model_quantized.onnx. Batch 1 and 8 at sequence 128, onnxruntime's default session
+model_optimized.onnx and model_quantized.onnx; where openvino is installed, for the kinds in OPENVINO_KINDS,
+OpenVINO FP32 and bf16 of model.onnx, NNCF's INT8 of model.onnx and our model_qdq.onnx (each INT8 file at the
+f32 and the bf16 hint). Batch 1 and 8 at sequence 128, onnxruntime's default session
 options; each variant's calls start after a 50 ms pause (the previous session's threads stop spinning) and each
 timed call follows an untimed call of the same model (warm, as a served model runs back to back); latency is the
 median over rounds, a ratio between two variants the median of their per-round ratios (paired, so a slow stretch
@@ -105,6 +107,8 @@ TASKS = {"minilm-qa": "question-answering", "minilm-cls": "text-classification",
 SEARCH_VARIANT = "model_quantized.onnx (leave-one-out search)"
 ALL_INT8 = "model_quantized.onnx (every node INT8: --max-accuracy-drop 0.99)"
 CALIBRATION_RSS_TEXTS = 1000
+OPENVINO_KINDS = ("minilm", "pruned-minilm", "seed000")
+"""Kinds that get the OpenVINO and NNCF rows (issue 25's three models), where openvino is installed."""
 UNQAT = "torch eager fp32 (minilm-cls, no QAT)"
 CALIBRATED = "model_quantized.onnx (minilm-cls, no QAT: calibrated)"
 """minilm-cls-qat's rows of the model before QAT, timed in the same rounds; the INT8 file scored against UNQAT."""
@@ -152,8 +156,9 @@ def _openvino_runners(artifact: Path, work: Path, threads: int, calibration: lis
                       ) -> tuple[dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]], dict[str, Path], str]:
     """OpenVINO's variants (with the optional extra; none without): FP32 and bf16 (where the CPU has it) of
     model.onnx, NNCF's INT8 of model.onnx (transformer model type, mixed preset, on `calibration`, as its docs
-    show) and our model_qdq.onnx, each compiled with explicit settings (graphs/core/openvino_sessions.py; the INT8
-    files with the f32 hint: their float parts in float32). Returns (runners, files for the size column, note)."""
+    show) and our model_qdq.onnx, each compiled with explicit settings (graphs/core/openvino_sessions.py): the INT8
+    files with the f32 hint (their float parts in float32) and, where the CPU has bf16, with the bf16 hint too (the
+    artifact's int8-bf16 row). Returns (runners, files for the size column, note)."""
     from graphs.core.openvino_sessions import bf16_flags, open_compiled, version
 
     if version() is None:
@@ -179,11 +184,15 @@ def _openvino_runners(artifact: Path, work: Path, threads: int, calibration: lis
         (work / "nncf").mkdir(exist_ok=True)
         ov.save_model(quantized, str(work / "nncf" / "model.xml"))
         note += f"; NNCF {nncf.__version__} INT8 in {time.perf_counter() - start:.0f} s on {len(calibration)} texts"
-        runners["NNCF INT8 model.onnx (OpenVINO)"] = open_compiled(work / "nncf" / "model.xml", "fp32", threads).run
-        sizes["NNCF INT8 model.onnx (OpenVINO)"] = work / "nncf" / "model.bin"
-    if (artifact / "model_qdq.onnx").exists():
-        runners["model_qdq.onnx (OpenVINO)"] = open_compiled(artifact / "model_qdq.onnx", "fp32", threads).run
-        sizes["model_qdq.onnx (OpenVINO)"] = artifact / "model_qdq.onnx"
+        for hint in ("fp32", "bf16") if bf16_flags() else ("fp32",):
+            name = f"NNCF INT8 model.onnx (OpenVINO{', bf16' if hint == 'bf16' else ''})"
+            runners[name] = open_compiled(work / "nncf" / "model.xml", hint, threads).run
+            sizes[name] = work / "nncf" / "model.bin"
+    if (artifact / "model_qdq.onnx").exists():  # the artifact's INT8 rows: int8 and, where bf16 is, int8-bf16
+        for hint in ("fp32", "bf16") if bf16_flags() else ("fp32",):
+            name = f"model_qdq.onnx (OpenVINO{', bf16' if hint == 'bf16' else ''})"
+            runners[name] = open_compiled(artifact / "model_qdq.onnx", hint, threads).run
+            sizes[name] = artifact / "model_qdq.onnx"
     return {name: (lambda feeds, run=run: run(None, feeds)) for name, run in runners.items()}, sizes, note
 
 
@@ -452,10 +461,10 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
         if (artifact / name).exists():  # model_qdq.onnx: built where openvino is installed
             runners[name] = _ort_runner(artifact / name, threads)
     openvino_sizes: dict[str, Path] = {}
-    if kind == "minilm" and task == "feature-extraction":
+    if kind in OPENVINO_KINDS:
         calibration_texts = split_texts(builtin_texts())[0][:300]
-        openvino, openvino_sizes, openvino_note = _openvino_runners(artifact, work, threads,
-                                                                    [tokenize([t]) for t in calibration_texts])
+        openvino, openvino_sizes, openvino_note = _openvino_runners(
+            artifact, work, threads, [tokenize([(t, t) if pairs else t]) for t in calibration_texts])
         runners |= openvino
         print(openvino_note)
     if other_result is not None:
