@@ -30,8 +30,10 @@ from calibration.data import CalibrationDataReader
 from calibration.quantize import quantize_model
 from calibration.settings import QuantizationConfig
 from exporter.latency import Feeds, measure_latency
+from exporter.runtime.files import QUANTIZED_FILE
 from exporter.runtime.openvino_check import absent_entries, check_openvino, hint
 from exporter.runtime.parity import Batch, ParityConfig, ParityEntry
+from graphs.core.errors import QuantizationError
 from graphs.core.openvino_sessions import ENGINE, missing_reason, open_compiled, version
 from graphs.core.sessions import CPU
 
@@ -40,19 +42,32 @@ QDQ_FILE = "model_qdq.onnx"
 
 def build_qdq(source: Path, output: Path, reader: CalibrationDataReader, config: QuantizationConfig,
               sample_sha256: str, mode: str = "auto", validation: Sequence[Batch] | None = None,
-              metric: Any = "embedding") -> dict[str, Any]:
+              metric: Any = "embedding", spent_s: float = 0.0) -> dict[str, Any]:
     """Write ``model_qdq.onnx`` (see the module docstring) from the unfused graph `source` where openvino is
     installed (`mode` "auto"; "never" skips it), searched on `validation` by `metric` as
     :func:`calibration.quantize.quantize_model` does (None: no search); the manifest's record of it (``built``,
-    and the quantization report or why not)."""
+    and the quantization report or why not).
+
+    The two searches share one ``--search-budget``: this one gets what ``model_quantized.onnx``'s search left
+    (`spent_s` of it used), so the export's time bound holds with the optional file built. Where nothing is left,
+    or this search cannot keep any node INT8 within the bars, the file is left out with the reason (an optional
+    file does not fail the export)."""
     if mode == "never":
         return {"built": False, "reason": "not requested (--openvino-int8 never)"}
     if version() is None:
         return {"built": False, "reason": missing_reason()}
-    recipe = dataclasses.replace(config, op_types=("MatMul",), per_token_ffn=False, graph="fused",
-                                 format="QDQ", preset=f"{config.preset}+openvino-qdq")
-    report = quantize_model(source, output, reader, recipe, sample_sha256=sample_sha256, validation=validation,
-                            metric=metric)
+    left = config.search_budget_s - spent_s
+    if validation is not None and left <= 0:
+        return {"built": False, "reason": f"the accuracy search budget ({config.search_budget_s:g} s, shared with "
+                f"{QUANTIZED_FILE}'s search) was spent; a larger --search-budget builds it"}
+    recipe = dataclasses.replace(config, op_types=("MatMul",), per_token_ffn=False, graph="fused", format="QDQ",
+                                 preset=f"{config.preset}+openvino-qdq", search_budget_s=max(left, 1e-3))
+    try:
+        report = quantize_model(source, output, reader, recipe, sample_sha256=sample_sha256, validation=validation,
+                                metric=metric)
+    except QuantizationError as error:
+        output.unlink(missing_ok=True)
+        return {"built": False, "reason": f"left out: {error}"}
     return {"built": True, "source": source.name, **report.to_dict()}
 
 

@@ -338,10 +338,10 @@ def _build(
                                               metric=metric)
             note["detail"] = f"{QUANTIZED_FILE}, {quantization.quantized_nodes} nodes INT8, " + (
                 "scales from the checkpoint" if learned is not None else f"{len(samples)} texts")
-            if tuning:
-                note["detail"] += f", tuned: {quantization.preset} fastest of {len(tuning)} presets"
+            note["detail"] += f", tuned: {quantization.preset} fastest of {len(tuning)} presets" if tuning else ""
             qdq = build_qdq(built / MODEL_FILE, built / QDQ_FILE, make_reader(), config.quantization, sample_hash,
-                            config.openvino_int8, validation, metric) if learned is None else {
+                            config.openvino_int8, validation, metric,
+                            (quantization.search or {}).get("seconds", 0.0)) if learned is None else {
                 "built": False, "reason": "quantization-aware-trained: INT8 only from the learned scales"}
             note["detail"] += f"; {QDQ_FILE}, {qdq['quantized_nodes']} nodes INT8" if qdq["built"] else ""
         with stages.stage("parity") as note:

@@ -325,3 +325,27 @@ def test_a_qdq_file_that_fails_parity_is_left_out_with_a_skip_row(tmp_path: Path
     assert not (tmp_path / QDQ_FILE).exists() and kept == [("model.onnx", "fp32")]
     assert [(e.file, e.status) for e in entries] == [("model.onnx", "pass"), (QDQ_FILE, "skip")]
     assert record["built"] is False and "mean cosine 0.9812 < 0.99" in entries[-1].reason
+
+
+def test_the_qdq_search_gets_what_the_first_search_left_of_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                       ) -> None:
+    """The export's time bound holds with model_qdq.onnx built: its search shares --search-budget, and a file
+    that cannot be built within it is left out with the reason, nothing half-written."""
+    from calibration.settings import QuantizationConfig
+    from exporter import openvino_stage
+    from graphs.core.errors import QuantizationError
+
+    budgets: list[float] = []
+
+    def quantize(source: Path, output: Path, reader: object, recipe: QuantizationConfig, **_: object) -> None:
+        budgets.append(recipe.search_budget_s)
+        output.write_bytes(b"half")
+        raise QuantizationError("the accuracy search ran out of its budget and put all 60 nodes back in FP32")
+
+    monkeypatch.setattr(openvino_stage, "version", lambda: "2026.4.1")
+    monkeypatch.setattr(openvino_stage, "quantize_model", quantize)
+    out, config = tmp_path / "model_qdq.onnx", QuantizationConfig(search_budget_s=300.0)
+    spent = openvino_stage.build_qdq(tmp_path / "model.onnx", out, None, config, "sha", validation=[{}], spent_s=300.0)
+    assert spent["built"] is False and "--search-budget" in spent["reason"] and budgets == []
+    left = openvino_stage.build_qdq(tmp_path / "model.onnx", out, None, config, "sha", validation=[{}], spent_s=120.0)
+    assert budgets == [180.0] and left["built"] is False and "ran out" in left["reason"] and not out.exists()
