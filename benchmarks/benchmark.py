@@ -9,7 +9,8 @@ machine noise hits every variant alike: torch eager FP32, optimum's ONNX export 
 optimum's avx512_vnni dynamic INT8 (peers, feature extraction only), and our model.onnx,
 model_optimized.onnx and model_quantized.onnx; where openvino is installed, for the kinds in OPENVINO_KINDS,
 OpenVINO FP32 and bf16 of model.onnx, NNCF's INT8 of model.onnx and our model_qdq.onnx (each INT8 file at the
-f32 and the bf16 hint). Batch 1 and 8 at sequence 128, onnxruntime's default session
+f32 and the bf16 hint), and, for minilm with the peers, optimum-intel's own OpenVINO export and INT8 where
+it installs. Batch 1 and 8 at sequence 128, onnxruntime's default session
 options; each variant's calls start after a 50 ms pause (the previous session's threads stop spinning) and each
 timed call follows an untimed call of the same model (warm, as a served model runs back to back); latency is the
 median over rounds, a ratio between two variants the median of their per-round ratios (paired, so a slow stretch
@@ -194,6 +195,40 @@ def _openvino_runners(artifact: Path, work: Path, threads: int, calibration: lis
             runners[name] = open_compiled(artifact / "model_qdq.onnx", hint, threads).run
             sizes[name] = artifact / "model_qdq.onnx"
     return {name: (lambda feeds, run=run: run(None, feeds)) for name, run in runners.items()}, sizes, note
+
+
+def _optimum_intel_peers(source: Path, work: Path, calibration: list[dict[str, np.ndarray]]
+                         ) -> tuple[dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]], dict[str, Path], str]:
+    """optimum-intel as its docs show it (its own export to OpenVINO IR, then OVQuantizer's static INT8 with
+    OVQuantizationConfig's defaults, on `calibration`), each run through its OVModelForFeatureExtraction with its
+    own default settings (its precision hint left to OpenVINO: bf16 where the CPU has it). None where optimum-intel
+    does not install (it pins transformers<5.6): (runners, files for the size column, note)."""
+    import importlib.util
+
+    if importlib.util.find_spec("optimum.intel") is None:
+        return {}, {}, "optimum-intel skipped: not installed (it needs transformers<5.6: pip install optimum-intel)"
+    import nncf
+    from optimum.intel import OVConfig, OVModelForFeatureExtraction, OVQuantizationConfig, OVQuantizer
+    from optimum.intel.version import __version__
+
+    start = time.perf_counter()
+    exported = OVModelForFeatureExtraction.from_pretrained(source, export=True, compile=False)
+    exported.save_pretrained(work / "optimum-intel")
+    names = [p.get_any_name() for p in exported.model.inputs]
+    OVQuantizer.from_pretrained(exported).quantize(
+        calibration_dataset=nncf.Dataset(calibration, lambda f: {k: f[k] for k in names}),
+        ov_config=OVConfig(quantization_config=OVQuantizationConfig(num_samples=len(calibration))),
+        save_directory=work / "optimum-intel-int8")
+    note = (f"optimum-intel {__version__}: export and INT8 ({len(calibration)} texts) in "
+            f"{time.perf_counter() - start:.0f} s")
+    runners, sizes = {}, {}
+    for name, folder in (("optimum-intel OpenVINO (its defaults)", "optimum-intel"),
+                         ("optimum-intel INT8 (OVQuantizer, its defaults)", "optimum-intel-int8")):
+        model = OVModelForFeatureExtraction.from_pretrained(work / folder)
+        runners[name] = lambda feeds, model=model: [np.asarray(model(**{k: v for k, v in feeds.items()
+                                                                         if k in names}).last_hidden_state)]
+        sizes[name] = work / folder / "openvino_model.bin"
+    return runners, sizes, note
 
 
 def _accuracy(task: str, reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]],
@@ -463,10 +498,15 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
     openvino_sizes: dict[str, Path] = {}
     if kind in OPENVINO_KINDS:
         calibration_texts = split_texts(builtin_texts())[0][:300]
-        openvino, openvino_sizes, openvino_note = _openvino_runners(
-            artifact, work, threads, [tokenize([(t, t) if pairs else t]) for t in calibration_texts])
+        calibration_batches = [tokenize([(t, t) if pairs else t]) for t in calibration_texts]
+        openvino, openvino_sizes, openvino_note = _openvino_runners(artifact, work, threads, calibration_batches)
         runners |= openvino
         print(openvino_note)
+        if peers and kind == "minilm":
+            intel, intel_sizes, intel_note = _optimum_intel_peers(source, work, calibration_batches)
+            runners |= intel
+            openvino_sizes |= intel_sizes
+            print(intel_note)
     if other_result is not None:
         runners[other] = _ort_runner(work / "other" / "model_quantized.onnx", threads)
     if searched_other is not None:
