@@ -11,7 +11,9 @@ built by :func:`calibration.fused.build_int8` with::
 
 A symmetric int8 activation step ``s`` with zero point 0 covers [-128 s, 127 s]; as uint8 with zero point 128 it
 covers the same levels exactly, and QAttention takes only uint8 inputs (int8 with zero point 0 is "not
-implemented" in onnxruntime 1.31/1.32). The int8 weights keep the full trained range [-128, 127]: on x86 CPUs
+implemented" in onnxruntime 1.31/1.32). An affine unsigned input (torch.ao: step ``s``, zero point ``z``, range
+[0, 127]) is uint8 with zero point ``z`` as trained; a range narrower than the uint8 one gets a ``Clip`` first
+(:func:`_clip_ranges`), so the graph rounds and clamps as training did. The int8 weights keep the full trained range [-128, 127]: on x86 CPUs
 without VNNI the session needs ``session.x64quantprecision=1`` to compute them exactly (the manifest says so).
 
 Nodes without learned scales follow the per-node policy recorded in the report: a node with only a learned weight
@@ -58,6 +60,15 @@ class LearnedLinear:
     smooth: np.ndarray | None = None  # [in]: the graph divides the input by it (1 / pre_quant_scale)
     name: str = ""  # the checkpoint's module name(s), for the report
     input_qmin: int = -128  # -127: a narrow symmetric range (Q8BERT), kept exact by a Clip before quantizing
+    input_qmax: int = 127  # with input_qmin: the trainer's integer range (torch.ao's quint8 default: [0, 127])
+    input_zero_point: int = 0  # the trainer's zero point (torch.ao affine inputs); 0 for symmetric int8
+
+    @property
+    def input_uint8(self) -> tuple[int, int, int]:
+        """(zero point, qmin, qmax) of the input as uint8: a signed range is shifted by 128 (the same levels),
+        an unsigned one (torch.ao quint8) is kept."""
+        shift = ZERO_POINT if self.input_qmin < 0 else 0
+        return self.input_zero_point + shift, self.input_qmin + shift, self.input_qmax + shift
 
     @property
     def fake_quantized(self) -> np.ndarray:
@@ -113,16 +124,17 @@ def plan_learned(
         width = entry.weight_int8.shape[0]
         smooth = np.ones(width, np.float32) if entry.smooth is None else entry.smooth.astype(np.float32)
         plan = InputPlan(smooth=smooth, alpha=0.0 if entry.smooth is None else 1.0,
-                         scale=float(np.float32(entry.input_scale)), zero_point=ZERO_POINT)
+                         scale=float(np.float32(entry.input_scale)), zero_point=entry.input_uint8[0])
         other = plans.get(target.activation)
-        if other is not None and (other.scale != plan.scale or not np.array_equal(other.smooth, plan.smooth)):
+        if other is not None and (other.scale != plan.scale or other.zero_point != plan.zero_point
+                                  or not np.array_equal(other.smooth, plan.smooth)):
             raise QuantizationError(
                 f"{target.name} reads {target.activation} with a learned input step {plan.scale:.6g} but another "
                 f"node reading it learned {other.scale:.6g}; one quantized tensor takes one step: export the float "
                 "model and calibrate instead")
         plans[target.activation] = plan
     smoothed = smooth_graph(model, [t for t, _ in chosen], plans, fold=False)
-    chosen = _clip_narrow(smoothed, chosen, plans)
+    chosen = _clip_ranges(smoothed, chosen, plans)
     nodes = {node.name: node for node in smoothed.graph.node}
     for target, entry in chosen + weight_only:
         node = nodes[target.name]
@@ -157,14 +169,16 @@ def _bake_other_weights(model: onnx.ModelProto, targets: set[str], learned: dict
                 break
 
 
-def _clip_narrow(model: onnx.ModelProto, chosen: list[tuple[Target, LearnedLinear]],
+def _clip_ranges(model: onnx.ModelProto, chosen: list[tuple[Target, LearnedLinear]],
                  plans: dict[str, InputPlan]) -> list[tuple[Target, LearnedLinear]]:
-    """Targets whose learned input range is [-127, 127] read their input through ``Clip(-127 s, 127 s)``: uint8
-    with zero point 128 would keep -128 (values below -127.5 steps) where the trainer's quantizer clamped them::
+    """Targets whose learned input range is narrower than uint8's [0, 255] (Q8BERT's [-127, 127], torch.ao's
+    [0, 127]) read their input through ``Clip(s (qmin - z), s (qmax - z))``: QuantizeLinear saturates at uint8's
+    ends only, and would keep levels the trainer's quantizer clamped away::
 
-        x -> Clip(-127 s, 127 s) -> QuantizeLinear(s, 128) -> ...        (the target's input, in place)
+        x -> Clip(s (qmin - z), s (qmax - z)) -> QuantizeLinear(s, z as uint8) -> ...   (the target's input)
     """
-    narrow = {t.activation for t, e in chosen if e.input_qmin == -127}
+    ranges = {t.activation: e.input_uint8 for t, e in chosen if e.input_uint8[1:] != (0, 255)}
+    narrow = set(ranges)
     if not narrow:
         return chosen
     nodes = list(model.graph.node)
@@ -172,8 +186,9 @@ def _clip_narrow(model: onnx.ModelProto, chosen: list[tuple[Target, LearnedLinea
         plan = plans.pop(activation)
         clipped = f"{activation}_clipped"
         plans[clipped] = plan
-        bounds = [numpy_helper.from_array(np.array(sign * 127.0 * plan.scale, np.float32), f"{clipped}_{end}")
-                  for sign, end in ((-1, "min"), (1, "max"))]
+        zero, low, high = ranges[activation]
+        bounds = [numpy_helper.from_array(np.array(float(level - zero) * plan.scale, np.float32), f"{clipped}_{end}")
+                  for level, end in ((low, "min"), (high, "max"))]
         model.graph.initializer.extend(bounds)
         first = min(i for i, node in enumerate(nodes) if activation in node.input
                     and any(node.name == t.name for t, _ in chosen if t.activation == activation))

@@ -29,6 +29,7 @@ from torch import nn
 
 from exporter.architectures import TASKS, Architecture, architecture_for, infer_task
 from exporter.qat import QatImport, QatWeights, read_qat
+from exporter.qat_targets import map_output_ranges
 from exporter.sentence import SentenceModules, read_sentence_modules
 from exporter.tokenizer_check import load_tokenizer
 from exporter.weights import WeightFiles, read_json
@@ -195,6 +196,8 @@ def load_checkpoint(path: Path, task: str | None = None) -> Checkpoint:
         log.info("layer_norm_type=no_norm: %d LayerNorm modules replaced by NoNorm (x*w+b)", swapped)
     model.eval()
     _check_finite(model)
+    if qat is not None:  # torch.ao: output ranges that are some linear's input become its learned input range
+        map_output_ranges(model, qat)
     tokenizer, tokenizer_files = load_tokenizer(path, architecture.vocab_size(config))
     log.info("loaded %s (%s, task %s) from %s", model_class.__name__, architecture.name, task, path)
     sentence = read_sentence_modules(path) if task == "feature-extraction" else None

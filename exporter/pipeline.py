@@ -234,7 +234,7 @@ def _build(
             learned = learned_linears(reference, compacted, arch, checkpoint.qat) if checkpoint.qat else None
             refuse_calibration_options(config, checkpoint.qat if learned is not None else None)
             if checkpoint.qat and learned is None:
-                log.warning("%s checkpoint: its learned scales do not map to the INT8 graph's inputs yet; "
+                log.warning("%s checkpoint: no linear reads a fake-quantized tensor (no learned input range); "
                             "model_quantized.onnx is calibrated from text (manifest qat.int8)", checkpoint.qat.format)
             note["detail"] = compaction.summary()
         with stages.stage("export") as note:
@@ -286,8 +286,8 @@ def _build(
         expected = reference_outputs(reference, batches, output_names(task, sentence is not None), pooling)
         qat_report: dict[str, Any] = checkpoint.qat.to_dict() if checkpoint.qat else {}
         if checkpoint.qat and learned is None:
-            qat_report["int8"] = {"calibration": "calibrated from text: this format's learned input ranges are not "
-                                                 "mapped to the INT8 graph yet"}
+            qat_report["int8"] = {"calibration": "calibrated from text: no linear's input is a tensor the training "
+                                                 "fake-quantized (no learned input range)"}
         if evalset is None and learned is None:  # a QAT import's parity needs it again (fake-quantized)
             reference = checkpoint.model = None
         with stages.stage("quantize") as note:

@@ -12,7 +12,8 @@ Formats read (key names from each tool's sources; see docs/qat.md):
 - compressed-tensors (``quantization_config.quant_method: "compressed-tensors"``, ``format: "int-quantized"``):
   int8 ``weight``, ``weight_scale`` [out, 1], static ``input_scale`` [1]; the weight is dequantized here.
 - torch.ao eager-mode QAT: ``<linear>.weight_fake_quant.{scale,zero_point}`` and the observers' min/max; the
-  learned output ranges ``<module>.activation_post_process.*``. FX-mode keys (``activation_post_process_<n>``) do
+  learned output ranges ``<module>.activation_post_process.*`` (a linear reading one, e.g. Q/K/V after a
+  fake-quantized LayerNorm, takes it as its input range: :func:`exporter.qat_targets.map_output_ranges`). FX-mode keys (``activation_post_process_<n>``) do
   not name modules and are refused.
 - Q8BERT (nlp-architect ``QuantizedLinear``): ``input_thresh`` / ``output_thresh``, scale = threshold / 127, range
   [-127, 127], per-tensor weights (``quantized_weight`` + ``_weight_scale`` in its 8-bit mode).

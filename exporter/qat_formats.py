@@ -19,6 +19,7 @@ from exporter.qat_import import (
     QDQBERT_KEY,
     TORCH_AO_KEY,
     LinearScales,
+    OutputRange,
     QatImport,
     QatWeights,
     refuse,
@@ -225,7 +226,11 @@ def torch_ao(path: Path, weights: WeightFiles) -> tuple[QatWeights, QatImport]:
     for key, fields in sorted(found.items()):
         module, role = key.split("|")
         if role == "activation_post_process":
-            qat.other[f"{module}.activation_post_process"] = "an output range (the next linear's input)"
+            found_range = _output_range(fields)
+            if found_range is not None:
+                qat.outputs[module] = found_range
+            qat.other[f"{module}.activation_post_process"] = "an output range" if found_range else (
+                "an output quantizer whose range is not stored (fixed qparams) or that was off in training")
             continue
         out = _weight_out(weights, module)
         if out is None or "scale" not in fields:
@@ -242,6 +247,29 @@ def torch_ao(path: Path, weights: WeightFiles) -> tuple[QatWeights, QatImport]:
         qat.linears[module] = LinearScales(module, weight_scale=scale,
                                            weight_int8=torch.round(faked / scale[:, None]).to(torch.int8))
     return QatWeights(weights, qat, {}), qat
+
+
+def _output_range(fields: dict[str, torch.Tensor]) -> OutputRange | None:
+    """An ``activation_post_process`` fake quantizer's (scale, zero point, range), or None when training did not
+    round with it (``fake_quant_enabled`` 0) or its range is not stored. The state_dict holds no quant_min /
+    quant_max: the range is the one the stored scale was computed over from the observer's min / max
+    (``scale = (max(max_val, 0) - min(min_val, 0)) / (quant_max - quant_min)``): [0, 127] (the default x86 /
+    fbgemm qconfigs, ``reduce_range``) or [0, 255]."""
+    keys = ("scale", "zero_point", "activation_post_process.min_val", "activation_post_process.max_val")
+    if any(k not in fields or fields[k].numel() != 1 for k in keys):
+        return None
+    if "fake_quant_enabled" in fields and not bool(fields["fake_quant_enabled"].any()):
+        return None
+    scale, zero = float(fields["scale"].reshape(())), int(fields["zero_point"].reshape(()))
+    low = min(float(fields["activation_post_process.min_val"].reshape(())), 0.0)
+    high = max(float(fields["activation_post_process.max_val"].reshape(())), 0.0)
+    if not scale > 0 or scale != scale or scale == float("inf"):
+        return None
+    levels = (high - low) / scale
+    for qmin, qmax in ((0, 127), (0, 255)):
+        if abs(levels - (qmax - qmin)) <= 1e-3 * (qmax - qmin) and qmin <= zero <= qmax:
+            return OutputRange(float(torch.tensor(scale, dtype=torch.float32)), zero, qmin, qmax)
+    return None
 
 
 def q8bert(path: Path, raw: dict[str, Any], weights: WeightFiles) -> tuple[QatWeights, QatImport]:

@@ -44,12 +44,25 @@ class LinearScales:
     input_zero_point: int = 0
     pre_quant_scale: torch.Tensor | None = None  # ModelOpt SmoothQuant/AWQ: x * s before the input quantizer
     weight_int8: torch.Tensor | None = None  # [out, in] int8: the stored weight as its fake quantizer rounds it
+    input_from: str | None = None  # torch.ao: the module whose output quantizer rounded this input
 
     def to_dict(self) -> dict[str, Any]:
         return {"weight_channels": None if self.weight_scale is None else int(self.weight_scale.numel()),
                 "weight_range": [self.weight_qmin, self.weight_qmax],
                 "input_scale": self.input_scale, "input_range": [self.input_qmin, self.input_qmax],
-                "input_zero_point": self.input_zero_point, "pre_quant_scale": self.pre_quant_scale is not None}
+                "input_zero_point": self.input_zero_point, "pre_quant_scale": self.pre_quant_scale is not None,
+                **({"input_from": self.input_from} if self.input_from else {})}
+
+
+@dataclass(frozen=True)
+class OutputRange:
+    """A module output's learned affine fake quantizer (torch.ao ``activation_post_process``):
+    ``(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``."""
+
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
 
 
 @dataclass
@@ -62,6 +75,7 @@ class QatImport:
     other: dict[str, str] = field(default_factory=dict)  # quantizer -> why no linear of the graph implements it
     restored: dict[str, str] = field(default_factory=dict)  # weight tensor -> how its float value was restored
     files: list[Path] = field(default_factory=list)  # side files read (modelopt_state.pth)
+    outputs: dict[str, OutputRange] = field(default_factory=dict)  # torch.ao: module -> its output quantizer
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "linears": {k: v.to_dict() for k, v in sorted(self.linears.items())},

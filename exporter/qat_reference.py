@@ -24,8 +24,8 @@ from exporter.runtime.parity import Batch, ParityConfig, check_file, session_ent
 from exporter.runtime.pooling import Pooling
 
 
-def fake_quantize(x: torch.Tensor, step: float, qmin: int, qmax: int) -> torch.Tensor:
-    return torch.clamp(torch.round(x / step), qmin, qmax) * step
+def fake_quantize(x: torch.Tensor, step: float, qmin: int, qmax: int, zero_point: int = 0) -> torch.Tensor:
+    return (torch.clamp(torch.round(x / step) + zero_point, qmin, qmax) - zero_point) * step
 
 
 class FakeQuantLinear(nn.Module):
@@ -49,7 +49,7 @@ class FakeQuantLinear(nn.Module):
         if s.pre_quant_scale is not None:
             x = x * s.pre_quant_scale
         if s.input_scale is not None and self.inputs:
-            x = fake_quantize(x, s.input_scale, s.input_qmin, s.input_qmax)
+            x = fake_quantize(x, s.input_scale, s.input_qmin, s.input_qmax, s.input_zero_point)
         return nn.functional.linear(x, self.weight, self.bias)
 
 
@@ -57,7 +57,10 @@ def fake_quantized_model(model: nn.Module, qat: QatImport, only: Collection[str]
                          weights_only: Collection[str] = ()) -> nn.Module:
     """A copy of ``model`` (the float model the checkpoint means) with the learned quantizers on: every imported
     linear, or those whose checkpoint name is in ``only``; those in ``weights_only`` with the weight quantizer
-    alone."""
+    alone. With every quantizer on (``only`` None), torch.ao's module output quantizers (``qat.outputs``) round
+    each such module's output for all its readers, as in training; otherwise a module output is rounded only
+    where a linear in ``only`` reads it as its input (:func:`exporter.qat_targets.map_output_ranges`), as the
+    INT8 graph does."""
     result = copy.deepcopy(model)
     prefix = getattr(model, "base_model_prefix", "")
     for name, module in list(result.named_modules()):
@@ -70,6 +73,13 @@ def fake_quantized_model(model: nn.Module, qat: QatImport, only: Collection[str]
         parent, _, attr = name.rpartition(".")
         replaced = FakeQuantLinear(module, qat.linears[stored], inputs=stored not in weights_only)
         setattr(result.get_submodule(parent) if parent else result, attr, replaced)
+    for name, module in result.named_modules() if only is None else ():
+        stored = next((c for c in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}."))
+                       if c in qat.outputs), None)
+        if stored is not None:
+            r = qat.outputs[stored]
+            module.register_forward_hook(lambda _m, _a, out, r=r: fake_quantize(out, r.scale, r.qmin, r.qmax,
+                                                                                 r.zero_point))
     return result.eval()
 
 

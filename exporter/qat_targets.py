@@ -11,6 +11,7 @@ layout (``W.T``; Q|K|V packed for the fused ``Attention``), so the graph side fi
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 
 from calibration.learned import LearnedLinear, fingerprint
 from exporter.architectures import Architecture
-from exporter.qat_import import LinearScales, QatImport
+from exporter.qat_import import LinearScales, OutputRange, QatImport
 from graphs.core.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -62,30 +63,85 @@ def _learned(scales: LinearScales, rows: torch.Tensor | None, columns: torch.Ten
     return LearnedLinear(weight_int8=weight.T.contiguous().numpy().astype(np.int8),
                          weight_scale=step.to(torch.float32).numpy(), input_scale=scales.input_scale,
                          smooth=None if pqs is None else (1.0 / pqs.to(torch.float64)).to(torch.float32).numpy(),
-                         name=scales.module, input_qmin=scales.input_qmin)
+                         name=scales.module, input_qmin=scales.input_qmin, input_qmax=scales.input_qmax,
+                         input_zero_point=scales.input_zero_point)
 
 
 def _packed(parts: list[LearnedLinear]) -> LearnedLinear:
     """Q|K|V as the fused Attention packs them: one input, so one input step and one smoothing."""
-    inputs = {(p.input_scale, p.input_qmin) for p in parts}
+    inputs = {(p.input_scale, p.input_zero_point, p.input_qmin, p.input_qmax) for p in parts}
     smooths = [p.smooth for p in parts]
     if len(inputs) != 1 or any((s is None) != (smooths[0] is None) for s in smooths) or (
             smooths[0] is not None and not all(np.array_equal(s, smooths[0]) for s in smooths)):
         log.warning("Q, K and V of %s learned different input ranges or smoothing %s; the fused Attention reads one "
                     "quantized input, so it stays float with fake-quantized weights", parts[0].name, sorted(
                         str(i) for i in inputs))
-        inputs = {(None, -128)}
-    scale, qmin = next(iter(inputs)) if len(inputs) == 1 else (None, -128)
+        inputs = {(None, 0, -128, 127)}
+    scale, zero, qmin, qmax = next(iter(inputs))
     return LearnedLinear(np.concatenate([p.weight_int8 for p in parts], 1),
                          np.concatenate([p.weight_scale for p in parts]), scale, smooths[0],
-                         " | ".join(p.name for p in parts), qmin)
+                         " | ".join(p.name for p in parts), qmin, qmax, zero)
+
+
+def _stored(name: str, prefix: str, stored: Collection[str]) -> str | None:
+    return next((c for c in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")) if c in stored), None)
+
+
+def map_output_ranges(model: nn.Module, qat: QatImport) -> None:
+    """torch.ao eager QAT learns module *output* ranges (``activation_post_process``; under a whole-model qconfig
+    the LayerNorms get one too). A linear whose input is exactly such an output (BERT's Q/K/V read the previous
+    LayerNorm's, the FFN input the attention LayerNorm's) read a tensor training rounded: that range becomes its
+    learned input range (``scales.input_from`` names the module). Found by running ``model`` once on a few seeded
+    ids and comparing each linear's input with the quantized modules' outputs, value for value, so no family's
+    module names are assumed. Other linears keep no input range."""
+    if not qat.outputs:
+        return
+    prefix = getattr(model, "base_model_prefix", "")
+    produced: list[tuple[str, torch.Tensor]] = []
+    read: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        output_of = _stored(name, prefix, qat.outputs)
+        if output_of is not None:
+            hooks.append(module.register_forward_hook(
+                lambda _m, _a, out, key=output_of: produced.append((key, out.detach()))))
+        linear = _stored(name, prefix, qat.linears) if isinstance(module, nn.Linear) else None
+        if linear is not None:
+            hooks.append(module.register_forward_pre_hook(
+                lambda _m, args, key=linear: read.__setitem__(key, args[0].detach())))
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2) or 2)
+    ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        for handle in hooks:
+            handle.remove()
+    fed: dict[str, list[str]] = {}
+    for linear, x in read.items():
+        sources = {key for key, out in produced if out.shape == x.shape and torch.equal(out, x)}
+        ranges: set[OutputRange] = {qat.outputs[key] for key in sources}
+        scales = qat.linears[linear]
+        if len(ranges) != 1 or scales.input_scale is not None:
+            continue
+        learned, source = next(iter(ranges)), min(sources)
+        scales.input_scale, scales.input_zero_point = learned.scale, learned.zero_point
+        scales.input_qmin, scales.input_qmax, scales.input_from = learned.qmin, learned.qmax, source
+        fed.setdefault(source, []).append(linear)
+    for source, linears in fed.items():
+        qat.other[f"{source}.activation_post_process"] = (
+            f"rounds the input of {', '.join(sorted(linears))} (the graph does, there); its other readers (e.g. the "
+            "residual connection) read it unrounded in the graph")
+    log.info("torch.ao: %d linears read a module output training fake-quantized (their learned input range)",
+             sum(len(v) for v in fed.values()))
 
 
 def learned_linears(original: nn.Module, compacted: nn.Module, architecture: Architecture,
                     qat: QatImport) -> dict[str, LearnedLinear] | None:
     """{fingerprint of the compacted weight as the fused graph holds it: learned INT8} for every encoder linear
     the checkpoint quantized (each Q/K/V alone too, for a graph where attention did not fuse); None when no linear
-    has a learned input range the graph can use (torch.ao eager QAT learns output ranges: not mapped yet)."""
+    has a learned input range the graph can use (a torch.ao checkpoint whose only quantized modules are linears:
+    their output ranges feed no linear, see :func:`map_output_ranges`)."""
     names = {id(module): name for name, module in original.named_modules()}
     prefix = getattr(original, "base_model_prefix", "")
     result: dict[str, LearnedLinear] = {}

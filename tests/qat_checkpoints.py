@@ -10,7 +10,8 @@ batch, and writes the keys each tool writes (read from the tools' sources):
   containers, ``_num_bits`` etc. per quantizer).
 - compressed-tensors ``int-quantized``: int8 ``weight``, ``weight_scale`` [out, 1], ``input_scale`` [1], and the
   ``quantization_config`` block of config.json.
-- torch.ao eager QAT: written by torch itself (``prepare_qat`` on the encoder's linears).
+- torch.ao eager QAT: written by torch itself (``prepare_qat`` on the encoder's linears, or on the whole model
+  with the embeddings left out).
 
 ``QatTruth.float_model`` is the model a correct import must export as FP32 (ModelOpt: the un-smoothed float
 weights; compressed-tensors: the dequantized int8 weights).
@@ -19,7 +20,7 @@ weights; compressed-tensors: the dequantized int8 weights).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import safetensors.torch
@@ -41,6 +42,8 @@ class QatTruth:
     weight_amax: dict[str, torch.Tensor]  # linear -> [out] amax of the weight as stored
     pre_quant_scale: dict[str, torch.Tensor]
     stored_weight: dict[str, torch.Tensor]  # linear -> the weight as the file holds it (float, or int8)
+    # torch.ao: module -> its output fake quantizer (scale, zero point, quant_min, quant_max), read from torch's module
+    output_ranges: dict[str, tuple[float, int, int, int]] = field(default_factory=dict)
 
 
 def sample_ids(seed: int = 0, batch: int = 4, length: int = 24) -> dict[str, torch.Tensor]:
@@ -204,14 +207,22 @@ def q8bert_checkpoint(out: Path, seed: int = 0, eight_bit: bool = False) -> QatT
     return truth
 
 
-def torch_ao_checkpoint(out: Path, seed: int = 0, steps: int = 3) -> QatTruth:
+def torch_ao_checkpoint(out: Path, seed: int = 0, steps: int = 3, whole_model: bool = False) -> QatTruth:
     """torch.ao eager-mode QAT, written by torch itself: the encoder linears get the default x86 QAT qconfig
     (``prepare_qat``: per-channel symmetric weight fake-quant, an output ``activation_post_process``), a few
-    training steps run, and the state_dict is saved as the model's weights."""
+    training steps run, and the state_dict is saved as the model's weights. ``whole_model``: the form users
+    write, ``model.qconfig`` set on the whole model and None on the embeddings (nn.Embedding QAT needs a
+    float_qparams qconfig); then every nn.Linear and every LayerNorm (and the pooler's Tanh) gets an output
+    fake quantizer too."""
     from torch.ao import quantization as tq
 
     model, _ = _base(out, seed)
-    for module in _linears(model).values():
+    if whole_model:
+        model.qconfig = tq.get_default_qat_qconfig("x86")
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):
+                module.qconfig = None
+    for module in [] if whole_model else _linears(model).values():
         module.qconfig = tq.get_default_qat_qconfig("x86")
     model.train()
     tq.prepare_qat(model, inplace=True)
@@ -222,11 +233,14 @@ def torch_ao_checkpoint(out: Path, seed: int = 0, steps: int = 3) -> QatTruth:
         loss.backward()
         optimizer.step()
     model.eval()
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # clones: fixed qparams share
     safetensors.torch.save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     truth = QatTruth(out, model, {}, {}, {}, {})
     for name, module in model.named_modules():
         if hasattr(module, "weight_fake_quant"):
             truth.weight_amax[name] = module.weight_fake_quant.scale.detach().clone() * 127.0
             truth.stored_weight[name] = module.weight.detach().clone()
+        fake = getattr(module, "activation_post_process", None)
+        if isinstance(fake, tq.FakeQuantizeBase) and hasattr(fake, "quant_min"):
+            truth.output_ranges[name] = (float(fake.scale), int(fake.zero_point), fake.quant_min, fake.quant_max)
     return truth

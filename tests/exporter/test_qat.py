@@ -379,3 +379,108 @@ def test_calibration_options_for_a_learned_import_are_refused_with_one_line(tmp_
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("export-model: error:")]
     assert len(errors) == 1 and "--calibration-samples, --tune" in errors[0] and "modelopt" in errors[0]
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def ao_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """torch.ao eager QAT as users write it (whole-model x86 qconfig, embeddings None), exported."""
+    root = tmp_path_factory.mktemp("ao")
+    truth = torch_ao_checkpoint(root / "ckpt", whole_model=True)
+    assert main(["--model", str(root / "ckpt"), "--output", str(root / "out"), "--latency", "off"]) == 0
+    return root / "out", truth
+
+
+def test_torch_ao_layernorm_ranges_are_the_learned_inputs_of_qkv_and_the_ffn(
+        ao_export: tuple[Path, object]) -> None:
+    """Under a whole-model qconfig, prepare_qat fake-quantizes every LayerNorm's output: Q/K/V of layer i read
+    layer i-1's output.LayerNorm (layer 0: embeddings.LayerNorm), intermediate.dense the attention LayerNorm. The
+    INT8 file quantizes those inputs with torch's learned scale and zero point (uint8) behind a Clip to
+    [s (qmin - z), s (qmax - z)]; its int8 weights are torch's own weight fake quantizer's integers; nothing is
+    calibrated; the linears whose input training did not round stay float with fake-quantized weights."""
+    out, truth = ao_export
+    manifest = json.loads((out / "manifest.json").read_text())
+    quantization, imported = manifest["quantization"], manifest["qat"]["int8"]
+    assert quantization["samples"] == 0 and quantization["method"] == "learned"
+    assert imported["calibration"].startswith("none") and quantization["calibration_rows"] == []
+    assert quantization["quantized_op_counts"] == {"Attention": 3, "MatMul": 3}
+    sources = imported["scale_source"]
+    assert sorted(imported["modules"][n] for n, s in sources.items() if s.startswith("float (fake-quantized "
+                  "weight; no learned")) == sorted(f"bert.encoder.layer.{i}.{p}" for i in range(3)
+                                                   for p in ("attention.output.dense", "output.dense"))
+    graph = onnx.load(str(out / "model_quantized.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    producer = {o: n for n in graph.graph.node for o in n.output}
+    ranges = truth.output_ranges  # type: ignore[attr-defined]
+    checked = 0
+    for node, modules in imported["modules"].items():
+        if sources[node] != "checkpoint":
+            continue
+        layer, part = modules.split(" | ")[0].split(".encoder.layer.")[1].split(".", 1)
+        feeding = ("bert.embeddings.LayerNorm" if layer == "0" else f"bert.encoder.layer.{int(layer) - 1}.output"
+                   ".LayerNorm") if part.startswith("attention.self") else f"bert.encoder.layer.{layer}.attention.output.LayerNorm"
+        scale, zero, qmin, qmax = ranges[feeding]
+        assert (qmin, qmax) == (0, 127)  # torch's default x86 activation fake quantizer (reduce_range)
+        for module in modules.split(" | "):
+            assert manifest["qat"]["linears"][module]["input_from"] == feeding
+        weights = []
+        for module in modules.split(" | "):
+            w, s = truth.stored_weight[module], truth.weight_amax[module] / 127.0  # type: ignore[attr-defined]
+            faked = torch.fake_quantize_per_channel_affine(w, s, torch.zeros(len(s), dtype=torch.int32), 0, -128, 127)
+            q = torch.round(faked / s[:, None])
+            assert torch.equal(q, torch.clamp(torch.round(w / s[:, None]), -128, 127))  # round(W / s)
+            weights.append(q.T.numpy().astype(np.int8))
+        assert np.array_equal(inits[f"{node}_weight_s8"], np.concatenate(weights, 1)), node
+        readers = {c.name for c in graph.graph.node} & {node, f"{node}_dequantize_x"}
+        quantize = [n for n in graph.graph.node if n.op_type == "QuantizeLinear"
+                    and any(c.name in readers for c in graph.graph.node if n.output[0] in c.input)]
+        assert len(quantize) == 1, node
+        assert float(inits[quantize[0].input[1]]) == np.float32(scale)
+        point = inits[quantize[0].input[2]]
+        assert point.dtype == np.uint8 and int(point) == zero
+        clip = producer[quantize[0].input[0]]
+        assert clip.op_type == "Clip"
+        assert float(inits[clip.input[1]]) == np.float32((qmin - zero) * np.float32(scale))
+        assert float(inits[clip.input[2]]) == np.float32((qmax - zero) * np.float32(scale))
+        checked += 1
+    assert checked == 6
+
+
+def test_torch_ao_int8_file_matches_the_fake_quantized_model(ao_export: tuple[Path, object]) -> None:
+    """Against the fake-quantized model with the quantizers the graph implements (the LayerNorm output fake quant
+    on the Q/K/V and FFN inputs, every linear's weight fake quant): float noise on the short batch as written,
+    and the median row with fused kernels. The quantizers the graph does not implement (linear outputs, the
+    LayerNorm outputs' residual readers) are listed, and switching them on moves the logits."""
+    from exporter.qat_reference import fake_quantized_model
+    from graphs.core.sessions import open_session
+
+    out, truth = ao_export
+    manifest = json.loads((out / "manifest.json").read_text())
+    checkpoint = load_checkpoint(truth.path)  # type: ignore[attr-defined]
+    imported = manifest["qat"]["int8"]
+
+    def modules(kind: str) -> set[str]:
+        return {m for node, ms in imported["modules"].items() if imported["scale_source"][node].startswith(kind)
+                for m in ms.split(" | ")}
+
+    implemented, weights_only = modules("checkpoint"), modules("float (fake-quantized")
+    assert len(implemented) == 12 and len(weights_only) == 8
+    feeds = sample_ids(5)
+    numpy_feeds = {k: v.numpy() for k, v in feeds.items()}
+    found = open_session(out / "model_quantized.onnx", optimize=False).run(["logits"], numpy_feeds)[0]
+    fused = open_session(out / "model_quantized.onnx").run(["logits"], numpy_feeds)[0]
+    with torch.no_grad():
+        narrow = fake_quantized_model(checkpoint.model, checkpoint.qat, implemented,
+                                      weights_only)(**feeds).logits.numpy()
+        weights_alone = fake_quantized_model(checkpoint.model, checkpoint.qat, (),
+                                             implemented | weights_only)(**feeds).logits.numpy()
+        trained = fake_quantized_model(checkpoint.model, checkpoint.qat)(**feeds).logits.numpy()
+    print(f"torch.ao parity, 4 x 24: as written {np.abs(found - narrow).max():.2e}, fused "
+          f"{np.abs(fused - narrow).max():.2e} (median row {np.median(np.abs(fused - narrow).max(1)):.2e}), vs "
+          f"weights-only {np.abs(found - weights_alone).max():.2e}, vs as trained {np.abs(found - trained).max():.2e}")
+    assert np.abs(found - narrow).max() < 1e-5
+    assert np.median(np.abs(fused - narrow).max(1)) < 1e-5
+    assert np.abs(found - weights_alone).max() > 1e-4  # the inputs are rounded: not the weight quantizers alone
+    parity = manifest["qat"]["parity"]
+    assert "bert.encoder.layer.0.attention.self.query.activation_post_process" in parity["quantizers_not_in_graph"]
+    assert "bert.embeddings.LayerNorm.activation_post_process" in parity["quantizers_not_in_graph"]
+    assert "residual" in manifest["qat"]["not_in_graph"]["bert.embeddings.LayerNorm.activation_post_process"]
