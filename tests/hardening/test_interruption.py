@@ -7,6 +7,7 @@ work folder; a second run on the same paths must then succeed.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,7 +63,11 @@ def test_interrupt_leaves_nothing_and_a_second_run_succeeds(
     checkpoint: Path, tmp_path: Path, signum: int, after_line: str, no_latency: None
 ) -> None:
     output = tmp_path / "out"
-    code, err = _interrupt_during(checkpoint, output, after_line, signum)
+    for _ in range(3):  # a loaded machine can run the 2 s left after `after_line` before this process sends
+        code, err = _interrupt_during(checkpoint, output, after_line, signum)
+        if not (code == 0 and "[8/8] package" in err):
+            break
+        shutil.rmtree(output)  # the signal came after the export ended: not the case under test, try again
     assert code == 130, err
     assert "Traceback" not in err, err
     errors = [line for line in err.splitlines() if line.startswith("export-model:")]
