@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -221,6 +222,26 @@ def test_int8_file_holds_the_checkpoints_scales_and_weights(which: str, request:
     assert imported["session_options_without_vnni"] == {"session.x64quantprecision": "1"}
 
 
+def _imported_runs(out: Path, truth: object) -> tuple[dict, Any, set[str], set[str], dict, np.ndarray, np.ndarray]:
+    """(manifest, loaded checkpoint, modules whose INT8 input scale is the checkpoint's, modules run in float with
+    fake-quantized weights, the 4 x 24 feeds, logits of the INT8 file as written, logits with fused kernels)."""
+    from graphs.core.sessions import open_session
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    imported = manifest["qat"]["int8"]
+
+    def modules(kind: str) -> set[str]:
+        return {m for node, ms in imported["modules"].items() if imported["scale_source"][node].startswith(kind)
+                for m in ms.split(" | ")}
+
+    feeds = sample_ids(5)
+    numpy_feeds = {k: v.numpy() for k, v in feeds.items()}
+    found = open_session(out / "model_quantized.onnx", optimize=False).run(["logits"], numpy_feeds)[0]
+    fused = open_session(out / "model_quantized.onnx").run(["logits"], numpy_feeds)[0]
+    return (manifest, load_checkpoint(truth.path), modules("checkpoint"),  # type: ignore[attr-defined]
+            modules("float (fake-quantized"), feeds, found, fused)
+
+
 @pytest.mark.parametrize("which", EXPORTS)
 def test_int8_file_matches_the_fake_quantized_model(which: str, request: pytest.FixtureRequest) -> None:
     """Against the fake-quantized PyTorch model with the quantizers the graph implements: float noise when the
@@ -230,22 +251,8 @@ def test_int8_file_matches_the_fake_quantized_model(which: str, request: pytest.
     quantizer on (pooler and classifier too, which the graph keeps in float) it differs by what they do."""
     from exporter.qat_reference import fake_quantized_model
 
-    out, truth = request.getfixturevalue(which)
-    manifest = json.loads((out / "manifest.json").read_text())
-    checkpoint = load_checkpoint(truth.path)  # type: ignore[attr-defined]
-    imported = manifest["qat"]["int8"]
-
-    def modules(kind: str) -> set[str]:
-        return {m for node, ms in imported["modules"].items() if imported["scale_source"][node].startswith(kind)
-                for m in ms.split(" | ")}
-
-    implemented, weights_only = modules("checkpoint"), modules("float (fake-quantized")
-    feeds = sample_ids(5)
-    from graphs.core.sessions import open_session
-
-    as_written = open_session(out / "model_quantized.onnx", optimize=False)
-    found = as_written.run(["logits"], {k: v.numpy() for k, v in feeds.items()})[0]
-    fused = open_session(out / "model_quantized.onnx").run(["logits"], {k: v.numpy() for k, v in feeds.items()})[0]
+    manifest, checkpoint, implemented, weights_only, feeds, found, fused = _imported_runs(
+        *request.getfixturevalue(which))
     with torch.no_grad():
         narrow = fake_quantized_model(checkpoint.model, checkpoint.qat, implemented,
                                       weights_only)(**feeds).logits.numpy()
@@ -451,23 +458,9 @@ def test_torch_ao_int8_file_matches_the_fake_quantized_model(ao_export: tuple[Pa
     and the median row with fused kernels. The quantizers the graph does not implement (linear outputs, the
     LayerNorm outputs' residual readers) are listed, and switching them on moves the logits."""
     from exporter.qat_reference import fake_quantized_model
-    from graphs.core.sessions import open_session
 
-    out, truth = ao_export
-    manifest = json.loads((out / "manifest.json").read_text())
-    checkpoint = load_checkpoint(truth.path)  # type: ignore[attr-defined]
-    imported = manifest["qat"]["int8"]
-
-    def modules(kind: str) -> set[str]:
-        return {m for node, ms in imported["modules"].items() if imported["scale_source"][node].startswith(kind)
-                for m in ms.split(" | ")}
-
-    implemented, weights_only = modules("checkpoint"), modules("float (fake-quantized")
+    manifest, checkpoint, implemented, weights_only, feeds, found, fused = _imported_runs(*ao_export)
     assert len(implemented) == 12 and len(weights_only) == 8
-    feeds = sample_ids(5)
-    numpy_feeds = {k: v.numpy() for k, v in feeds.items()}
-    found = open_session(out / "model_quantized.onnx", optimize=False).run(["logits"], numpy_feeds)[0]
-    fused = open_session(out / "model_quantized.onnx").run(["logits"], numpy_feeds)[0]
     with torch.no_grad():
         narrow = fake_quantized_model(checkpoint.model, checkpoint.qat, implemented,
                                       weights_only)(**feeds).logits.numpy()
