@@ -170,6 +170,7 @@ def _openvino_runners(artifact: Path, work: Path, threads: int, calibration: lis
         runners["OpenVINO bf16 model.onnx"] = open_compiled(artifact / "model.onnx", "bf16", threads).run
         sizes["OpenVINO bf16 model.onnx"] = artifact / "model.onnx"
     note = f"OpenVINO {version()}, bf16 flags {bf16_flags() or 'none'}"
+    int8_files: dict[str, tuple[Path, Path]] = {}  # label: (file run, file whose size is shown), at each hint
     try:
         import nncf
         import openvino as ov
@@ -185,15 +186,13 @@ def _openvino_runners(artifact: Path, work: Path, threads: int, calibration: lis
         (work / "nncf").mkdir(exist_ok=True)
         ov.save_model(quantized, str(work / "nncf" / "model.xml"))
         note += f"; NNCF {nncf.__version__} INT8 in {time.perf_counter() - start:.0f} s on {len(calibration)} texts"
-        for hint in ("fp32", "bf16") if bf16_flags() else ("fp32",):
-            name = f"NNCF INT8 model.onnx (OpenVINO{', bf16' if hint == 'bf16' else ''})"
-            runners[name] = open_compiled(work / "nncf" / "model.xml", hint, threads).run
-            sizes[name] = work / "nncf" / "model.bin"
+        int8_files["NNCF INT8 model.onnx"] = (work / "nncf" / "model.xml", work / "nncf" / "model.bin")
     if (artifact / "model_qdq.onnx").exists():  # the artifact's INT8 rows: int8 and, where bf16 is, int8-bf16
+        int8_files["model_qdq.onnx"] = (artifact / "model_qdq.onnx", artifact / "model_qdq.onnx")
+    for label, (path, size) in int8_files.items():
         for hint in ("fp32", "bf16") if bf16_flags() else ("fp32",):
-            name = f"model_qdq.onnx (OpenVINO{', bf16' if hint == 'bf16' else ''})"
-            runners[name] = open_compiled(artifact / "model_qdq.onnx", hint, threads).run
-            sizes[name] = artifact / "model_qdq.onnx"
+            name = f"{label} (OpenVINO{', bf16' if hint == 'bf16' else ''})"
+            runners[name], sizes[name] = open_compiled(path, hint, threads).run, size
     return {name: (lambda feeds, run=run: run(None, feeds)) for name, run in runners.items()}, sizes, note
 
 
