@@ -228,6 +228,7 @@ def _imported_runs(out: Path, truth: object) -> tuple[dict, Any, set[str], set[s
     from graphs.core.sessions import open_session
 
     manifest = json.loads((out / "manifest.json").read_text())
+    checkpoint = load_checkpoint(truth.path)  # type: ignore[attr-defined]  (before sample_ids: same ids as ever)
     imported = manifest["qat"]["int8"]
 
     def modules(kind: str) -> set[str]:
@@ -238,8 +239,7 @@ def _imported_runs(out: Path, truth: object) -> tuple[dict, Any, set[str], set[s
     numpy_feeds = {k: v.numpy() for k, v in feeds.items()}
     found = open_session(out / "model_quantized.onnx", optimize=False).run(["logits"], numpy_feeds)[0]
     fused = open_session(out / "model_quantized.onnx").run(["logits"], numpy_feeds)[0]
-    return (manifest, load_checkpoint(truth.path), modules("checkpoint"),  # type: ignore[attr-defined]
-            modules("float (fake-quantized"), feeds, found, fused)
+    return manifest, checkpoint, modules("checkpoint"), modules("float (fake-quantized"), feeds, found, fused
 
 
 @pytest.mark.parametrize("which", EXPORTS)
