@@ -567,7 +567,8 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
     rows.append({"kind": kind, "variant": "(export wall time s)", "b1_ms": export_seconds,
                  "compaction": result.manifest["compaction"]["summary"], "fusion": result.manifest["fusion"]["summary"],
                  "int8": f"INT8 {quantization['graph']} graph, {quantization['quantized_nodes']} nodes, "
-                         f"{len(quantization['fallback_nodes'])} back in FP32{other_note}"})
+                         f"{len(quantization['fallback_nodes'])} back in FP32{other_note}",
+                 "pick": _default_pick(manifest)})
     rows.append({"kind": kind, "variant": "(stages)", "timings": manifest["timings"],
                  "stage_peak_rss_mb": manifest.get("peak_rss_mb", {}), "export_s": export_seconds})
     rows += searches
@@ -580,6 +581,18 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
         rows.append({"kind": kind, "variant": "(calibration memory)",
                      **calibration_peak_rss(artifact / "model_optimized.onnx", source)})
     return rows
+
+
+def _default_pick(manifest: dict[str, Any]) -> str:
+    """What `export-model run` serves from this artifact on this machine's CPU by default (the fastest deployable
+    (file, engine, precision) in its latency table; exporter/runtime/engines.py), or why nothing."""
+    from exporter.runtime.engines import choose_run
+    from graphs.core.errors import ParityError
+
+    try:
+        return choose_run(manifest, "CPUExecutionProvider").describe()
+    except ParityError as error:
+        return f"nothing: {error}"
 
 
 def _add_ratios(rows: list[dict[str, Any]], times: dict[str, dict[int, list[float]]], variant: str, name: str) -> None:
@@ -643,7 +656,7 @@ def render(rows: list[dict[str, Any]], threads: int, rounds: int) -> str:
             continue
         if "b8_ms" not in r:
             lines.append(f"| {r['kind']} | export: {r['b1_ms']:.1f} s | {r['compaction']} | {r['fusion']} | {r['int8']} "
-                         "| | | | |")
+                         f"| `run` serves {r.get('pick', '-')} | | | |")
             continue
         size = f"{r['size_mb']:.1f}" if r["size_mb"] else "-"
         gold = f"; gold accuracy {r['gold_accuracy']:.3f}" if "gold_accuracy" in r else ""

@@ -16,6 +16,11 @@ fused ``Attention`` into float ops, which would leave the QKV projection, a thir
 INT8. Its parity rows (onnxruntime and OpenVINO, mean cosine >= ``int8_min_cosine``) decide whether it ships:
 built where openvino is installed, and left out again, with a skip row giving the failed row's reason, where one
 of its rows fails (an optional file does not make the artifact undeployable).
+
+A reduced-precision OpenVINO run (bf16, int8, int8-bf16) that passed parity must also keep the task's decisions
+on the accuracy search's held-out examples, by the search's own metric and bars (:func:`task_judge`); one that
+does not is a skip row, measured and not served, so ``run`` never picks a faster variant that changes answers
+(on an extractive-QA model bf16 passes a mean-cosine bar while moving spans).
 """
 
 from __future__ import annotations
@@ -27,15 +32,16 @@ from pathlib import Path
 from typing import Any
 
 from calibration.data import CalibrationDataReader
+from calibration.metrics import failures, get_metric
 from calibration.quantize import quantize_model
 from calibration.settings import QuantizationConfig
 from exporter.latency import Feeds, measure_latency
-from exporter.runtime.files import QUANTIZED_FILE
-from exporter.runtime.openvino_check import absent_entries, check_openvino, hint
+from exporter.runtime.files import OPTIMIZED_FILE, QUANTIZED_FILE
+from exporter.runtime.openvino_check import Judge, absent_entries, check_openvino, hint
 from exporter.runtime.parity import Batch, ParityConfig, ParityEntry
 from graphs.core.errors import QuantizationError
 from graphs.core.openvino_sessions import ENGINE, missing_reason, open_compiled, version
-from graphs.core.sessions import CPU
+from graphs.core.sessions import CPU, open_session
 
 QDQ_FILE = "model_qdq.onnx"
 
@@ -86,13 +92,43 @@ def keep_qdq(built: Path, entries: list[ParityEntry], checked: list[tuple[str, s
         pair for pair in checked if pair[0] != QDQ_FILE]
 
 
+def task_judge(reference: Path, validation: Sequence[Batch], metric: Any, max_accuracy_drop: float) -> Judge:
+    """The task bar of an OpenVINO run at reduced precision: the accuracy search's `metric` on its `validation`
+    batches (held-out texts, or the search part of the gold examples), against onnxruntime running the FP32
+    graph `reference` (what the search measures the INT8 files against), with the search's bars at
+    `max_accuracy_drop`. The reference runs once, at the first judgement."""
+    metric = get_metric(metric)
+    bars = metric.bars(max_accuracy_drop)
+    reference_summaries: list[Any] = []
+
+    def judge(session: Any) -> tuple[dict[str, float], str | None]:
+        if not reference_summaries:
+            reference_summaries.extend(_summaries(open_session(reference), validation, metric))
+        scores = metric.scores(reference_summaries, _summaries(session, validation, metric))
+        unmet = failures(scores, bars)
+        examples = sum(len(next(iter(batch.values()))) for batch in validation)
+        return ({f"held_out_{name}": round(scores[name], 6) for name in bars},
+                f"{metric.name} on the accuracy search's {examples} held-out examples: {', '.join(unmet)}"
+                if unmet else None)
+    return judge
+
+
+def _summaries(session: Any, batches: Sequence[Batch], metric: Any) -> list[Any]:
+    names = {port.name for port in session.get_inputs()}
+    return [metric.summarize(session.run(None, {k: v for k, v in feeds.items() if k in names}), feeds)
+            for feeds in batches]
+
+
 def openvino_parity(built: Path, checked: Sequence[tuple[str, str]], task: str, batches: Sequence[Batch],
-                    expected: Sequence[Batch], config: ParityConfig) -> list[ParityEntry]:
+                    expected: Sequence[Batch], config: ParityConfig,
+                    search: tuple[Sequence[Batch], Any, float] | None = None) -> list[ParityEntry]:
     """OpenVINO parity rows of the `checked` (file, precision) pairs in folder `built` (one skip row without
-    openvino)."""
+    openvino); with `search` (the accuracy search's validation batches, metric and max accuracy drop) each passing
+    reduced-precision row is also held to :func:`task_judge` against ``model_optimized.onnx``."""
     entries = absent_entries()
+    judge = task_judge(built / OPTIMIZED_FILE, *search) if search is not None else None
     for name, precision in checked:
-        entries += check_openvino(name, precision, task, batches, expected, config, built / name)
+        entries += check_openvino(name, precision, task, batches, expected, config, built / name, judge=judge)
     return entries
 
 

@@ -53,7 +53,7 @@ from exporter.qat import refuse_calibration_options
 from exporter.qat_reference import qat_parity
 from exporter.qat_targets import learned_linears
 from exporter.reference import build_batches, reference_outputs
-from exporter.runtime.files import Limits
+from exporter.runtime.files import MODEL_FILE, OPTIMIZED_FILE, QUANTIZED_FILE, Limits
 from exporter.runtime.openvino_check import record as openvino_record
 from exporter.runtime.outputs import output_names
 from exporter.runtime.parity import (
@@ -91,7 +91,6 @@ from graphs.fusion import GraphPlan, fuse_graph
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE, OPTIMIZED_FILE, QUANTIZED_FILE = "model.onnx", "model_optimized.onnx", "model_quantized.onnx"
 MODEL_FILES = (MODEL_FILE, OPTIMIZED_FILE, QUANTIZED_FILE)
 FP16_FILE = "model_fp16.onnx"
 FP16_MODES = ("auto", "always", "never")
@@ -102,7 +101,6 @@ LONG_CALIBRATION_TEXTS = 16
 tokens: positions past 128 reach activation ranges (position embeddings, longer attention) that short texts never
 show."""
 STAGES = 8
-# errno values that mean "the output's filesystem cannot take more": the user can free space or move --output.
 
 
 @dataclass
@@ -355,7 +353,8 @@ def _build(
             for name, precision in checked:
                 entries += check_file(built / name, precision, task, batches, expected, config.parity,
                                       options=session_entries({"qat": qat_report}, name))
-            entries += openvino_parity(built, checked, task, batches, expected, config.parity)
+            entries += openvino_parity(built, checked, task, batches, expected, config.parity,
+                                       (validation, metric, config.quantization.max_accuracy_drop))
             entries, checked = keep_qdq(built, entries, checked, qdq)
             failed = [e for e in entries if e.status == "fail"]
             if failed:

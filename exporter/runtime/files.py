@@ -22,7 +22,7 @@ from graphs.core.errors import UsageError
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"  # written by `export-model sign`; not listed in the manifest it signs
 SCHEMA_VERSION = 1
-QUANTIZED_FILE = "model_quantized.onnx"
+MODEL_FILE, OPTIMIZED_FILE, QUANTIZED_FILE = "model.onnx", "model_optimized.onnx", "model_quantized.onnx"
 # The parity bars export accepts (exporter.runtime.parity.ParityConfig enforces the same ones), so a manifest outside
 # them was not written by export-model.
 FP32_ATOL_MAX = 1e-2

@@ -8,13 +8,20 @@ attention MatMuls, in float32) and, where bf16 is allowed, at ``int8-bf16`` (bf1
 bf16, the INT8 MatMuls unchanged), each with mean cosine >= ``int8_min_cosine``. A float16 file is
 not an OpenVINO variant. A file OpenVINO cannot read or compile (onnxruntime's ``QAttention`` in
 ``model_quantized.onnx``) is a ``skip`` row saying why; without openvino one ``skip`` row says so.
+
+At export a reduced-precision run (bf16, int8, int8-bf16) that passed is judged once more by a ``judge`` the
+exporter passes in: the accuracy search's task metric on its held-out examples, where the decisions (nearest
+neighbour, argmax, answer span) are counted over enough rows to see a change that the parity batches' few rows
+and a mean cosine cannot. A run under that bar becomes a ``skip`` row, measured and not served, its numbers kept
+and its reason naming the score. The judge lives with the exporter (it needs the calibration metrics); the
+deployment side's ``verify`` checks parity only.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from exporter.runtime.parity import Batch, ParityConfig, ParityEntry, compare, run_session
@@ -34,6 +41,8 @@ INT8_BF16 = "int8-bf16"
 """An INT8 file run with OpenVINO's bf16 hint: its INT8 MatMuls as they are, its float parts in bf16."""
 EVERY_FILE = "every file"
 """The ``file`` of the one skip row written where openvino is absent."""
+Judge = Callable[[Any], tuple[dict[str, float], str | None]]
+"""A compiled session -> (its task scores, None or why they fall short of the bar)."""
 
 
 def variants(file_precision: str, flags: list[str] | None = None) -> list[str]:
@@ -60,10 +69,11 @@ def absent_entries() -> list[ParityEntry]:
 
 def check_openvino(
     name: str, file_precision: str, task: str, batches: Sequence[Batch], expected: Sequence[Batch],
-    config: ParityConfig, model: Any, threads: int = 0,
+    config: ParityConfig, model: Any, threads: int = 0, judge: Judge | None = None,
 ) -> list[ParityEntry]:
     """Parity entries of file `name` (`model`: its path or checked bytes) on OpenVINO, one per variant
-    (:func:`variants`); [] without openvino (see :func:`absent_entries`)."""
+    (:func:`variants`); [] without openvino (see :func:`absent_entries`). `judge`: the task bar a passing
+    reduced-precision run must also meet to be served (see the module docstring)."""
     if version() is None:
         return []
     entries = []
@@ -83,6 +93,11 @@ def check_openvino(
                                        reason=f"OpenVINO cannot run it: {openvino_failure(error)}"))
             continue
         entry = compare(name, ENGINE, precision, task, batches, expected, actual, config)
+        if judge is not None and entry.status == "pass" and precision != "fp32":
+            scores, short = judge(session)
+            entry.metric.update(scores)
+            if short:
+                entry.status, entry.reason = "skip", f"measured, not served: {short}"
         log.info("parity %s on %s %s: %s (max abs %.2e, mean cosine %.6f) in %.1fs", name, ENGINE, precision,
                  entry.status, entry.max_abs_error, entry.mean_cosine, time.perf_counter() - start)
         entries.append(entry)

@@ -349,3 +349,77 @@ def test_the_qdq_search_gets_what_the_first_search_left_of_the_budget(tmp_path: 
     assert spent["built"] is False and "--search-budget" in spent["reason"] and budgets == []
     left = openvino_stage.build_qdq(tmp_path / "model.onnx", out, None, config, "sha", validation=[{}], spent_s=120.0)
     assert budgets == [180.0] and left["built"] is False and "ran out" in left["reason"] and not out.exists()
+
+
+class _Logits:
+    """A session that answers every batch with the next of `outputs` (one [rows, classes] array each)."""
+
+    def __init__(self, outputs: list) -> None:
+        self.outputs = list(outputs)
+
+    def get_inputs(self) -> list:
+        from graphs.core.openvino_sessions import Port
+
+        return [Port("input_ids", "tensor(int64)"), Port("attention_mask", "tensor(int64)")]
+
+    def run(self, names: object, feeds: dict) -> list:
+        assert set(feeds) == {"input_ids", "attention_mask"}  # feeds the graph does not declare are dropped
+        return [self.outputs.pop(0)]
+
+
+def test_a_reduced_precision_run_that_changes_decisions_is_measured_not_served(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task bar behind the parity bar: over the search's held-out rows, a run whose argmax moves on more
+    rows than --max-accuracy-drop allows is a skip row (not served), its scores and the reason recorded; one
+    changed row in 100 is within a 1% drop; fp32 rows are not judged (the max-abs bar already binds them)."""
+    import numpy as np
+
+    from exporter import openvino_stage
+    from exporter.runtime import openvino_check
+
+    rng = np.random.default_rng(0)
+    logits = [rng.normal(size=(50, 3)).astype(np.float32) for _ in range(2)]
+    feeds = [{"input_ids": np.ones((50, 4), np.int64), "attention_mask": np.ones((50, 4), np.int64),
+              "token_type_ids": np.zeros((50, 4), np.int64)} for _ in range(2)]
+
+    def moved(rows: int) -> list:
+        out = [batch.copy() for batch in logits]
+        for row in range(rows):  # the runner-up class wins
+            out[0][row, np.argsort(out[0][row])[-2]] = out[0][row].max() + 1.0
+        return out
+
+    monkeypatch.setattr(openvino_stage, "open_session", lambda path: _Logits(logits * 4))
+    judge = openvino_stage.task_judge(tmp_path / "model_optimized.onnx", feeds, "classification", 0.01)
+    assert judge(_Logits(moved(0))) == ({"held_out_argmax_agreement": 1.0}, None)
+    assert judge(_Logits(moved(1)))[1] is None  # 99 of 100: the 1% the bar allows
+    scores, short = judge(_Logits(moved(3)))
+    assert scores == {"held_out_argmax_agreement": 0.97}
+    assert short == "classification on the accuracy search's 100 held-out examples: argmax_agreement 0.9700 < 0.9900"
+
+    # In check_openvino: a passing bf16 row with a shortfall becomes a skip row, its parity numbers kept.
+    monkeypatch.setattr(openvino_check, "version", lambda: "2026.4.1")
+    monkeypatch.setattr(openvino_check, "bf16_flags", lambda: ["amx_bf16"])
+    monkeypatch.setattr(openvino_check, "open_compiled", lambda model, precision, threads: _Logits([logits[0]]))
+    judged: list[str] = []
+
+    def short_judge(session: object) -> tuple[dict, str]:
+        judged.append("called")
+        return {"held_out_argmax_agreement": 0.97}, "argmax_agreement 0.9700 < 0.9900"
+
+    expected = [{"logits": logits[0]}]
+    rows = {e.precision: e for e in check_openvino("model.onnx", "fp32", "text-classification", feeds[:1], expected,
+                                                   ParityConfig(), b"", judge=short_judge)}
+    assert rows["fp32"].status == "pass" and judged == ["called"]  # only the bf16 row was judged
+    assert rows["bf16"].status == "skip" and rows["bf16"].reason == "measured, not served: argmax_agreement 0.9700 < 0.9900"
+    assert rows["bf16"].metric["held_out_argmax_agreement"] == 0.97 and rows["bf16"].mean_cosine == 1.0
+
+
+@needs_openvino
+def test_the_exports_reduced_precision_rows_carry_their_task_scores(exported: tuple[Path, Path, int]) -> None:  # noqa: F811
+    _, out, _ = exported
+    judged = [e for e in _rows(out) if e["precision"] != "fp32" and e["status"] != "skip" or
+              (e["reason"] or "").startswith("measured, not served")]
+    assert judged, _rows(out)
+    for row in judged:  # the embedding metric's two scores on the search's held-out texts
+        assert {"held_out_mean_cosine", "held_out_neighbour_agreement"} <= set(row["metric"]), row
+    assert not any("held_out_mean_cosine" in e["metric"] for e in _rows(out) if e["precision"] == "fp32")
