@@ -81,6 +81,7 @@ def search_fallback(
     clock: Callable[[], float] = time.perf_counter,
     strategy: str = "paired",
     shifts: Mapping[str, np.ndarray] | None = None,
+    engine: str = "onnxruntime",
 ) -> tuple[onnx.ModelProto, SearchReport]:
     """Fall back the most harmful quantized nodes of ``quantized`` to FP32 until ``metric`` meets its bars.
 
@@ -103,6 +104,8 @@ def search_fallback(
             or ``leave-one-out`` (one trial per node ranks, nodes go back one at a time); see module doc.
         shifts: ``paired`` only: per node, what the INT8 graph adds after it (bias correction), added to the
             node's INT8 output in the probe.
+        engine: what runs the candidate graphs (``onnxruntime``, or ``openvino`` at the f32 hint: a file made
+            for OpenVINO is judged where it will run); the FP32 reference and the probe run on onnxruntime.
 
     Returns:
         The graph that meets the bars and a :class:`SearchReport`.
@@ -122,7 +125,7 @@ def search_fallback(
 
     bars = metric.bars(max_accuracy_drop)
     reference = evaluate(float_model, validation, metric)
-    current = evaluate(quantized, validation, metric)
+    current = evaluate(quantized, validation, metric, engine)
     before = metric.scores(reference, current)
     report = SearchReport(
         metric=metric.name,
@@ -135,6 +138,7 @@ def search_fallback(
         evaluations=2,
         budget_s=budget_s,
         strategy=strategy,
+        engine=engine,
     )
     logger.info("accuracy search (%s, max drop %.3f): INT8 scores %s", metric.name, max_accuracy_drop, _fmt(before))
     if not failures(before, bars):
@@ -156,14 +160,14 @@ def search_fallback(
 
     if strategy == "paired":
         return _paired_fallback(report, reference, validation, ranking, metric, candidates, without, quantized,
-                                shifts, clock, start, out_of_time)
+                                shifts, clock, start, out_of_time, engine)
 
     harm: dict[str, float] = {}
     for name in bar(candidates, desc="ranking INT8 nodes"):
         if out_of_time():
             report.budget_reached = "ranking"
             break
-        trial = evaluate(without([name]), ranking, metric)
+        trial = evaluate(without([name]), ranking, metric, engine)
         harm[name] = base_error - relative_error(ranking_reference, trial)
     report.evaluations += len(harm)
     report.harm = dict(sorted(harm.items(), key=lambda item: -item[1]))
@@ -185,7 +189,7 @@ def search_fallback(
             reason = "not tried: the search's time budget ran out"
         fallen += group
         model = without(fallen)
-        scores = metric.scores(reference, evaluate(model, validation, metric))
+        scores = metric.scores(reference, evaluate(model, validation, metric, engine))
         report.evaluations += 1
         for name in group:
             known = harm.get(name)
@@ -220,7 +224,7 @@ def _paired_fallback(
     report: SearchReport, reference: list[np.ndarray], validation: Sequence[Batch], ranking: Sequence[Batch],
     metric: TaskMetric, candidates: list[str], without: Callable[[Sequence[str]], onnx.ModelProto],
     quantized: onnx.ModelProto, shifts: Mapping[str, np.ndarray] | None, clock: Callable[[], float],
-    start: float, out_of_time: Callable[[], bool],
+    start: float, out_of_time: Callable[[], bool], engine: str = "onnxruntime",
 ) -> tuple[onnx.ModelProto, SearchReport]:
     """The ``paired`` strategy (module doc): rank by one probe run, find the shortest passing prefix, then return
     what of that prefix the bars do not need to INT8."""
@@ -235,7 +239,7 @@ def _paired_fallback(
         if key in measured:  # e.g. a refinement set that is also a prefix already measured
             return not failures(measured[key], bars)
         model = without(back)
-        scores = metric.scores(reference, evaluate(model, validation, metric))
+        scores = metric.scores(reference, evaluate(model, validation, metric, engine))
         report.evaluations += 1
         met = not failures(scores, bars)
         measured[key] = scores

@@ -76,6 +76,8 @@ class SearchReport:
     budget_s: float | None = None
     budget_reached: str | None = None
     strategy: str = "leave-one-out"
+    engine: str = "onnxruntime"
+    """What ran the candidate graphs (the FP32 reference always runs on onnxruntime)."""
     trials: list[dict[str, Any]] = field(default_factory=list)
     """``paired``: each fallback trial, ``{"fallen": k, "phase": ..., "scores": ..., "met": bool}`` in the order
     measured: k nodes back in FP32; phase "prefix" (the first k of the ranking), "refine" (a subset of the
@@ -170,13 +172,27 @@ def cpu_session(model: onnx.ModelProto, work: Path) -> Any:
     return open_session(model.SerializeToString())
 
 
-def evaluate(model: onnx.ModelProto, batches: Sequence[Batch], metric: TaskMetric) -> list[np.ndarray]:
-    """Run ``model`` on ``batches`` with onnxruntime (CPU) and return the metric's summary of each batch.
+def openvino_session(model: onnx.ModelProto, work: Path) -> Any:
+    """``model`` compiled by OpenVINO for its CPU at the f32 hint (through a file in ``work`` past
+    :data:`SERIALIZE_LIMIT`)."""
+    from graphs.core.openvino_sessions import open_compiled
+
+    if model.ByteSize() > SERIALIZE_LIMIT:
+        path = work / "candidate.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=model.ByteSize() > PROTO_LIMIT)
+        return open_compiled(path, "fp32")
+    return open_compiled(model.SerializeToString(), "fp32")
+
+
+def evaluate(model: onnx.ModelProto, batches: Sequence[Batch], metric: TaskMetric, engine: str = "onnxruntime"
+             ) -> list[np.ndarray]:
+    """Run ``model`` on ``batches`` with onnxruntime (CPU), or OpenVINO's CPU plugin at the f32 hint (`engine`
+    "openvino"), and return the metric's summary of each batch.
 
     Feeds the graph does not declare (e.g. ``token_type_ids`` for a model without it) are dropped.
     """
     with tempfile.TemporaryDirectory(prefix="export-model-search-") as work:
-        session = cpu_session(model, Path(work))
+        session = cpu_session(model, Path(work)) if engine == "onnxruntime" else openvino_session(model, Path(work))
         names = {graph_input.name for graph_input in session.get_inputs()}
         summaries = []
         for feeds in batches:

@@ -83,6 +83,9 @@ class QuantizationConfig:
             error, then the shortest prefix of that ranking that meets the bars goes back, found by doubling and
             bisection: a few evaluations whatever the node count) or ``leave-one-out`` (one trial per node ranks,
             nodes go back one at a time; see :mod:`calibration.search`).
+        search_engine: what runs the search's candidate graphs: ``onnxruntime`` (default, CPU) or ``openvino``
+            (its CPU plugin, f32 hint: ``model_qdq.onnx`` is judged on the engine it is built for, whose INT8
+            arithmetic is close to onnxruntime's but not the same). The FP32 reference runs on onnxruntime.
         validation_samples: held-out texts the search judges accuracy on (default 64, raised to what the
             task's bar needs, see ``validation_count``; the pipeline keeps them disjoint from the texts parity
             reports on).
@@ -121,6 +124,7 @@ class QuantizationConfig:
     search_ranking_batches: int = 8
     search_budget_s: float = 300.0
     search_strategy: str = "paired"
+    search_engine: str = "onnxruntime"
     validation_samples: int = 64
     tune: bool = False
     int8_weights: str = "auto"
@@ -154,6 +158,8 @@ class QuantizationConfig:
             problems.append(f"max_accuracy_drop must be a finite fraction in (0, 1), got {self.max_accuracy_drop}")
         if self.graph not in ("fused", "unfused"):
             problems.append(f"graph {self.graph!r} not in ['fused', 'unfused']")
+        if self.search_engine not in ("onnxruntime", "openvino"):
+            problems.append(f"search_engine {self.search_engine!r} not in ['onnxruntime', 'openvino']")
         if self.search_strategy not in STRATEGIES:
             problems.append(f"search_strategy {self.search_strategy!r} not in {list(STRATEGIES)}")
         if self.int8_weights not in INT8_WEIGHT_RANGES:

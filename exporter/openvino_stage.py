@@ -67,7 +67,8 @@ def build_qdq(source: Path, output: Path, reader: CalibrationDataReader, config:
         return {"built": False, "reason": f"the accuracy search budget ({config.search_budget_s:g} s, shared with "
                 f"{QUANTIZED_FILE}'s search) was spent; a larger --search-budget builds it"}
     recipe = dataclasses.replace(config, op_types=("MatMul",), per_token_ffn=False, graph="fused", format="QDQ",
-                                 preset=f"{config.preset}+openvino-qdq", search_budget_s=max(left, 1e-3))
+                                 preset=f"{config.preset}+openvino-qdq", search_budget_s=max(left, 1e-3),
+                                 search_engine="openvino")
     try:
         report = quantize_model(source, output, reader, recipe, sample_sha256=sample_sha256, validation=validation,
                                 metric=metric)

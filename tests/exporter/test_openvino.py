@@ -423,3 +423,34 @@ def test_the_exports_reduced_precision_rows_carry_their_task_scores(exported: tu
     for row in judged:  # the embedding metric's two scores on the search's held-out texts
         assert {"held_out_mean_cosine", "held_out_neighbour_agreement"} <= set(row["metric"]), row
     assert not any("held_out_mean_cosine" in e["metric"] for e in _rows(out) if e["precision"] == "fp32")
+
+
+@needs_openvino
+def test_the_qdq_files_search_runs_its_candidates_on_openvino(exported: tuple[Path, Path, int],  # noqa: F811
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """model_qdq.onnx is judged where it will run: its search's candidate graphs on OpenVINO, the FP32 reference
+    on onnxruntime; model_quantized.onnx's on onnxruntime. Both engines give the metric the same summaries on an
+    FP32 graph (the f32 hint), so the two searches share one scale."""
+    import numpy as np
+    import onnx
+
+    from calibration.metrics import get_metric
+    from calibration.search_core import evaluate
+    from exporter.runtime.files import Limits
+    from exporter.runtime.npz import load_npz_batches
+
+    _, out, _ = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["openvino"]["qdq_file"]["search"]["engine"] == "openvino"
+    assert manifest["quantization"]["search"]["engine"] == "onnxruntime"
+    inputs = load_npz_batches((out / "parity/inputs.npz").read_bytes(), "inputs", Limits())
+    compiled: list[str] = []
+    real = openvino_sessions.open_compiled
+    monkeypatch.setattr(openvino_sessions, "open_compiled",
+                        lambda model, precision="fp32", threads=0: compiled.append(precision) or real(model, precision))
+    model, metric = onnx.load(str(out / "model.onnx")), get_metric("feature-extraction")
+    on_ort = evaluate(model, inputs, metric)
+    assert compiled == []
+    on_ov = evaluate(model, inputs, metric, "openvino")
+    assert compiled == ["fp32"]
+    assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(on_ort, on_ov, strict=True))
