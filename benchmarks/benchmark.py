@@ -506,6 +506,9 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
             runners |= intel
             openvino_sizes |= intel_sizes
             print(intel_note)
+    pick = _pick_runner(manifest, artifact, runners, threads)  # what `run` serves, timed as served
+    runners |= pick
+    openvino_sizes |= {name: artifact / name.split(" ")[0] for name in pick}
     if other_result is not None:
         runners[other] = _ort_runner(work / "other" / "model_quantized.onnx", threads)
     if searched_other is not None:
@@ -593,6 +596,29 @@ def _default_pick(manifest: dict[str, Any]) -> str:
         return choose_run(manifest, "CPUExecutionProvider").describe()
     except ParityError as error:
         return f"nothing: {error}"
+
+
+def _pick_runner(manifest: dict[str, Any], artifact: Path, runners: dict[str, Any], threads: int
+                 ) -> dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]]:
+    """A runner for `run`'s default pick (:func:`_default_pick`) where no row times that (file, engine, precision)
+    yet (e.g. ``model_optimized.onnx`` on OpenVINO bf16), named ``<file> (OpenVINO <precision>, run's pick)``;
+    {} where a row already times it or the pick is an onnxruntime file (its own row)."""
+    from exporter.runtime.engines import choose_run
+    from exporter.runtime.openvino_check import hint
+    from graphs.core.errors import ParityError
+    from graphs.core.openvino_sessions import open_compiled
+
+    try:
+        run = choose_run(manifest, "CPUExecutionProvider")
+    except ParityError:
+        return {}
+    shown = {("model.onnx", "fp32"): "OpenVINO fp32 model.onnx", ("model.onnx", "bf16"): "OpenVINO bf16 model.onnx",
+             ("model_qdq.onnx", "int8"): "model_qdq.onnx (OpenVINO)",
+             ("model_qdq.onnx", "int8-bf16"): "model_qdq.onnx (OpenVINO, bf16)"}
+    if not run.openvino or shown.get((run.file, run.precision)) in runners:
+        return {}
+    session = open_compiled(artifact / run.file, hint(run.precision), threads)
+    return {f"{run.file} (OpenVINO {run.precision}, run's pick)": lambda feeds: session.run(None, feeds)}
 
 
 def _add_ratios(rows: list[dict[str, Any]], times: dict[str, dict[int, list[float]]], variant: str, name: str) -> None:

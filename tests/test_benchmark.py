@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from benchmarks.benchmark import _add_ratios, _interval, _ratio
@@ -104,3 +106,33 @@ def test_render_puts_the_qat_import_beside_the_calibrated_int8_of_the_model_befo
     assert "| 0.50x | 0.40x |" in line
     calibrated = next(line for line in text.splitlines() if CALIBRATED in line)
     assert "of the calibrated one" not in calibrated and "gold accuracy 0.860" in calibrated
+
+
+def test_runs_default_pick_is_timed_as_served(monkeypatch) -> None:  # noqa: ANN001
+    """The benchmark times what `run` serves: a pick no row already times (model_optimized.onnx on OpenVINO
+    bf16) gets its own runner, compiled at the pick's hint; a pick some row times, or an onnxruntime file, none."""
+    import copy
+
+    from benchmarks.benchmark import _default_pick, _pick_runner
+    from exporter.runtime import engines
+    from graphs.core import openvino_sessions
+    from tests.exporter.test_openvino import _manifest
+
+    monkeypatch.setattr(engines, "version", lambda: "2026.4")
+    monkeypatch.setattr(engines, "bf16_flags", lambda: ["amx_bf16"])
+    compiled: list[tuple[str, str]] = []
+    monkeypatch.setattr(openvino_sessions, "open_compiled",
+                        lambda path, hint, threads: compiled.append((path.name, hint)) or "session")
+    manifest = _manifest(3)  # OpenVINO bf16 of model.onnx, 3 ms: the fastest
+    assert _default_pick(manifest) == "model.onnx on OpenVINO CPU bf16"
+    assert _pick_runner(manifest, Path("art"), {"OpenVINO bf16 model.onnx": None}, 2) == {} and compiled == []
+    optimized = copy.deepcopy(manifest)
+    optimized["parity"].append({"file": "model_optimized.onnx", "provider": engines.ENGINE, "precision": "bf16",
+                                "status": "pass"})
+    optimized["latency"][f"{engines.ENGINE} bf16"]["files"]["model_optimized.onnx"] = {
+        "b1xs128": {"median_ms": 2}, "b8xs128": {"median_ms": 16}}
+    runners = _pick_runner(optimized, Path("art"), {"OpenVINO bf16 model.onnx": None}, 2)
+    assert list(runners) == ["model_optimized.onnx (OpenVINO bf16, run's pick)"]
+    assert compiled == [("model_optimized.onnx", "bf16")]
+    assert _pick_runner(_manifest(6), Path("art"), {}, 2) == {}  # onnxruntime's INT8 file: its own row
+    assert _default_pick(_manifest(6)) == "model_quantized.onnx on CPUExecutionProvider"
