@@ -189,7 +189,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--fp16", "fp16", "build model_fp16.onnx: auto (where CUDA is present), always, never",
            ("auto", "always", "never")),
     Option("--openvino-int8", "openvino_int8", "build model_qdq.onnx, INT8 for OpenVINO: auto (where openvino is "
-           "installed) or never", ("auto", "never")),
+           "installed) or never; its accuracy search runs its candidates on OpenVINO and shares --search-budget",
+           ("auto", "never")),
     Option("--max-length", "max_length", "longest sequence parity checks, in a 2 x N batch (default: the model's "
            "maximum capped at 512; 384 for question answering)", kind=int),
     Option("--eval-data", "eval_data", "labelled data for gold metrics: .jsonl, .csv, SQuAD .json, or a datasets "

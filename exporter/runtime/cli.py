@@ -76,7 +76,8 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--provider", default="cpu", help="execution provider: cpu, cuda, ... (default: cpu)")
     parser.add_argument("--engine", default="auto", choices=ENGINES,
                         help="auto (default): the fastest deployable (file, engine, precision) in the manifest's "
-                        "latency table, OpenVINO included where openvino is installed and the provider is cpu; "
+                        "latency table, OpenVINO included where openvino is installed and the provider is cpu (not "
+                        "a row the export measured and did not serve); "
                         "onnxruntime or openvino to keep to one; with --file, the file runs at its own precision")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per session run (default: 8)")
     parser.add_argument("--max-answer-length", type=int, default=15,
