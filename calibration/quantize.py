@@ -313,6 +313,7 @@ def quantize_model(
                 budget_s=config.search_budget_s,
                 strategy=config.search_strategy,
                 engine=config.search_engine,
+                refine_share=config.search_refine_share,
             )
             del float_model
         counts, kept = _count_quantized(quantized_model, config.op_types)
@@ -388,7 +389,7 @@ def _quantize_fused(
         quantized_model, search = search_fallback(
             plan.smoothed, quantized_model, validation, get_metric(metric), config.max_accuracy_drop,
             config.search_ranking_batches, build=plan.build, candidates=names, budget_s=config.search_budget_s,
-            strategy=config.search_strategy, engine=config.search_engine,
+            strategy=config.search_strategy, engine=config.search_engine, refine_share=config.search_refine_share,
             # An Attention's correction is in its own QKV bias, which the probe copies; a MatMul's is in the next
             # node's bias, outside the probe: added to the MatMul's INT8 output there.
             shifts={name: shift for name, (reader, _, shift) in plan.corrections.items() if reader != name},

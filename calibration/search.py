@@ -82,6 +82,7 @@ def search_fallback(
     strategy: str = "paired",
     shifts: Mapping[str, np.ndarray] | None = None,
     engine: str = "onnxruntime",
+    refine_share: float | None = None,
 ) -> tuple[onnx.ModelProto, SearchReport]:
     """Fall back the most harmful quantized nodes of ``quantized`` to FP32 until ``metric`` meets its bars.
 
@@ -106,6 +107,8 @@ def search_fallback(
             node's INT8 output in the probe.
         engine: what runs the candidate graphs (``onnxruntime``, or ``openvino`` at the f32 hint: a file made
             for OpenVINO is judged where it will run); the FP32 reference and the probe run on onnxruntime.
+        refine_share: ``paired`` only: the refinement may take at most this share of what the search took before
+            it (default :data:`REFINE_SHARE`), and never past the budget.
 
     Returns:
         The graph that meets the bars and a :class:`SearchReport`.
@@ -160,7 +163,7 @@ def search_fallback(
 
     if strategy == "paired":
         return _paired_fallback(report, reference, validation, ranking, metric, candidates, without, quantized,
-                                shifts, clock, start, out_of_time, engine)
+                                shifts, clock, start, out_of_time, engine, refine_share)
 
     harm: dict[str, float] = {}
     for name in bar(candidates, desc="ranking INT8 nodes"):
@@ -224,7 +227,7 @@ def _paired_fallback(
     report: SearchReport, reference: list[np.ndarray], validation: Sequence[Batch], ranking: Sequence[Batch],
     metric: TaskMetric, candidates: list[str], without: Callable[[Sequence[str]], onnx.ModelProto],
     quantized: onnx.ModelProto, shifts: Mapping[str, np.ndarray] | None, clock: Callable[[], float],
-    start: float, out_of_time: Callable[[], bool], engine: str = "onnxruntime",
+    start: float, out_of_time: Callable[[], bool], engine: str = "onnxruntime", refine_share: float | None = None,
 ) -> tuple[onnx.ModelProto, SearchReport]:
     """The ``paired`` strategy (module doc): rank by one probe run, find the shortest passing prefix, then return
     what of that prefix the bars do not need to INT8."""
@@ -283,7 +286,7 @@ def _paired_fallback(
                 else:
                     failing = middle
             if passing is not None and not report.budget_reached:
-                refined = _refine(best, trial, clock, start, out_of_time)
+                refined = _refine(best, trial, clock, start, out_of_time, refine_share)
                 report.budget_reached = "refining" if out_of_time() else None
     if passing is None and report.budget_reached:  # out of time with no passing prefix measured: all back
         logger.warning("accuracy search: the %g s budget ran out (%s) before a passing set was found; all %d "
@@ -312,13 +315,14 @@ search's time), and never past the budget."""
 
 
 def _refine(best: list[Any], trial: Callable[[Sequence[str], str], bool], clock: Callable[[], float], start: float,
-            out_of_time: Callable[[], bool]) -> int:
+            out_of_time: Callable[[], bool], share: float | None = None) -> int:
     """Return to INT8 what the passing set ``best[0]`` (most harmful first) does not need: groups from its least
     harmful end, halving in size (the complement tests of delta debugging), each kept only if every bar still holds
-    on every held-out batch. Returns how many nodes went back to INT8; ``best`` is updated by ``trial``."""
+    on every held-out batch, within `share` (default :data:`REFINE_SHARE`) of the time the search took before it.
+    Returns how many nodes went back to INT8; ``best`` is updated by ``trial``."""
     prefix = len(best[0])
     now = clock()
-    deadline = now + REFINE_SHARE * (now - start)
+    deadline = now + (REFINE_SHARE if share is None else share) * (now - start)
     size = prefix // 2
     while size >= 1:
         end = len(best[0])

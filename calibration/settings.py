@@ -86,6 +86,8 @@ class QuantizationConfig:
         search_engine: what runs the search's candidate graphs: ``onnxruntime`` (default, CPU) or ``openvino``
             (its CPU plugin, f32 hint: ``model_qdq.onnx`` is judged on the engine it is built for, whose INT8
             arithmetic is close to onnxruntime's but not the same). The FP32 reference runs on onnxruntime.
+        search_refine_share: ``paired``: the refinement (nodes of the passing prefix going back to INT8) may take
+            at most this share of the time the search took before it (default 1.0: it at most doubles it).
         validation_samples: held-out texts the search judges accuracy on (default 64, raised to what the
             task's bar needs, see ``validation_count``; the pipeline keeps them disjoint from the texts parity
             reports on).
@@ -125,6 +127,7 @@ class QuantizationConfig:
     search_budget_s: float = 300.0
     search_strategy: str = "paired"
     search_engine: str = "onnxruntime"
+    search_refine_share: float = 1.0
     validation_samples: int = 64
     tune: bool = False
     int8_weights: str = "auto"
@@ -142,7 +145,7 @@ class QuantizationConfig:
         # written so that NaN fails it (a comparison with NaN is False), and infinities are outside every range.
         integers = ("samples", "seed", "batch_size", "calibration_chunk_batches", "search_ranking_batches",
                     "validation_samples")
-        numbers = ("percentile", "max_accuracy_drop", "search_budget_s") + (("smooth_alpha",) if self.smooth_alpha is not None else ())
+        numbers = ("percentile", "max_accuracy_drop", "search_budget_s", "search_refine_share") + (("smooth_alpha",) if self.smooth_alpha is not None else ())
         wrong = [f"{name} must be {'an integer' if name in integers else 'a number'}, got {getattr(self, name)!r}"
                  for name in (*integers, *numbers) if not _is_number(getattr(self, name), integer=name in integers)]
         if wrong:
@@ -158,6 +161,8 @@ class QuantizationConfig:
             problems.append(f"max_accuracy_drop must be a finite fraction in (0, 1), got {self.max_accuracy_drop}")
         if self.graph not in ("fused", "unfused"):
             problems.append(f"graph {self.graph!r} not in ['fused', 'unfused']")
+        if not 0.0 <= self.search_refine_share <= 10.0:
+            problems.append(f"search_refine_share must be in [0, 10], got {self.search_refine_share}")
         if self.search_engine not in ("onnxruntime", "openvino"):
             problems.append(f"search_engine {self.search_engine!r} not in ['onnxruntime', 'openvino']")
         if self.search_strategy not in STRATEGIES:

@@ -44,6 +44,10 @@ from graphs.core.openvino_sessions import ENGINE, missing_reason, open_compiled,
 from graphs.core.sessions import CPU, open_session
 
 QDQ_FILE = "model_qdq.onnx"
+QDQ_REFINE_SHARE = 0.5
+"""The optional OpenVINO file's search refines for at most half the time it took before (the first file's: as
+long again), so the whole export keeps its time bound with both files built; a few more of its MatMuls may stay
+FP32 (docs/decisions/0010-openvino.md)."""
 
 
 def build_qdq(source: Path, output: Path, reader: CalibrationDataReader, config: QuantizationConfig,
@@ -68,7 +72,7 @@ def build_qdq(source: Path, output: Path, reader: CalibrationDataReader, config:
                 f"{QUANTIZED_FILE}'s search) was spent; a larger --search-budget builds it"}
     recipe = dataclasses.replace(config, op_types=("MatMul",), per_token_ffn=False, graph="fused", format="QDQ",
                                  preset=f"{config.preset}+openvino-qdq", search_budget_s=max(left, 1e-3),
-                                 search_engine="openvino")
+                                 search_engine="openvino", search_refine_share=QDQ_REFINE_SHARE)
     try:
         report = quantize_model(source, output, reader, recipe, sample_sha256=sample_sha256, validation=validation,
                                 metric=metric)

@@ -186,6 +186,11 @@ def test_the_refinement_stops_at_its_share_of_the_search_time() -> None:
     assert calls == [8, 0, 4] and best[0] == order[:4] and returned == 12
     best[:] = [order, "graph", {}]
     assert _refine(best, trial, _Clock(1.0), 0.0, lambda: True) == 0 and best[0] == order  # out of budget: none
+    # At half that share (the OpenVINO file's search) the refinement gets 1.5 s: one trial, then the deadline.
+    best[:], calls[:] = [order, "graph", {}], []
+    clock = _Clock(1.0)
+    clock.now = 2.0
+    assert _refine(best, trial, clock, 0.0, lambda: False, share=0.5) == 8 and calls == [8] and best[0] == order[:8]
 
 
 def test_paired_search_out_of_time_puts_every_node_back_and_says_so(

@@ -337,8 +337,11 @@ def test_the_qdq_search_gets_what_the_first_search_left_of_the_budget(tmp_path: 
 
     budgets: list[float] = []
 
+    recipes: list[QuantizationConfig] = []
+
     def quantize(source: Path, output: Path, reader: object, recipe: QuantizationConfig, **_: object) -> None:
         budgets.append(recipe.search_budget_s)
+        recipes.append(recipe)
         output.write_bytes(b"half")
         raise QuantizationError("the accuracy search ran out of its budget and put all 60 nodes back in FP32")
 
@@ -349,6 +352,7 @@ def test_the_qdq_search_gets_what_the_first_search_left_of_the_budget(tmp_path: 
     assert spent["built"] is False and "--search-budget" in spent["reason"] and budgets == []
     left = openvino_stage.build_qdq(tmp_path / "model.onnx", out, None, config, "sha", validation=[{}], spent_s=120.0)
     assert budgets == [180.0] and left["built"] is False and "ran out" in left["reason"] and not out.exists()
+    assert recipes[-1].search_engine == "openvino" and recipes[-1].search_refine_share == 0.5
 
 
 class _Logits:
