@@ -161,44 +161,39 @@ SERIALIZE_LIMIT = 64 << 20
 serialized copy does not sit in memory beside the session while it is built (BERT-base and up)."""
 
 
-def cpu_session(model: onnx.ModelProto, work: Path) -> Any:
-    """A quiet CPU onnxruntime session on ``model``; graphs past protobuf's 2 GB limit go through ``work`` with
-    external data, graphs past :data:`SERIALIZE_LIMIT` through a file in ``work``."""
+def cpu_session(model: onnx.ModelProto, work: Path, engine: str = "onnxruntime") -> Any:
+    """A quiet CPU session on ``model``: onnxruntime, or (`engine` "openvino") OpenVINO's CPU plugin at the f32
+    hint; graphs past protobuf's 2 GB limit go through ``work`` with external data, graphs past
+    :data:`SERIALIZE_LIMIT` through a file in ``work``."""
+    if engine == "openvino":
+        from graphs.core.openvino_sessions import open_compiled
+
+        def opened(source: Path | bytes) -> Any:
+            return open_compiled(source, "fp32")
+    else:
+        opened = open_session
     size = model.ByteSize()
     if size > SERIALIZE_LIMIT:
         path = work / "candidate.onnx"
         onnx.save_model(model, str(path), save_as_external_data=size > PROTO_LIMIT)
-        return open_session(path)
-    return open_session(model.SerializeToString())
+        return opened(path)
+    return opened(model.SerializeToString())
 
 
-def openvino_session(model: onnx.ModelProto, work: Path) -> Any:
-    """``model`` compiled by OpenVINO for its CPU at the f32 hint (through a file in ``work`` past
-    :data:`SERIALIZE_LIMIT`)."""
-    from graphs.core.openvino_sessions import open_compiled
-
-    if model.ByteSize() > SERIALIZE_LIMIT:
-        path = work / "candidate.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=model.ByteSize() > PROTO_LIMIT)
-        return open_compiled(path, "fp32")
-    return open_compiled(model.SerializeToString(), "fp32")
+def summarize(session: Any, batches: Sequence[Batch], metric: TaskMetric) -> list[np.ndarray]:
+    """The metric's summary of `session`'s outputs on each batch; feeds the graph does not declare (e.g.
+    ``token_type_ids`` for a model without it) are dropped."""
+    names = {graph_input.name for graph_input in session.get_inputs()}
+    return [metric.summarize(session.run(None, {k: v for k, v in feeds.items() if k in names}), feeds)
+            for feeds in batches]
 
 
 def evaluate(model: onnx.ModelProto, batches: Sequence[Batch], metric: TaskMetric, engine: str = "onnxruntime"
              ) -> list[np.ndarray]:
     """Run ``model`` on ``batches`` with onnxruntime (CPU), or OpenVINO's CPU plugin at the f32 hint (`engine`
-    "openvino"), and return the metric's summary of each batch.
-
-    Feeds the graph does not declare (e.g. ``token_type_ids`` for a model without it) are dropped.
-    """
+    "openvino"), and return the metric's summary of each batch (:func:`summarize`)."""
     with tempfile.TemporaryDirectory(prefix="export-model-search-") as work:
-        session = cpu_session(model, Path(work)) if engine == "onnxruntime" else openvino_session(model, Path(work))
-        names = {graph_input.name for graph_input in session.get_inputs()}
-        summaries = []
-        for feeds in batches:
-            inputs = {name: value for name, value in feeds.items() if name in names}
-            summaries.append(metric.summarize(session.run(None, inputs), feeds))
-    return summaries
+        return summarize(cpu_session(model, Path(work), engine), batches, metric)
 
 
 def _tensors(model: onnx.ModelProto) -> set[str]:

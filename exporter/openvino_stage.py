@@ -34,6 +34,7 @@ from typing import Any
 from calibration.data import CalibrationDataReader
 from calibration.metrics import failures, get_metric
 from calibration.quantize import quantize_model
+from calibration.search_core import summarize
 from calibration.settings import QuantizationConfig
 from exporter.latency import Feeds, measure_latency
 from exporter.runtime.files import OPTIMIZED_FILE, QUANTIZED_FILE
@@ -108,20 +109,14 @@ def task_judge(reference: Path, validation: Sequence[Batch], metric: Any, max_ac
 
     def judge(session: Any) -> tuple[dict[str, float], str | None]:
         if not reference_summaries:
-            reference_summaries.extend(_summaries(open_session(reference), validation, metric))
-        scores = metric.scores(reference_summaries, _summaries(session, validation, metric))
+            reference_summaries.extend(summarize(open_session(reference), validation, metric))
+        scores = metric.scores(reference_summaries, summarize(session, validation, metric))
         unmet = failures(scores, bars)
         examples = sum(len(next(iter(batch.values()))) for batch in validation)
         return ({f"held_out_{name}": round(scores[name], 6) for name in bars},
                 f"{metric.name} on the accuracy search's {examples} held-out examples: {', '.join(unmet)}"
                 if unmet else None)
     return judge
-
-
-def _summaries(session: Any, batches: Sequence[Batch], metric: Any) -> list[Any]:
-    names = {port.name for port in session.get_inputs()}
-    return [metric.summarize(session.run(None, {k: v for k, v in feeds.items() if k in names}), feeds)
-            for feeds in batches]
 
 
 def openvino_parity(built: Path, checked: Sequence[tuple[str, str]], task: str, batches: Sequence[Batch],
