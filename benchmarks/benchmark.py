@@ -110,6 +110,10 @@ ALL_INT8 = "model_quantized.onnx (every node INT8: --max-accuracy-drop 0.99)"
 CALIBRATION_RSS_TEXTS = 1000
 OPENVINO_KINDS = ("minilm", "pruned-minilm", "seed000")
 """Kinds that get the OpenVINO and NNCF rows (issue 25's three models), where openvino is installed."""
+OPENVINO_ROWS = {("model.onnx", "fp32"): "OpenVINO fp32 model.onnx", ("model.onnx", "bf16"): "OpenVINO bf16 model.onnx",
+                 ("model_qdq.onnx", "int8"): "model_qdq.onnx (OpenVINO)",
+                 ("model_qdq.onnx", "int8-bf16"): "model_qdq.onnx (OpenVINO, bf16)"}
+"""The artifact's (file, precision) runs on OpenVINO that :func:`_openvino_runners` times, by row name."""
 UNQAT = "torch eager fp32 (minilm-cls, no QAT)"
 CALIBRATED = "model_quantized.onnx (minilm-cls, no QAT: calibrated)"
 """minilm-cls-qat's rows of the model before QAT, timed in the same rounds; the INT8 file scored against UNQAT."""
@@ -164,11 +168,10 @@ def _openvino_runners(artifact: Path, work: Path, threads: int, calibration: lis
 
     if version() is None:
         return {}, {}, "OpenVINO variants skipped: openvino is not installed (pip install -e '.[openvino,bench]')"
-    runners = {"OpenVINO fp32 model.onnx": open_compiled(artifact / "model.onnx", "fp32", threads).run}
-    sizes = {"OpenVINO fp32 model.onnx": artifact / "model.onnx"}
-    if bf16_flags():
-        runners["OpenVINO bf16 model.onnx"] = open_compiled(artifact / "model.onnx", "bf16", threads).run
-        sizes["OpenVINO bf16 model.onnx"] = artifact / "model.onnx"
+    runners, sizes = {}, {}
+    for precision in ("fp32", "bf16") if bf16_flags() else ("fp32",):
+        name = OPENVINO_ROWS[("model.onnx", precision)]
+        runners[name], sizes[name] = open_compiled(artifact / "model.onnx", precision, threads).run, artifact / "model.onnx"
     note = f"OpenVINO {version()}, bf16 flags {bf16_flags() or 'none'}"
     int8_files: dict[str, tuple[Path, Path]] = {}  # label: (file run, file whose size is shown), at each hint
     try:
@@ -506,7 +509,8 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
             runners |= intel
             openvino_sizes |= intel_sizes
             print(intel_note)
-    pick = _pick_runner(manifest, artifact, runners, threads)  # what `run` serves, timed as served
+    pick_run, pick_text = _default_pick(manifest)
+    pick = _pick_runner(pick_run, artifact, runners, threads)  # what `run` serves, timed as served
     runners |= pick
     openvino_sizes |= {name: artifact / name.split(" ")[0] for name in pick}
     if other_result is not None:
@@ -571,7 +575,7 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
                  "compaction": result.manifest["compaction"]["summary"], "fusion": result.manifest["fusion"]["summary"],
                  "int8": f"INT8 {quantization['graph']} graph, {quantization['quantized_nodes']} nodes, "
                          f"{len(quantization['fallback_nodes'])} back in FP32{other_note}",
-                 "pick": _default_pick(manifest)})
+                 "pick": pick_text})
     rows.append({"kind": kind, "variant": "(stages)", "timings": manifest["timings"],
                  "stage_peak_rss_mb": manifest.get("peak_rss_mb", {}), "export_s": export_seconds})
     rows += searches
@@ -586,36 +590,29 @@ def bench_kind(kind: str, work: Path, rounds: int, threads: int, peers: bool, me
     return rows
 
 
-def _default_pick(manifest: dict[str, Any]) -> str:
+def _default_pick(manifest: dict[str, Any]) -> tuple[Any, str]:
     """What `export-model run` serves from this artifact on this machine's CPU by default (the fastest deployable
-    (file, engine, precision) in its latency table; exporter/runtime/engines.py), or why nothing."""
+    (file, engine, precision) in its latency table; exporter/runtime/engines.py): (the run or None, its
+    description or why nothing)."""
     from exporter.runtime.engines import choose_run
     from graphs.core.errors import ParityError
-
-    try:
-        return choose_run(manifest, "CPUExecutionProvider").describe()
-    except ParityError as error:
-        return f"nothing: {error}"
-
-
-def _pick_runner(manifest: dict[str, Any], artifact: Path, runners: dict[str, Any], threads: int
-                 ) -> dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]]:
-    """A runner for `run`'s default pick (:func:`_default_pick`) where no row times that (file, engine, precision)
-    yet (e.g. ``model_optimized.onnx`` on OpenVINO bf16), named ``<file> (OpenVINO <precision>, run's pick)``;
-    {} where a row already times it or the pick is an onnxruntime file (its own row)."""
-    from exporter.runtime.engines import choose_run
-    from exporter.runtime.openvino_check import hint
-    from graphs.core.errors import ParityError
-    from graphs.core.openvino_sessions import open_compiled
 
     try:
         run = choose_run(manifest, "CPUExecutionProvider")
-    except ParityError:
-        return {}
-    shown = {("model.onnx", "fp32"): "OpenVINO fp32 model.onnx", ("model.onnx", "bf16"): "OpenVINO bf16 model.onnx",
-             ("model_qdq.onnx", "int8"): "model_qdq.onnx (OpenVINO)",
-             ("model_qdq.onnx", "int8-bf16"): "model_qdq.onnx (OpenVINO, bf16)"}
-    if not run.openvino or shown.get((run.file, run.precision)) in runners:
+    except ParityError as error:
+        return None, f"nothing: {error}"
+    return run, run.describe()
+
+
+def _pick_runner(run: Any, artifact: Path, runners: dict[str, Any], threads: int
+                 ) -> dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]]:
+    """A runner for `run`, `run`'s default pick (:func:`_default_pick`), where no row times that (file, engine,
+    precision) yet (e.g. ``model_optimized.onnx`` on OpenVINO bf16), named ``<file> (OpenVINO <precision>, run's
+    pick)``; {} where there is no pick, a row already times it, or it is an onnxruntime file (its own row)."""
+    from exporter.runtime.openvino_check import hint
+    from graphs.core.openvino_sessions import open_compiled
+
+    if run is None or not run.openvino or OPENVINO_ROWS.get((run.file, run.precision)) in runners:
         return {}
     session = open_compiled(artifact / run.file, hint(run.precision), threads)
     return {f"{run.file} (OpenVINO {run.precision}, run's pick)": lambda feeds: session.run(None, feeds)}

@@ -124,15 +124,17 @@ def test_runs_default_pick_is_timed_as_served(monkeypatch) -> None:  # noqa: ANN
     monkeypatch.setattr(openvino_sessions, "open_compiled",
                         lambda path, hint, threads: compiled.append((path.name, hint)) or "session")
     manifest = _manifest(3)  # OpenVINO bf16 of model.onnx, 3 ms: the fastest
-    assert _default_pick(manifest) == "model.onnx on OpenVINO CPU bf16"
-    assert _pick_runner(manifest, Path("art"), {"OpenVINO bf16 model.onnx": None}, 2) == {} and compiled == []
+    run, text = _default_pick(manifest)
+    assert text == "model.onnx on OpenVINO CPU bf16"
+    assert _pick_runner(run, Path("art"), {"OpenVINO bf16 model.onnx": None}, 2) == {} and compiled == []
     optimized = copy.deepcopy(manifest)
     optimized["parity"].append({"file": "model_optimized.onnx", "provider": engines.ENGINE, "precision": "bf16",
                                 "status": "pass"})
     optimized["latency"][f"{engines.ENGINE} bf16"]["files"]["model_optimized.onnx"] = {
         "b1xs128": {"median_ms": 2}, "b8xs128": {"median_ms": 16}}
-    runners = _pick_runner(optimized, Path("art"), {"OpenVINO bf16 model.onnx": None}, 2)
+    runners = _pick_runner(_default_pick(optimized)[0], Path("art"), {"OpenVINO bf16 model.onnx": None}, 2)
     assert list(runners) == ["model_optimized.onnx (OpenVINO bf16, run's pick)"]
     assert compiled == [("model_optimized.onnx", "bf16")]
-    assert _pick_runner(_manifest(6), Path("art"), {}, 2) == {}  # onnxruntime's INT8 file: its own row
-    assert _default_pick(_manifest(6)) == "model_quantized.onnx on CPUExecutionProvider"
+    run, text = _default_pick(_manifest(6))
+    assert _pick_runner(run, Path("art"), {}, 2) == {}  # onnxruntime's INT8 file: its own row
+    assert text == "model_quantized.onnx on CPUExecutionProvider"
